@@ -1,0 +1,31 @@
+# Everything a fresh clone needs: `make demo` and `make test` set up the virtualenv and the database.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv db test test-engine demo bench clean
+
+venv: $(STAMP)
+
+# constraints.txt pins the whole tested dependency set, the way Airflow recommends.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+# Provisions (cached) and starts PostgreSQL 18 with pg_background; prints the DSN last.
+db:
+	@bash scripts/db.sh
+
+test: venv
+	@dsn=$$(bash scripts/db.sh | tail -n 1) && \
+	PGBG_TEST_DSN=$$dsn $(PY) -m pytest $(PYTEST_ARGS)
+
+test-engine: venv
+	@dsn=$$(bash scripts/db.sh | tail -n 1) && \
+	PGBG_TEST_DSN=$$dsn $(PY) -m pytest tests/engine $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,176 @@
+"""Install and upgrade the engine's SQL in a PostgreSQL database.
+
+The engine ships as versioned files in ``airflow_pgbg/sql``: ``pgbg--X.sql`` installs version X from
+nothing, ``pgbg--X--Y.sql`` upgrades X to Y (the layout PostgreSQL extensions use). This module needs
+only a DB-API connection (psycopg 3 or psycopg2), so it works without Airflow.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from airflow_pgbg.status import DEFAULT_SCHEMA
+
+_BASE = re.compile(r"^pgbg--(\d+(?:\.\d+)*)\.sql$")
+_UPGRADE = re.compile(r"^pgbg--(\d+(?:\.\d+)*)--(\d+(?:\.\d+)*)\.sql$")
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Serializes concurrent installs into one database (two Airflow workers starting at once).
+_INSTALL_LOCK = 0x70676267
+
+
+class EngineInstallError(RuntimeError):
+    """The engine cannot be installed; the message says what to do."""
+
+
+class PgBackgroundMissing(EngineInstallError):
+    """The server lacks pg_background with the v2 API (extension 1.6 or later)."""
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+@dataclass(frozen=True)
+class SqlScripts:
+    """The engine's SQL files as shipped in the package."""
+
+    bases: dict[str, str]
+    upgrades: dict[str, tuple[str, str]]
+
+    @classmethod
+    def load(cls) -> SqlScripts:
+        bases: dict[str, str] = {}
+        upgrades: dict[str, tuple[str, str]] = {}
+        for entry in resources.files("airflow_pgbg").joinpath("sql").iterdir():
+            if m := _BASE.match(entry.name):
+                bases[m.group(1)] = entry.read_text(encoding="utf-8")
+            elif m := _UPGRADE.match(entry.name):
+                upgrades[m.group(1)] = (m.group(2), entry.read_text(encoding="utf-8"))
+        return cls(bases, upgrades)
+
+    @property
+    def latest(self) -> str:
+        return max(set(self.bases) | {to for to, _ in self.upgrades.values()}, key=_version_key)
+
+    def plan(self, installed: str | None) -> list[tuple[str, str]]:
+        """The scripts to run, as (target version, sql), to bring ``installed`` to the latest."""
+        steps: list[tuple[str, str]] = []
+        if installed is None:
+            first = min(self.bases, key=_version_key)
+            steps.append((first, self.bases[first]))
+            current = first
+        else:
+            current = installed
+        while current != self.latest:
+            if current not in self.upgrades:
+                raise EngineInstallError(
+                    f"no upgrade path from engine version {current} to {self.latest}; "
+                    "this package may be older than the engine installed in the database"
+                )
+            current, sql = self.upgrades[current]
+            steps.append((current, sql))
+        return steps
+
+
+def roles_sql() -> str:
+    return resources.files("airflow_pgbg").joinpath("sql", "roles.sql").read_text(encoding="utf-8")
+
+
+def render(sql: str, schema: str, ext_schema: str) -> str:
+    return sql.replace("@schema@", _quote_ident(schema)).replace("@pgbg_ext@", _quote_ident(ext_schema))
+
+
+def _quote_ident(name: str) -> str:
+    if not _IDENT.match(name):
+        raise EngineInstallError(f"schema name {name!r} must be a lower-case SQL identifier")
+    return name
+
+
+def _one(cur: Any, sql: str, params: tuple = ()) -> Any:
+    cur.execute(sql, params)
+    row = cur.fetchone()
+    return None if row is None else row[0]
+
+
+def _server_major(cur: Any) -> int:
+    return int(_one(cur, "SELECT current_setting('server_version_num')::int / 10000"))
+
+
+def _ensure_pg_background(cur: Any) -> str:
+    """Creates pg_background if needed and returns its schema; refuses without the v2 API."""
+    major = _server_major(cur)
+    package = (
+        f"postgresql-{major}-pg-background (apt.postgresql.org) or pg_background_{major} (yum.postgresql.org)"
+    )
+    available = _one(cur, "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_background'")
+    if available is None:
+        raise PgBackgroundMissing(
+            f"the pg_background extension is not available on this PostgreSQL {major} server; "
+            f"install the package {package} on the database host, then run the installer again"
+        )
+    if _version_key(available) < (1, 6):
+        raise PgBackgroundMissing(
+            f"pg_background {available} is too old: airflow_pgbg needs 1.6 or later (the v2 API); "
+            f"upgrade the package {package}"
+        )
+    installed = _one(cur, "SELECT extversion FROM pg_extension WHERE extname = 'pg_background'")
+    if installed is None:
+        cur.execute("CREATE EXTENSION pg_background")
+    elif _version_key(installed) < (1, 6):
+        cur.execute("ALTER EXTENSION pg_background UPDATE")
+    ext_schema = _one(
+        cur,
+        "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+        "WHERE e.extname = 'pg_background'",
+    )
+    if _one(cur, "SELECT to_regprocedure(quote_ident(%s) || '.pg_background_launch_v2(text,integer)')", (ext_schema,)) is None:
+        raise PgBackgroundMissing(
+            f"pg_background in this database lacks the v2 API (1.6 or later); "
+            f"run ALTER EXTENSION pg_background UPDATE after installing {package}"
+        )
+    return ext_schema
+
+
+def installed_version(cur: Any, schema: str = DEFAULT_SCHEMA) -> str | None:
+    """Engine version installed in ``schema``, or None."""
+    if _one(cur, "SELECT to_regclass(quote_ident(%s) || '.meta')", (schema,)) is None:
+        return None
+    return _one(cur, f"SELECT version FROM {_quote_ident(schema)}.meta")
+
+
+def install_engine(conn: Any, schema: str = DEFAULT_SCHEMA) -> str:
+    """Installs or upgrades the engine in ``schema`` over a DB-API connection; returns the version.
+
+    Idempotent, and atomic: everything happens in one transaction that is committed at the end.
+    Needs a role allowed to create extensions and roles (normally a superuser).
+    """
+    scripts = SqlScripts.load()
+    schema_sql = _quote_ident(schema)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
+        ext_schema = _ensure_pg_background(cur)
+        cur.execute(roles_sql())
+        current = installed_version(cur, schema)
+        steps = scripts.plan(current)
+        if steps and current is None:
+            cur.execute(f"CREATE SCHEMA IF NOT EXISTS {schema_sql}")
+        for version, sql in steps:
+            cur.execute(render(sql, schema, ext_schema))
+            cur.execute(
+                f"INSERT INTO {schema_sql}.meta (version) VALUES (%s) "
+                "ON CONFLICT (singleton) DO UPDATE SET version = excluded.version, installed_at = clock_timestamp()",
+                (version,),
+            )
+    conn.commit()
+    return scripts.latest
+
+
+def install_engine_dsn(dsn: str, schema: str = DEFAULT_SCHEMA) -> str:
+    """:func:`install_engine` over a new psycopg connection to ``dsn``."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        return install_engine(conn, schema)

@@ -1,0 +1,240 @@
+"""The SQL API as a psql user sees it: launching, splitting, results, errors, bad input."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from airflow_pgbg.status import MONITOR_COLUMNS, ChildStatus
+from tests.helpers import launch, monitor, statuses, wait
+
+SEED_DEMO = (
+    "select version();,select version(),select version(),select version(),"
+    "select version(),select version(),select version();  "
+)
+
+
+def test_seed_demo_call_runs_seven_children(user: psycopg.Connection) -> None:
+    # The seed's own call, with the delimiter spelled out (ours defaults to ';').
+    parent = user.execute(
+        "SELECT pgbg.pg_background_launch_num(%s, p_delimiter => ',')", (SEED_DEMO,)
+    ).fetchone()[0]
+    rows = monitor(user, str(parent))
+    assert len(rows) == 7
+    assert statuses(rows) == ["done"] * 7  # p_monitor defaults to true: the call returned at the end
+    version = user.execute("SELECT version()").fetchone()[0]
+    for row in rows:
+        assert row["query"] == "select version()"
+        assert row["result"]["command"] == "SELECT 1"
+        assert row["result"]["preview"] == [{"version": version}]
+        assert row["start_time_exec"] <= row["end_time_exec"]
+        assert row["duration"] is not None
+
+
+def test_asynchronous_launch_returns_before_the_batch_ends(user: psycopg.Connection) -> None:
+    parent = launch(user, ["select pg_sleep(0.5)"], monitor=False)
+    assert statuses(monitor(user, parent))[0] in ("queued", "running")
+    assert wait(user, parent) == "done"
+
+
+def test_text_form_splits_only_outside_quotes_and_comments(user: psycopg.Connection) -> None:
+    text = """
+        select 'a;b' as s;
+        select $$c;d$$ as s;  -- a comment; with a semicolon
+        select $tag$ e;$$;f $tag$ as s;
+        /* block; /* nested; */ comment */ select E'g\\';h' as s;
+        select "x;y" from (select 1 as "x;y") t;
+        values (1), (2);
+        -- only a comment;
+        ;;
+    """
+    parts = user.execute("SELECT pgbg.split_statements(%s)", (text,)).fetchone()[0]
+    assert len(parts) == 6
+    assert parts[0] == "select 'a;b' as s"
+    assert parts[5] == "values (1), (2)"
+    parent = user.execute("SELECT pgbg.pg_background_launch_num(%s)", (text,)).fetchone()[0]
+    rows = monitor(user, str(parent))
+    assert statuses(rows) == ["done"] * 6
+    previews = [r["result"]["preview"] for r in rows]
+    assert previews[0] == [{"s": "a;b"}]
+    assert previews[1] == [{"s": "c;d"}]
+    assert previews[2] == [{"s": " e;$$;f "}]
+    assert previews[3] == [{"s": "g';h"}]
+    assert previews[4] == [{"x;y": 1}]
+    assert previews[5] == [{"column1": 1}, {"column1": 2}]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ("SELECT pgbg.pg_background_launch_num('')", "empty"),
+        ("SELECT pgbg.pg_background_launch_num('  ;  ; ')", "empty"),
+        ("SELECT pgbg.pg_background_launch_num('-- nothing here\n/* nor here */')", "empty"),
+        ("SELECT pgbg.pg_background_launch_num('{}'::text[])", "empty"),
+        ("SELECT pgbg.pg_background_launch_num(ARRAY['select 1', '-- just a comment'])", "only blanks or comments"),
+        ("SELECT pgbg.pg_background_launch_num(ARRAY['select 1', NULL])", "NULL"),
+        ("SELECT pgbg.pg_background_launch_num('select 1; select ''oops')", "unterminated quoted string"),
+        ("SELECT pgbg.pg_background_launch_num('select 1; select $x$ oops')", "unterminated dollar-quoted"),
+        ("SELECT pgbg.pg_background_launch_num('select 1; /* oops')", r"unterminated /\* comment"),
+        ("SELECT pgbg.pg_background_launch_num('select \"oops')", "unterminated quoted identifier"),
+        ("SELECT pgbg.pg_background_launch_num('select 1', p_max_parallel => 0)", "p_max_parallel"),
+        ("SELECT pgbg.pg_background_launch_num(ARRAY['select 1'], p_max_parallel => -3)", "p_max_parallel"),
+        ("SELECT pgbg.pg_background_launch_num('select 1', p_delimiter => '')", "delimiter"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_recorded(
+    user: psycopg.Connection, call: str, message: str
+) -> None:
+    before = user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0]
+    with pytest.raises(psycopg.Error, match=message):
+        user.execute(call)
+    assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == before
+    assert user.execute("SELECT count(*) FROM pgbg.log_background").fetchone()[0] == 0
+
+
+def test_results_carry_command_tags_and_a_bounded_preview(user: psycopg.Connection, scratch: str) -> None:
+    parent = launch(
+        user,
+        [
+            f"create table {scratch}.r (a int, b text)",
+            f"insert into {scratch}.r select g, repeat('x', 1000) from generate_series(1, 300) g",
+            f"update {scratch}.r set a = a + 1 where a <= 10",
+            f"delete from {scratch}.r where a > 290 returning a",
+            f"select * from {scratch}.r order by a",
+        ],
+        max_parallel=1,
+    )
+    assert wait(user, parent) == "done"
+    rows = monitor(user, parent)
+    results = [r["result"] for r in rows]
+    assert results[0]["command"] == "CREATE TABLE"
+    assert results[1] == {"command": "INSERT 0 300", "rows": 300}
+    assert results[2] == {"command": "UPDATE 10", "rows": 10}
+    assert results[3]["command"] == "DELETE 10"
+    assert results[3]["truncated"] is False and len(results[3]["preview"]) == 10
+    select = results[4]
+    assert select["command"] == "SELECT 290" and select["rows"] == 290
+    # 100 rows at most, and about 1 KB each cannot all fit in 64 KB either.
+    assert select["truncated"] is True
+    assert 0 < len(select["preview"]) < 100
+    assert len(str(select["preview"]).encode()) <= 65536 + 4096
+    quiet = monitor(user, parent, verbose=False)
+    assert "preview" not in quiet[4]["result"]
+
+
+def test_errors_keep_sqlstate_message_detail_and_hint(user: psycopg.Connection, scratch: str) -> None:
+    user.execute(
+        f"""CREATE FUNCTION {scratch}.boom() RETURNS int LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'it broke' USING ERRCODE = '22023', DETAIL = 'the detail', HINT = 'the hint';
+            END $$"""
+    )
+    parent = launch(
+        user,
+        [
+            "select 1/0",
+            f"select {scratch}.boom()",
+            "do $$ begin raise exception 'in a do' using detail = 'do detail', hint = 'do hint'; end $$",
+            "select * from no_such_table",
+        ],
+    )
+    assert wait(user, parent) == "failed"
+    rows = {r["seq"]: r for r in monitor(user, parent)}
+    assert (rows[1]["status"], rows[1]["sqlstate"], rows[1]["error"]) == ("failed", "22012", "division by zero")
+    detail = user.execute(
+        "SELECT sqlstate, error, error_detail, error_hint FROM pgbg.log_background "
+        "WHERE uuid_parent = %s ORDER BY seq", (parent,)
+    ).fetchall()
+    assert detail[1] == ("22023", "it broke", "the detail", "the hint")
+    assert detail[2] == ("P0001", "in a do", "do detail", "do hint")
+    assert detail[3][0] == "42P01"
+
+
+def test_a_failed_child_leaves_none_of_its_work_behind(user: psycopg.Connection, scratch: str) -> None:
+    user.execute(f"CREATE TABLE {scratch}.a (x int primary key)")
+    parent = launch(
+        user,
+        [f"with i as (insert into {scratch}.a values (1), (2) returning x) select 1/(count(*) - 2) from i"],
+    )
+    assert wait(user, parent) == "failed"
+    assert user.execute(f"SELECT count(*) FROM {scratch}.a").fetchone()[0] == 0
+
+
+def test_statements_that_need_top_level_run_as_children(user: psycopg.Connection, scratch: str) -> None:
+    user.execute(f"CREATE TABLE {scratch}.big AS SELECT g AS a FROM generate_series(1, 1000) g")
+    user.execute(
+        f"""CREATE PROCEDURE {scratch}.committing() LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO {scratch}.big VALUES (-1); COMMIT;
+                INSERT INTO {scratch}.big VALUES (-2); COMMIT;
+            END $$"""
+    )
+    parent = launch(
+        user,
+        [
+            f"vacuum (analyze) {scratch}.big",
+            f"create index concurrently big_a on {scratch}.big (a)",
+            f"call {scratch}.committing()",
+            f"select * into {scratch}.copy_of_big from {scratch}.big",
+            f"vacuum {scratch}.does_not_exist",
+            f"create index concurrently big_a on {scratch}.big (a)",
+        ],
+        # One at a time: VACUUM ANALYZE and CREATE INDEX CONCURRENTLY on one table can deadlock.
+        max_parallel=1,
+    )
+    # Polling from short statements (as Airflow does): CONCURRENTLY waits for older snapshots.
+    from tests.helpers import poll_until
+
+    poll_until(lambda: all(r["status"] not in ("queued", "running") for r in monitor(user, parent)), 60)
+    rows = monitor(user, parent)
+    assert [(r["status"], r["run_mode"]) for r in rows] == [
+        ("done", "worker"), ("done", "worker"), ("done", "worker"), ("done", "worker"),
+        ("failed", "worker"), ("failed", "worker"),
+    ], [(r["query"], r["error"]) for r in rows]
+    assert rows[0]["result"]["command"] == "VACUUM"
+    assert rows[1]["result"]["command"] == "CREATE INDEX"
+    assert rows[2]["result"]["command"] == "CALL"
+    assert rows[4]["sqlstate"] == "42P01"
+    assert rows[5]["sqlstate"] == "42P07"  # the index already exists
+    assert user.execute(f"SELECT count(*) FROM {scratch}.big WHERE a < 0").fetchone()[0] == 2
+    assert user.execute(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (f"{scratch}.big_a",)
+    ).fetchone()[0] is True
+
+
+def test_synchronous_launch_refuses_concurrently(user: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="CONCURRENTLY"):
+        launch(user, ["create index concurrently on x (a)"], monitor=True)
+    assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == 0
+
+
+def test_wait_returns_null_on_timeout_and_batch_keeps_running(user: psycopg.Connection) -> None:
+    parent = launch(user, ["select pg_sleep(1)"])
+    assert wait(user, parent, "0.1s") is None
+    assert wait(user, parent) == "done"
+
+
+def test_unknown_uuid_monitor_is_empty_wait_and_stop_raise(user: psycopg.Connection) -> None:
+    unknown = "00000000-0000-4000-8000-000000000000"
+    assert monitor(user, unknown) == []
+    with pytest.raises(psycopg.errors.NoDataFound, match="no batch"):
+        wait(user, unknown)
+    with pytest.raises(psycopg.errors.NoDataFound, match="no batch or child"):
+        user.execute("SELECT pgbg.pg_background_stop(%s)", (unknown,))
+
+
+def test_children_run_with_the_submitters_search_path(user: psycopg.Connection, scratch: str) -> None:
+    user.execute(f"CREATE TABLE {scratch}.t (a int)")
+    user.execute(f"SET search_path = {scratch}, public")
+    parent = launch(user, ["insert into t values (1)", "select count(*) as n from t"], max_parallel=1)
+    assert wait(user, parent) == "done"
+    assert user.execute(f"SELECT count(*) FROM {scratch}.t").fetchone()[0] == 1
+
+
+def test_vocabulary_and_monitor_shape_match_python(user: psycopg.Connection) -> None:
+    labels = user.execute("SELECT enum_range(NULL::pgbg.child_status)::text[]").fetchone()[0]
+    assert labels == [s.value for s in ChildStatus]
+    cols = user.execute(
+        "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute "
+        "WHERE attrelid = 'pgbg.monitor_row'::regclass AND attnum > 0"
+    ).fetchone()[0]
+    assert tuple(cols) == MONITOR_COLUMNS

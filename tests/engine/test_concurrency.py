@@ -1,0 +1,146 @@
+"""Caps, the automatic queue, and independence from the launching session."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from tests.helpers import launch, monitor, poll_until, statuses, wait
+
+
+class Sampler:
+    """Samples pg_stat_activity and log_background from its own connection while a batch runs."""
+
+    def __init__(self, dsn: str, parents: list[str]) -> None:
+        self.dsn = dsn
+        self.parents = parents
+        self.max_workers = 0
+        self.max_running = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        names = [f"pgbg:{p}" for p in self.parents]
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self._stop.is_set():
+                # Worker processes holding a slot of these batches and busy in a child's pg_sleep.
+                workers = conn.execute(
+                    "SELECT count(DISTINCT a.pid) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
+                    "WHERE a.backend_type = 'pg_background' AND a.application_name = ANY(%s) "
+                    "AND a.wait_event = 'PgSleep' AND l.locktype = 'advisory' AND l.objsubid = 2 "
+                    "AND l.classid = ANY(SELECT (hashtext('pgbg/' || p) & 2147483647)::oid FROM unnest(%s::text[]) p)",
+                    (names, self.parents),
+                ).fetchone()[0]
+                running = conn.execute(
+                    "SELECT count(*) FROM pgbg.log_background WHERE uuid_parent = ANY(%s::uuid[]) "
+                    "AND status = 'running'",
+                    (self.parents,),
+                ).fetchone()[0]
+                self.max_workers = max(self.max_workers, workers)
+                self.max_running = max(self.max_running, running)
+                self.samples += 1
+                time.sleep(0.005)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_per_batch_cap_is_never_exceeded(dsn: str, user_dsn: str, user: psycopg.Connection) -> None:
+    parent = launch(user, ["select pg_sleep(0.25)"] * 12, max_parallel=3)
+    with Sampler(dsn, [parent]) as sampler:
+        assert wait(user, parent) == "done"
+    assert sampler.samples > 50
+    assert sampler.max_workers == 3
+    assert sampler.max_running == 3
+
+
+def test_queued_children_start_as_slots_free_without_polling(user: psycopg.Connection) -> None:
+    parent = launch(user, ["select pg_sleep(0.4)"] * 6, max_parallel=2)
+    # No monitor or wait call while the batch runs: the runners refill their own slots.
+    time.sleep(2.5)
+    rows = user.execute(
+        "SELECT seq, status, start_time_exec, end_time_exec FROM pgbg.log_background "
+        "WHERE uuid_parent = %s ORDER BY start_time_exec", (parent,)
+    ).fetchall()
+    assert [r[1] for r in rows] == ["done"] * 6
+    starts = [r[2] for r in rows]
+    ends = sorted(r[3] for r in rows)
+    # Each later child starts within a few milliseconds of an earlier one ending.
+    for start in starts[2:]:
+        gap = min(abs((start - end).total_seconds()) for end in ends)
+        assert gap < 0.05, f"child started {gap:.3f} s after the nearest end"
+
+
+def test_batch_survives_the_launching_session(dsn: str, user_dsn: str, scratch: str) -> None:
+    with psycopg.connect(user_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {scratch}.marks (n int)")
+        parent = launch(conn, [f"insert into {scratch}.marks select 1 from pg_sleep(0.3)"] * 4, max_parallel=2)
+    # The launcher is gone; another session watches the batch end.
+    with psycopg.connect(user_dsn, autocommit=True) as other:
+        assert wait(other, parent) == "done"
+        assert other.execute(f"SELECT count(*) FROM {scratch}.marks").fetchone()[0] == 4
+
+
+def test_rolled_back_launch_runs_nothing(user: psycopg.Connection, scratch: str) -> None:
+    user.execute(f"CREATE TABLE {scratch}.never (n int)")
+    with pytest.raises(RuntimeError):
+        with user.transaction():
+            launch(user, [f"insert into {scratch}.never values (1)"])
+            raise RuntimeError("roll back")
+    time.sleep(0.5)
+    assert user.execute(f"SELECT count(*) FROM {scratch}.never").fetchone()[0] == 0
+    assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == 0
+
+
+@pytest.fixture
+def global_cap(admin: psycopg.Connection) -> Iterator[None]:
+    admin.execute("UPDATE pgbg.settings SET max_workers = 2")
+    yield
+    admin.execute("UPDATE pgbg.settings SET max_workers = NULL")
+
+
+def test_global_cap_holds_across_batches(dsn: str, user: psycopg.Connection, global_cap: None) -> None:
+    first = launch(user, ["select pg_sleep(0.2)"] * 6, max_parallel=2)
+    second = launch(user, ["select pg_sleep(0.2)"] * 6, max_parallel=2)
+    with Sampler(dsn, [first, second]) as sampler:
+        assert wait(user, first) == "done"
+        assert wait(user, second) == "done"
+    assert sampler.max_running == 2
+    assert sampler.max_workers == 2
+
+
+def test_no_free_worker_keeps_work_queued_until_one_frees(admin: psycopg.Connection, user: psycopg.Connection) -> None:
+    # Fill every background worker slot of the server with real pg_background workers.
+    free = admin.execute("SELECT current_setting('max_worker_processes')::int").fetchone()[0]
+    admin.execute("SET pg_background.max_workers = %s" % (free + 1))
+    hogs = []
+    while True:
+        try:
+            hogs.append(admin.execute("SELECT * FROM pg_background_launch_v2('select pg_sleep(60)')").fetchone())
+        except psycopg.Error as exc:
+            assert "could not register background process" in str(exc), exc
+            break
+        assert len(hogs) <= free
+    try:
+        parent = launch(user, ["select 42 as answer"] * 3, max_parallel=3)
+        time.sleep(0.3)
+        assert statuses(monitor(user, parent)) == ["queued"] * 3
+    finally:
+        for pid, cookie in hogs:
+            admin.execute("SELECT pg_background_cancel_v2(%s, %s)", (pid, cookie))
+            admin.execute("SELECT pg_background_detach_v2(%s, %s)", (pid, cookie))
+    poll_until(lambda: admin.execute(
+        "SELECT count(*) = 0 FROM pg_stat_activity WHERE query = 'select pg_sleep(60)'").fetchone()[0])
+    # The next poll starts it.
+    assert wait(user, parent) == "done"
+    assert [r["result"]["preview"] for r in monitor(user, parent)] == [[{"answer": 42}]] * 3

@@ -1,0 +1,89 @@
+"""Installing and upgrading the engine, from Python and from the command line."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from airflow_pgbg import __version__
+from airflow_pgbg.hooks.install import EngineInstallError, PgBackgroundMissing, SqlScripts, install_engine_dsn
+from tests.conftest import REPO
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "airflow_pgbg", *args], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.fixture
+def fresh_db(dsn: str) -> Iterator[str]:
+    """An empty database on the test server; its DSN."""
+    name = f"pgbg_db_{secrets.token_hex(4)}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    params = conninfo_to_dict(dsn)
+    params["dbname"] = name
+    yield make_conninfo(**params)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_install_twice_is_idempotent_and_keeps_data(fresh_db: str) -> None:
+    first = _cli("install", "--dsn", fresh_db)
+    assert first.returncode == 0, first.stderr
+    assert "installed" in first.stdout
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        parent = conn.execute("SELECT pgbg.pg_background_launch_num('select 1')").fetchone()[0]
+    assert _cli("install", "--dsn", fresh_db).returncode == 0
+    assert install_engine_dsn(fresh_db) == __version__
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM pgbg.meta").fetchone()[0] == __version__
+        assert conn.execute(
+            "SELECT status::text FROM pgbg.log_background WHERE uuid_parent = %s", (parent,)
+        ).fetchone()[0] == "done"
+
+
+def test_install_into_another_schema(fresh_db: str) -> None:
+    assert install_engine_dsn(fresh_db, schema="batches") == __version__
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        parent = conn.execute("SELECT batches.pg_background_launch_num('select 6 * 7 as n')").fetchone()[0]
+        row = conn.execute("SELECT result FROM batches.log_background WHERE uuid_parent = %s", (parent,)).fetchone()
+        assert row[0]["preview"] == [{"n": 42}]
+        assert conn.execute("SELECT to_regclass('pgbg.log_background')").fetchone()[0] is None
+
+
+def test_missing_extension_is_refused_with_the_package_name(fresh_db: str) -> None:
+    with psycopg.connect(fresh_db) as conn:
+        major = conn.execute("SELECT current_setting('server_version_num')::int / 10000").fetchone()[0]
+    if major < 18:
+        pytest.skip("hiding an available extension needs extension_control_path (PostgreSQL 18)")
+    # A real server whose extension directory holds no pg_background.
+    hidden = make_conninfo(fresh_db, options="-c extension_control_path=/nonexistent")
+    result = _cli("install", "--dsn", hidden)
+    assert result.returncode == 2
+    assert f"postgresql-{major}-pg-background" in result.stderr
+    with pytest.raises(PgBackgroundMissing):
+        install_engine_dsn(hidden)
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT to_regnamespace('pgbg')").fetchone()[0] is None  # nothing half-done
+
+
+def test_upgrade_plans_follow_the_shipped_scripts() -> None:
+    scripts = SqlScripts.load()
+    assert scripts.latest == __version__
+    assert [v for v, _ in scripts.plan(None)][-1] == __version__
+    assert scripts.plan(__version__) == []
+    with pytest.raises(EngineInstallError, match="no upgrade path"):
+        scripts.plan("0.0.1")
+
+
+def test_sql_command_prints_a_reviewable_script() -> None:
+    result = _cli("sql", "--schema", "pgbg")
+    assert result.returncode == 0
+    assert "CREATE FUNCTION pgbg.pg_background_launch_num" in result.stdout
+    assert "@schema@" not in result.stdout and "@pgbg_ext@" not in result.stdout

@@ -1,0 +1,88 @@
+"""Children run as their submitter; roles are isolated; nothing is granted to PUBLIC."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import psycopg
+import pytest
+
+from tests.helpers import launch, monitor, stop, wait
+
+
+def test_children_run_as_the_submitting_role(user_dsn: str, user: psycopg.Connection) -> None:
+    me = user.execute("SELECT current_user").fetchone()[0]
+    parent = launch(user, ["select current_user as who, session_user as sess"])
+    assert wait(user, parent) == "done"
+    assert monitor(user, parent)[0]["result"]["preview"] == [{"who": me, "sess": me}]
+    assert monitor(user, parent)[0]["user_name"] == me
+
+
+def test_a_child_cannot_do_what_its_role_cannot(user: psycopg.Connection) -> None:
+    parent = launch(user, ["select count(*) from pg_authid", "alter system set work_mem = '1GB'"])
+    assert wait(user, parent) == "failed"
+    assert [r["sqlstate"] for r in monitor(user, parent)] == ["42501", "42501"]
+
+
+def test_two_roles_cannot_see_or_stop_each_other(make_role: Callable[..., str]) -> None:
+    alice_dsn, bob_dsn, carol_dsn = make_role(), make_role(), make_role("pgbg_admin")
+    with psycopg.connect(alice_dsn, autocommit=True) as alice, \
+            psycopg.connect(bob_dsn, autocommit=True) as bob, \
+            psycopg.connect(carol_dsn, autocommit=True) as carol:
+        parent = launch(alice, ["select pg_sleep(30)"] * 2, max_parallel=1)
+        child = str(monitor(alice, parent)[1]["uuid_child"])
+
+        assert monitor(bob, parent) == []
+        assert all(str(r["uuid_parent"]) != parent for r in monitor(bob))
+        assert bob.execute("SELECT count(*) FROM pgbg.log_background").fetchone()[0] == 0
+        assert bob.execute("SELECT count(*) FROM pgbg.batches").fetchone()[0] == 0
+        for uuid in (parent, child):
+            with pytest.raises(psycopg.errors.NoDataFound):
+                stop(bob, uuid)
+        with pytest.raises(psycopg.errors.NoDataFound):
+            bob.execute("SELECT pgbg.pg_background_retry(%s)", (parent,))
+        # Direct writes are fenced too: bob cannot edit, delete, or add work to alice's batch.
+        assert bob.execute("UPDATE pgbg.log_background SET status = 'done'").rowcount == 0
+        assert bob.execute("DELETE FROM pgbg.batch").rowcount == 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            bob.execute(
+                "INSERT INTO pgbg.log_background (uuid_parent, seq, query, run_mode, role_name) "
+                "VALUES (%s, 99, 'select 1', 'inline', %s)",
+                (parent, alice.info.user),
+            )
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            alice.execute("UPDATE pgbg.log_background SET query = 'select 2'")
+
+        # The admin role sees and stops everything.
+        assert len(monitor(carol, parent)) == 2
+        assert stop(carol, parent) == 2
+        assert wait(alice, parent, "20s") == "stopped"
+
+
+def test_nothing_is_security_definer_or_granted_to_public(admin: psycopg.Connection) -> None:
+    definers = admin.execute(
+        "SELECT array_agg(proname) FROM pg_proc WHERE pronamespace = 'pgbg'::regnamespace AND prosecdef"
+    ).fetchone()[0]
+    assert definers is None
+    public_routines = admin.execute(
+        "SELECT array_agg(p.oid::regprocedure::text) FROM pg_proc p "
+        "WHERE p.pronamespace = 'pgbg'::regnamespace AND has_function_privilege('public', p.oid, 'EXECUTE')"
+    ).fetchone()[0]
+    assert public_routines is None
+    public_tables = admin.execute(
+        "SELECT array_agg(c.relname) FROM pg_class c WHERE c.relnamespace = 'pgbg'::regnamespace "
+        "AND c.relkind IN ('r', 'v') AND has_table_privilege('public', c.oid, 'SELECT')"
+    ).fetchone()[0]
+    assert public_tables is None
+    assert admin.execute("SELECT has_schema_privilege('public', 'pgbg', 'USAGE')").fetchone()[0] is False
+    roles = admin.execute(
+        "SELECT array_agg(rolname ORDER BY rolname) FROM pg_roles "
+        "WHERE rolname IN ('pgbg_user', 'pgbg_admin') AND NOT rolcanlogin"
+    ).fetchone()[0]
+    assert roles == ["pgbg_admin", "pgbg_user"]
+
+
+def test_a_role_without_pgbg_user_cannot_use_the_engine(make_role: Callable[..., str]) -> None:
+    with psycopg.connect(make_role("pg_monitor"), autocommit=True) as outsider:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            launch(outsider, ["select 1"])

@@ -1,0 +1,129 @@
+"""Stopping batches and children, fail_fast, retry, timeouts, and workers that die."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+
+from tests.helpers import launch, monitor, poll_until, statuses, stop, wait
+
+
+def _running(conn: psycopg.Connection, parent: str, n: int) -> None:
+    poll_until(lambda: statuses(monitor(conn, parent)).count("running") == n, 20)
+
+
+def test_stop_a_batch_cancels_running_and_skips_queued(user: psycopg.Connection) -> None:
+    parent = launch(user, ["select pg_sleep(30)"] * 6, max_parallel=2)
+    _running(user, parent, 2)
+    started = time.monotonic()
+    assert stop(user, parent) == 6
+    assert wait(user, parent, "20s") == "stopped"
+    assert time.monotonic() - started < 10
+    rows = monitor(user, parent)
+    assert statuses(rows) == ["stopped"] * 6
+    assert sum(1 for r in rows if r["start_time_exec"] is None) == 4  # never started
+    assert stop(user, parent) == 0
+    # No worker of the batch is left.
+    assert user.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (f"pgbg:{parent}",)
+    ).fetchone()[0] == 0
+
+
+def test_stop_one_child_leaves_the_others(user: psycopg.Connection) -> None:
+    parent = launch(user, ["select pg_sleep(1.5)", "select pg_sleep(30)", "select pg_sleep(1.5)"], max_parallel=3)
+    _running(user, parent, 3)
+    child = monitor(user, parent)[1]["uuid_child"]
+    assert stop(user, str(child)) == 1
+    assert stop(user, str(child)) == 0
+    assert wait(user, parent) == "stopped"
+    assert statuses(monitor(user, parent)) == ["done", "stopped", "done"]
+
+
+def test_stop_a_child_running_in_its_own_worker(user: psycopg.Connection, scratch: str) -> None:
+    user.execute(f"CREATE PROCEDURE {scratch}.slow() LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(30); COMMIT; END $$")
+    parent = launch(user, [f"call {scratch}.slow()"])
+    _running(user, parent, 1)
+    poll_until(lambda: user.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = %s", (f"call {scratch}.slow()",)).fetchone()[0] == 1)
+    assert stop(user, parent) == 1
+    assert wait(user, parent, "20s") == "stopped"
+    poll_until(lambda: user.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = %s", (f"call {scratch}.slow()",)).fetchone()[0] == 0)
+
+
+def test_a_terminated_worker_turns_its_child_lost(admin: psycopg.Connection, user: psycopg.Connection) -> None:
+    parent = launch(user, ["select pg_sleep(30)", "select 1"], max_parallel=1)
+    _running(user, parent, 1)
+    pid = monitor(user, parent)[0]["pid"]
+    assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+    poll_until(lambda: admin.execute("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0])
+    # The next monitor call notices, and starts a new runner for the rest.
+    rows = monitor(user, parent)
+    assert rows[0]["status"] == "lost"
+    assert "terminated" in rows[0]["error"]
+    assert wait(user, parent) == "lost"
+    assert statuses(monitor(user, parent)) == ["lost", "done"]
+
+
+def test_stop_never_signals_a_process_that_reused_the_pid(admin: psycopg.Connection, user: psycopg.Connection) -> None:
+    parent = launch(user, ["select pg_sleep(30)"])
+    _running(user, parent, 1)
+    # Make the row claim a pid that now belongs to an unrelated session (as after PID reuse).
+    with psycopg.connect(admin.info.dsn, autocommit=True) as bystander:
+        other = bystander.execute("SELECT pg_backend_pid()").fetchone()[0]
+        admin.execute(
+            "UPDATE pgbg.log_background SET pid = %s WHERE uuid_parent = %s", (other, parent))
+        assert stop(user, parent) == 1
+        # Same pid, other backend_start: the bystander is neither cancelled nor terminated.
+        assert bystander.execute("SELECT 1").fetchone()[0] == 1
+        bystander.execute("SELECT pg_sleep(0.2)")
+        assert bystander.execute("SELECT 2").fetchone()[0] == 2
+    admin.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                  (f"pgbg:{parent}",))
+
+
+def test_fail_fast_stops_the_rest_after_the_first_failure(user: psycopg.Connection) -> None:
+    parent = user.execute(
+        "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 2, p_fail_fast => true)",
+        (["select pg_sleep(30)", "select 1/0"] + ["select pg_sleep(30)"] * 4,),
+    ).fetchone()[0]
+    assert wait(user, str(parent), "20s") == "failed"
+    assert statuses(monitor(user, str(parent))) == ["stopped", "failed"] + ["stopped"] * 4
+
+
+def test_statement_timeout_fails_only_the_slow_child(user: psycopg.Connection) -> None:
+    parent = user.execute(
+        "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_statement_timeout => '300ms')",
+        (["select pg_sleep(5)", "select 2 as two"],),
+    ).fetchone()[0]
+    assert wait(user, str(parent), "10s") == "failed"
+    rows = monitor(user, str(parent))
+    assert (rows[0]["status"], rows[0]["sqlstate"]) == ("failed", "57014")
+    assert "statement timeout" in rows[0]["error"]
+    assert rows[1]["status"] == "done"
+
+
+def test_retry_requeues_only_what_did_not_succeed(user: psycopg.Connection, scratch: str) -> None:
+    user.execute(f"CREATE TABLE {scratch}.effects (seq int)")
+    user.execute(f"CREATE TABLE {scratch}.gate (open boolean)")
+    user.execute(f"INSERT INTO {scratch}.gate VALUES (false)")
+    user.execute(
+        f"""CREATE FUNCTION {scratch}.second() RETURNS void LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO {scratch}.effects VALUES (2);
+                IF NOT (SELECT open FROM {scratch}.gate) THEN RAISE EXCEPTION 'gate closed'; END IF;
+            END $$"""
+    )
+    parent = launch(user, [
+        f"insert into {scratch}.effects values (1)",
+        f"select {scratch}.second()",
+        f"insert into {scratch}.effects values (3)",
+    ], max_parallel=1)
+    assert wait(user, parent) == "failed"
+    user.execute(f"UPDATE {scratch}.gate SET open = true")
+    assert user.execute("SELECT pgbg.pg_background_retry(%s)", (parent,)).fetchone()[0] == 1
+    assert wait(user, parent) == "done"
+    assert user.execute(f"SELECT array_agg(seq ORDER BY seq) FROM {scratch}.effects").fetchone()[0] == [1, 2, 3]
+    assert [r["attempt"] for r in monitor(user, parent)] == [1, 2, 1]
+    assert user.execute("SELECT pgbg.pg_background_retry(%s)", (parent,)).fetchone()[0] == 0

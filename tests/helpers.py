@@ -1,0 +1,47 @@
+"""Small wrappers over the engine's SQL API, as a psql user would call it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+
+def launch(conn: psycopg.Connection, statements: Sequence[str], *, monitor: bool = False,
+           max_parallel: int | None = None, label: str | None = None) -> str:
+    row = conn.execute(
+        "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => %s, p_max_parallel => %s, p_label => %s)",
+        (list(statements), monitor, max_parallel, label),
+    ).fetchone()
+    return str(row[0])
+
+
+def wait(conn: psycopg.Connection, parent: str, timeout: str = "60s") -> str | None:
+    return conn.execute("SELECT pgbg.pg_background_wait(%s, %s::interval)", (parent, timeout)).fetchone()[0]
+
+
+def monitor(conn: psycopg.Connection, parent: str | None = None, verbose: bool = True) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT * FROM pgbg.pg_background_monitor(%s, %s)", (parent, verbose)).fetchall()
+
+
+def stop(conn: psycopg.Connection, uuid: str) -> int:
+    return conn.execute("SELECT pgbg.pg_background_stop(%s)", (uuid,)).fetchone()[0]
+
+
+def poll_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def statuses(rows: list[dict[str, Any]]) -> list[str]:
+    return [r["status"] for r in rows]
