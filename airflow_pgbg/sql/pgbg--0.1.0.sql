@@ -49,6 +49,7 @@ INSERT INTO @schema@.settings DEFAULT VALUES;
 CREATE TABLE @schema@.batch (
     uuid_parent uuid PRIMARY KEY,
     label text,
+    origin text,
     role_name name NOT NULL DEFAULT current_user,
     user_name name NOT NULL DEFAULT session_user,
     ip_client inet DEFAULT inet_client_addr(),
@@ -61,6 +62,9 @@ CREATE TABLE @schema@.batch (
     stop_requested_at timestamptz
 );
 COMMENT ON TABLE @schema@.batch IS 'One row per batch (parent UUID): who submitted it and how it runs.';
+CREATE INDEX ON @schema@.batch (origin, created_at) WHERE origin IS NOT NULL;
+COMMENT ON COLUMN @schema@.batch.origin IS
+    'Who asked for the batch, e.g. the Airflow task instance; lets a retry find the batch of its first try.';
 COMMENT ON COLUMN @schema@.batch.role_name IS 'Role the children run as (current_user at submission).';
 COMMENT ON COLUMN @schema@.batch.search_path IS 'The submitter''s search_path, restored in every runner.';
 COMMENT ON COLUMN @schema@.batch.fail_fast IS 'The first failed child stops the rest of the batch.';
@@ -799,15 +803,15 @@ COMMENT ON FUNCTION @schema@._housekeep(uuid) IS
 
 CREATE FUNCTION @schema@._enqueue(p_parent uuid, p_querys text[], p_max_parallel int, p_label text,
                                  p_user_name name, p_ip_client inet, p_search_path text,
-                                 p_fail_fast boolean, p_statement_timeout interval)
+                                 p_fail_fast boolean, p_statement_timeout interval, p_origin text)
 RETURNS int
 LANGUAGE plpgsql
 AS $fn$
 BEGIN
     INSERT INTO @schema@.batch (uuid_parent, label, user_name, ip_client, max_parallel, search_path,
-                                fail_fast, statement_timeout)
+                                fail_fast, statement_timeout, origin)
     VALUES (p_parent, p_label, p_user_name, p_ip_client, p_max_parallel, p_search_path,
-            p_fail_fast, p_statement_timeout);
+            p_fail_fast, p_statement_timeout, p_origin);
     INSERT INTO @schema@.log_background (uuid_parent, seq, query, label, run_mode, user_name, ip_client)
     SELECT p_parent, q.seq, q.sql, p_label,
            CASE WHEN p_statement_timeout IS NOT NULL OR @schema@._needs_own_worker(q.sql)
@@ -818,7 +822,7 @@ BEGIN
     RETURN cardinality(p_querys);
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._enqueue(uuid, text[], int, text, name, inet, text, boolean, interval) IS
+COMMENT ON FUNCTION @schema@._enqueue(uuid, text[], int, text, name, inet, text, boolean, interval, text) IS
     'Records a validated batch and starts its first runners, which wait for this transaction to commit.';
 
 CREATE FUNCTION @schema@._validate_batch(p_querys text[], p_max_parallel int, p_statement_timeout interval)
@@ -867,7 +871,8 @@ CREATE FUNCTION @schema@.pg_background_launch_num(
     p_max_parallel int DEFAULT NULL,
     p_label text DEFAULT NULL,
     p_fail_fast boolean DEFAULT false,
-    p_statement_timeout interval DEFAULT NULL)
+    p_statement_timeout interval DEFAULT NULL,
+    p_origin text DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql
 AS $fn$
@@ -886,7 +891,7 @@ BEGIN
         -- rolls back.
         PERFORM @schema@._enqueue(v_parent, v_querys, v_max_parallel, p_label,
                                   session_user, inet_client_addr(), v_search_path,
-                                  p_fail_fast, p_statement_timeout);
+                                  p_fail_fast, p_statement_timeout, p_origin);
         RETURN v_parent;
     END IF;
     IF EXISTS (SELECT 1 FROM unnest(v_querys) AS q WHERE q ~* '\mCONCURRENTLY\M') THEN
@@ -905,9 +910,9 @@ BEGIN
     LOOP
         BEGIN
             h := @pgbg_ext@.pg_background_launch_v2(format(
-                'SELECT @schema@._enqueue(%L::uuid, %L::text[], %s, %L, %L, %L::inet, %L, %L, %L::interval)',
+                'SELECT @schema@._enqueue(%L::uuid, %L::text[], %s, %L, %L, %L::inet, %L, %L, %L::interval, %L)',
                 v_parent, v_querys, v_max_parallel, p_label, session_user, inet_client_addr(), v_search_path,
-                p_fail_fast, p_statement_timeout));
+                p_fail_fast, p_statement_timeout, p_origin));
             EXIT;
         EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
             IF clock_timestamp() > v_deadline THEN
@@ -932,11 +937,12 @@ BEGIN
     RETURN v_parent;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@.pg_background_launch_num(text[], boolean, int, text, boolean, interval) IS
+COMMENT ON FUNCTION @schema@.pg_background_launch_num(text[], boolean, int, text, boolean, interval, text) IS
     'Runs each statement of the array as a child of a new batch and returns its parent UUID. '
     'p_max_parallel caps the batch (NULL: the global cap); p_monitor => true returns when the batch has '
     'ended, false at once; p_fail_fast stops the rest after the first failure; p_statement_timeout '
-    'limits each child. Bad input raises before anything is recorded.';
+    'limits each child; p_origin records who asked (Airflow: the task instance). Bad input raises '
+    'before anything is recorded.';
 
 CREATE FUNCTION @schema@.pg_background_launch_num(
     p_querys text,
@@ -945,13 +951,14 @@ CREATE FUNCTION @schema@.pg_background_launch_num(
     p_max_parallel int DEFAULT NULL,
     p_label text DEFAULT NULL,
     p_fail_fast boolean DEFAULT false,
-    p_statement_timeout interval DEFAULT NULL)
+    p_statement_timeout interval DEFAULT NULL,
+    p_origin text DEFAULT NULL)
 RETURNS uuid
 LANGUAGE sql
 RETURN @schema@.pg_background_launch_num(
     @schema@.split_statements(p_querys, p_delimiter), p_monitor, p_max_parallel, p_label,
-    p_fail_fast, p_statement_timeout);
-COMMENT ON FUNCTION @schema@.pg_background_launch_num(text, text, boolean, int, text, boolean, interval) IS
+    p_fail_fast, p_statement_timeout, p_origin);
+COMMENT ON FUNCTION @schema@.pg_background_launch_num(text, text, boolean, int, text, boolean, interval, text) IS
     'The seed''s form: splits p_querys on p_delimiter outside quotes, dollar quotes and comments, then '
     'as the array form.';
 
@@ -1166,7 +1173,8 @@ COMMENT ON FUNCTION @schema@.pg_background_purge(interval) IS
     'Deletes the caller''s finished batches (all finished batches for pgbg_admin) older than p_older_than.';
 
 CREATE VIEW @schema@.batches WITH (security_invoker = true) AS
-SELECT b.uuid_parent, b.label, b.role_name, b.user_name, b.created_at, b.max_parallel,
+SELECT b.uuid_parent, b.label, b.origin, b.role_name, b.user_name, b.created_at, b.max_parallel,
+       b.fail_fast, b.statement_timeout, b.stop_requested_at,
        @schema@.batch_status(b.uuid_parent) AS status,
        count(*) AS children,
        count(*) FILTER (WHERE c.status = 'queued') AS queued,
@@ -1181,6 +1189,19 @@ SELECT b.uuid_parent, b.label, b.role_name, b.user_name, b.created_at, b.max_par
   JOIN @schema@.log_background c USING (uuid_parent)
  GROUP BY b.uuid_parent;
 COMMENT ON VIEW @schema@.batches IS 'One row per batch the caller may see, with counts per child status.';
+
+CREATE FUNCTION @schema@.pg_background_poll(uuid_father uuid)
+RETURNS SETOF @schema@.batches
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM @schema@._housekeep(uuid_father);
+    RETURN QUERY SELECT * FROM @schema@.batches WHERE uuid_parent = uuid_father;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_poll(uuid) IS
+    'What a poller needs in one round trip: the housekeeping of pg_background_monitor() and the batch''s '
+    'row of the batches view (status and counts), without the child rows. No row for an unknown batch.';
 
 ------------------------------------------------------------------------------------------------
 -- Privileges: nothing for PUBLIC; pgbg_user submits and manages its own batches; pgbg_admin all.
