@@ -29,3 +29,7 @@ test-engine: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# The main job: example_pgbg_basic end to end (DAG=<id> for another example DAG).
+demo: venv
+	@bash scripts/demo.sh $(DAG)

@@ -11,4 +11,20 @@ def get_provider_info() -> dict:
         "name": "PostgreSQL pg_background batches",
         "description": "Run batches of SQL statements inside PostgreSQL as pg_background workers.",
         "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": "PostgreSQL pg_background",
+                "external-doc-url": "https://github.com/vibhorkum/pg_background",
+                "tags": ["software"],
+            }
+        ],
+        "operators": [
+            {"integration-name": "PostgreSQL pg_background", "python-modules": ["airflow_pgbg.operators.batch"]}
+        ],
+        "hooks": [
+            {"integration-name": "PostgreSQL pg_background", "python-modules": ["airflow_pgbg.hooks.pgbg"]}
+        ],
+        "triggers": [
+            {"integration-name": "PostgreSQL pg_background", "python-modules": ["airflow_pgbg.triggers.batch"]}
+        ],
     }

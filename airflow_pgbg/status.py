@@ -7,7 +7,11 @@ with what an installed engine reports.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
+from typing import Any
 
 DEFAULT_SCHEMA = "pgbg"
 """Schema the engine is installed in unless told otherwise."""
@@ -56,3 +60,39 @@ MONITOR_COLUMNS = (
     "run_mode",
 )
 """Columns of ``pg_background_monitor()``, in order."""
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """One row of the engine's ``batches`` view: a batch's status and its counts per child status."""
+
+    uuid_parent: str
+    status: ChildStatus
+    children: int
+    counts: dict[ChildStatus, int]
+    label: str | None = None
+    origin: str | None = None
+    max_parallel: int | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> BatchState:
+        return cls(
+            uuid_parent=str(row["uuid_parent"]),
+            status=ChildStatus(row["status"]),
+            children=int(row["children"]),
+            counts={s: int(row[s.value]) for s in ChildStatus},
+            label=row.get("label"),
+            origin=row.get("origin"),
+            max_parallel=row.get("max_parallel"),
+            started_at=row.get("started_at"),
+            ended_at=row.get("ended_at"),
+        )
+
+    @property
+    def is_final(self) -> bool:
+        return self.status.is_final
+
+    def counts_json(self) -> dict[str, int]:
+        return {s.value: n for s, n in self.counts.items()}

@@ -458,6 +458,9 @@ COMMENT ON FUNCTION @schema@._launch_top_level(text, uuid, interval) IS
 CREATE FUNCTION @schema@._top_level_result(h @pgbg_ext@.pg_background_handle)
 RETURNS jsonb
 LANGUAGE plpgsql
+-- Some pg_background functions are SQL wrappers that resolve their helpers through search_path,
+-- while runners use the submitter's. Nothing here runs user SQL.
+SET search_path = @pgbg_ext@, pg_catalog
 AS $fn$
 DECLARE
     o @pgbg_ext@.pg_background_outcome := @pgbg_ext@.pg_background_outcome_v2(h.pid, h.cookie);
@@ -882,8 +885,6 @@ DECLARE
     v_max_parallel int := coalesce(p_max_parallel, @schema@._global_cap());
     v_search_path text := current_setting('search_path');
     h @pgbg_ext@.pg_background_handle;
-    o @pgbg_ext@.pg_background_outcome;
-    e @pgbg_ext@.pg_background_error;
     v_deadline timestamptz := clock_timestamp() + interval '60 seconds';
 BEGIN
     IF NOT p_monitor THEN
@@ -924,15 +925,7 @@ BEGIN
         END;
     END LOOP;
     PERFORM @pgbg_ext@.pg_background_wait_v2(h.pid, h.cookie);
-    o := @pgbg_ext@.pg_background_outcome_v2(h.pid, h.cookie);
-    IF o.has_error THEN
-        e := @pgbg_ext@.pg_background_error_info_v2(h.pid, h.cookie);
-        PERFORM @pgbg_ext@.pg_background_detach_v2(h.pid, h.cookie);
-        RAISE EXCEPTION USING ERRCODE = coalesce(e.sqlstate, o.sqlstate, 'XX000'),
-            MESSAGE = coalesce(e.message, o.error_message), DETAIL = coalesce(e.detail, ''),
-            HINT = coalesce(e.hint, '');
-    END IF;
-    PERFORM @pgbg_ext@.pg_background_detach_v2(h.pid, h.cookie);
+    PERFORM @schema@._top_level_result(h);  -- raises what made the enqueue fail
     PERFORM @schema@.pg_background_wait(v_parent);
     RETURN v_parent;
 END

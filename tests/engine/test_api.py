@@ -224,10 +224,12 @@ def test_unknown_uuid_monitor_is_empty_wait_and_stop_raise(user: psycopg.Connect
 
 def test_children_run_with_the_submitters_search_path(user: psycopg.Connection, scratch: str) -> None:
     user.execute(f"CREATE TABLE {scratch}.t (a int)")
-    user.execute(f"SET search_path = {scratch}, public")
-    parent = launch(user, ["insert into t values (1)", "select count(*) as n from t"], max_parallel=1)
+    # Without public, where pg_background lives: runners and nested workers must not depend on it.
+    user.execute(f"SET search_path = {scratch}")
+    parent = launch(user, ["insert into t values (1)", "select count(*) as n from t", "vacuum t"], max_parallel=1)
     assert wait(user, parent) == "done"
     assert user.execute(f"SELECT count(*) FROM {scratch}.t").fetchone()[0] == 1
+    assert [r["result"]["command"] for r in monitor(user, parent)] == ["INSERT 0 1", "SELECT 1", "VACUUM"]
 
 
 def test_vocabulary_and_monitor_shape_match_python(user: psycopg.Connection) -> None:

@@ -1,0 +1,74 @@
+"""A throwaway Airflow home (SQLite metadata) for dag.test(), and the connection the DAGs use.
+
+Airflow reads its configuration when first imported, so the environment is set here, before any
+test module of this package imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+from urllib.parse import quote
+
+DAGS = Path(__file__).parent / "dags"
+_HOME = Path(tempfile.mkdtemp(prefix="pgbg-airflow-home-"))
+os.environ.update(
+    AIRFLOW_HOME=str(_HOME),
+    AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
+    AIRFLOW__CORE__LOAD_EXAMPLES="False",
+    AIRFLOW__LOGGING__LOGGING_LEVEL="WARNING",
+)
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+    return _HOME
+
+
+@pytest.fixture
+def pgbg_conn(airflow_db: Path, user_dsn: str) -> Iterator[str]:
+    """The Airflow connection ``pgbg_test``, as an ordinary role that is a member of pgbg_user."""
+    p = conninfo_to_dict(user_dsn)
+    os.environ["AIRFLOW_CONN_PGBG_TEST"] = (
+        f"postgresql://{quote(p['user'], safe='')}:{quote(p.get('password', ''), safe='')}"
+        f"@{p.get('host', 'localhost')}:{p.get('port', 5432)}/{p.get('dbname', 'postgres')}"
+    )
+    yield user_dsn
+    os.environ.pop("AIRFLOW_CONN_PGBG_TEST", None)
+
+
+def _load_dags() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("pgbg_test_dags", DAGS / "pgbg_test_dags.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_dag(pgbg_conn: str, scratch: str) -> Callable[..., Any]:
+    """Runs one of the test DAGs with dag.test(); the scratch schema is passed as run conf."""
+    dags = _load_dags()
+
+    def run(name: str, **kwargs: Any) -> Any:
+        return getattr(dags, name).test(run_conf={"schema": scratch}, **kwargs)
+
+    return run
+
+
+@pytest.fixture
+def marks(user: psycopg.Connection, scratch: str) -> Callable[[], list[int]]:
+    user.execute(f"CREATE TABLE {scratch}.marks (n int)")
+    return lambda: [r[0] for r in user.execute(f"SELECT n FROM {scratch}.marks ORDER BY n").fetchall()]

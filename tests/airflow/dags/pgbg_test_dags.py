@@ -1,0 +1,60 @@
+"""DAGs the Airflow tests run with dag.test(). Tables live in the schema passed as run conf."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG
+
+from airflow_pgbg.operators.batch import PgBackgroundBatchOperator
+
+CONN = "pgbg_test"
+S = "{{ dag_run.conf['schema'] }}"
+
+
+def _dag(dag_id: str, **task_kwargs) -> DAG:
+    with DAG(dag_id, schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as dag:
+        PgBackgroundBatchOperator(task_id="batch", postgres_conn_id=CONN, poll_interval=0.2, **task_kwargs)
+    return dag
+
+
+ok_deferrable = _dag(
+    "pgbg_ok_deferrable",
+    sql=f"insert into {S}.marks values (1); insert into {S}.marks values (2); select pg_sleep(0.3); select 42 as answer",
+    max_parallel=2, deferrable=True,
+)
+ok_blocking = _dag(
+    "pgbg_ok_blocking",
+    sql=[f"insert into {S}.marks values (1)", f"insert into {S}.marks values (2)", "select pg_sleep(0.3)"],
+    max_parallel=2, deferrable=False,
+)
+failing = _dag(
+    "pgbg_failing",
+    sql=["select 1", "select 1/0", f"select * from {S}.no_such_table"],
+    deferrable=True,
+)
+fail_fast = _dag(
+    "pgbg_fail_fast",
+    sql=["select 1/0"] + ["select pg_sleep(30)"] * 4,
+    max_parallel=2, fail_fast=True, deferrable=True,
+)
+retried = _dag(
+    "pgbg_retried",
+    sql=[f"insert into {S}.marks values (1)", f"select {S}.flaky()", f"insert into {S}.marks values (3)"],
+    max_parallel=1, deferrable=True, retries=1, retry_delay=timedelta(seconds=0),
+)
+timed_out = _dag(
+    "pgbg_timed_out",
+    sql=["select pg_sleep(30)"] * 3,
+    max_parallel=3, deferrable=True, execution_timeout=timedelta(seconds=2),
+)
+reconnecting = _dag(
+    "pgbg_reconnecting",
+    sql=[f"insert into {S}.marks select 7 from pg_advisory_xact_lock(4242)"],
+    deferrable=True,
+)
+from_file = _dag(
+    "pgbg_from_file",
+    sql="batch.sql",
+    deferrable=True,
+)

@@ -1,0 +1,179 @@
+"""PgBackgroundBatchOperator and its trigger under real Airflow (dag.test) on the real database."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+import pytest
+from airflow.sdk.exceptions import AirflowException
+
+from airflow_pgbg.hooks.pgbg import PgBackgroundHook
+from airflow_pgbg.operators.batch import XCOM_BATCH_KEY, PgBackgroundBatchOperator
+from tests.helpers import monitor, poll_until, statuses
+
+
+def _ti(dr: Any) -> Any:
+    (ti,) = dr.get_task_instances()
+    return ti
+
+
+def _batch_of(user: psycopg.Connection, dag_id: str) -> str:
+    row = user.execute(
+        "SELECT uuid_parent FROM pgbg.batch WHERE origin LIKE %s ORDER BY created_at DESC LIMIT 1", (f"{dag_id}/%",)
+    ).fetchone()
+    assert row, f"no batch launched by {dag_id}"
+    return str(row[0])
+
+
+@pytest.mark.parametrize("dag_id", ["ok_deferrable", "ok_blocking"])
+def test_success_deferrable_and_blocking(run_dag: Callable[..., Any], marks: Callable[[], list[int]],
+                                         user: psycopg.Connection, dag_id: str) -> None:
+    dr = run_dag(dag_id)
+    ti = _ti(dr)
+    assert (dr.state, ti.state) == ("success", "success")
+    assert marks() == [1, 2]
+    parent = _batch_of(user, f"pgbg_{dag_id}")
+    assert statuses(monitor(user, parent)) == ["done"] * (4 if dag_id == "ok_deferrable" else 3)
+    xcom = ti.xcom_pull(task_ids="batch", key=XCOM_BATCH_KEY)
+    assert xcom == {"uuid_parent": parent, "postgres_conn_id": "pgbg_test", "database": None, "engine_schema": "pgbg"}
+    summary = ti.xcom_pull(task_ids="batch")
+    assert summary["uuid_parent"] == parent and summary["status"] == "done"
+    assert summary["counts"]["done"] == summary["children"]
+
+
+def test_a_failing_child_fails_the_task_with_its_sqlstate(
+    run_dag: Callable[..., Any], user: psycopg.Connection, pgbg_conn: str
+) -> None:
+    dr = run_dag("failing")
+    assert _ti(dr).state == "failed"
+    parent = _batch_of(user, "pgbg_failing")
+    assert statuses(monitor(user, parent)) == ["done", "failed", "failed"]
+    # The message the task failed with names the children, their SQLSTATE and error.
+    op = PgBackgroundBatchOperator(task_id="t", sql="select 1", postgres_conn_id="pgbg_test")
+    with pytest.raises(AirflowException) as failure:
+        op._finish(op.hook.poll(parent))
+    message = str(failure.value)
+    assert "2 of 3 statements did not succeed" in message
+    assert "[22012] division by zero" in message and "[42P01]" in message
+
+
+def test_fail_fast_stops_the_rest(run_dag: Callable[..., Any], user: psycopg.Connection) -> None:
+    dr = run_dag("fail_fast")
+    assert _ti(dr).state == "failed"
+    rows = monitor(user, _batch_of(user, "pgbg_fail_fast"))
+    assert statuses(rows)[0] == "failed"
+    assert set(statuses(rows)[1:]) == {"stopped"}
+
+
+def test_a_retry_reruns_only_what_failed(run_dag: Callable[..., Any], user: psycopg.Connection,
+                                         scratch: str, marks: Callable[[], list[int]]) -> None:
+    # Fails on its first call, succeeds on the second: the sequence survives the rollback.
+    user.execute(f"CREATE SEQUENCE {scratch}.calls")
+    user.execute(
+        f"""CREATE FUNCTION {scratch}.flaky() RETURNS void LANGUAGE plpgsql AS $$
+            BEGIN
+                IF nextval('{scratch}.calls') = 1 THEN RAISE EXCEPTION 'first call fails'; END IF;
+                INSERT INTO {scratch}.marks VALUES (2);
+            END $$"""
+    )
+    dr = run_dag("retried")
+    ti = _ti(dr)
+    assert (ti.state, ti.try_number) == ("success", 2)
+    assert marks() == [1, 2, 3]  # every child's effect exactly once
+    parents = user.execute("SELECT count(*) FROM pgbg.batch WHERE origin LIKE 'pgbg_retried/%'").fetchone()[0]
+    assert parents == 1  # the second try resumed the first try's batch
+    rows = monitor(user, _batch_of(user, "pgbg_retried"))
+    assert [(r["status"], r["attempt"]) for r in rows] == [("done", 1), ("done", 2), ("done", 1)]
+
+
+def test_execution_timeout_stops_the_batch(run_dag: Callable[..., Any], user: psycopg.Connection) -> None:
+    dr = run_dag("timed_out")
+    assert _ti(dr).state == "failed"
+    parent = _batch_of(user, "pgbg_timed_out")
+    poll_until(lambda: set(statuses(monitor(user, parent))) == {"stopped"}, 20)
+
+
+def test_a_new_try_reconnects_to_a_running_batch(run_dag: Callable[..., Any], pgbg_conn: str,
+                                                 admin: psycopg.Connection, user: psycopg.Connection,
+                                                 marks: Callable[[], list[int]], scratch: str) -> None:
+    logical_date = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    run_id = f"manual__{logical_date.isoformat()}"
+    # The child waits for this lock, so the batch is still running whenever the task starts.
+    admin.execute("SELECT pg_advisory_lock(4242)")
+    release = threading.Timer(10, lambda: admin.execute("SELECT pg_advisory_unlock(4242)"))
+    release.start()
+    try:
+        # As if an earlier try had launched it and died: same origin, same statements, still running.
+        hook = PgBackgroundHook(postgres_conn_id="pgbg_test")
+        earlier = hook.launch([f"insert into {scratch}.marks select 7 from pg_advisory_xact_lock(4242)"],
+                              origin=f"pgbg_reconnecting/{run_id}/batch/-1")
+        dr = run_dag("reconnecting", logical_date=logical_date, run_after=logical_date)
+    finally:
+        release.join()
+    assert dr.run_id == run_id
+    assert _ti(dr).state == "success"
+    assert marks() == [7]
+    assert _batch_of(user, "pgbg_reconnecting") == earlier
+
+
+def test_sql_from_a_templated_file(run_dag: Callable[..., Any], user: psycopg.Connection, scratch: str,
+                                   marks: Callable[[], list[int]]) -> None:
+    dr = run_dag("from_file")
+    assert _ti(dr).state == "success"
+    assert len(monitor(user, _batch_of(user, "pgbg_from_file"))) == 3
+    assert user.execute(f"SELECT {scratch}.twice(2), {scratch}.thrice(2)").fetchone() == (4, 6)
+
+
+def test_operator_on_kill_stops_its_batch(pgbg_conn: str, user: psycopg.Connection) -> None:
+    op = PgBackgroundBatchOperator(task_id="t", sql="select pg_sleep(30); select pg_sleep(30)",
+                                   postgres_conn_id="pgbg_test", max_parallel=1)
+    op.uuid_parent = op.hook.launch(op.statements(), max_parallel=1)
+    poll_until(lambda: "running" in statuses(monitor(user, op.uuid_parent)))
+    op.on_kill()
+    poll_until(lambda: statuses(monitor(user, op.uuid_parent)) == ["stopped", "stopped"], 20)
+
+
+def test_summary_stays_small_for_ten_thousand_children(pgbg_conn: str, user: psycopg.Connection) -> None:
+    op = PgBackgroundBatchOperator(task_id="t", sql=["select 1"] * 10_000, postgres_conn_id="pgbg_test",
+                                   max_parallel=4)
+    parent = op.hook.launch(op.statements(), max_parallel=4)
+    assert op.hook.wait(parent, 120) == "done"
+    summary = op._finish(op.hook.poll(parent))
+    assert summary["children"] == 10_000 and summary["counts"]["done"] == 10_000
+    assert len(json.dumps(summary)) < 64 * 1024
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sql": ""}, "sql is empty"),
+        ({"sql": []}, "non-empty list"),
+        ({"sql": 42}, "string or a list"),
+        ({"sql": "select 1", "max_parallel": 0}, "max_parallel"),
+        ({"sql": "select 1", "delimiter": ""}, "delimiter"),
+        ({"sql": "select 1", "poll_interval": 0}, "poll_interval"),
+        ({"sql": "select 1", "statement_timeout": -1}, "statement_timeout"),
+    ],
+)
+def test_bad_parameters_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        PgBackgroundBatchOperator(task_id="t", **kwargs)
+
+
+def test_other_delimiters_split_in_the_engine(pgbg_conn: str) -> None:
+    op = PgBackgroundBatchOperator(task_id="t", sql="select 'a,b',select 2,", delimiter=",",
+                                   postgres_conn_id="pgbg_test")
+    assert op.statements() == ["select 'a,b'", "select 2"]
+
+
+def test_the_provider_is_registered() -> None:
+    from airflow.providers_manager import ProvidersManager
+
+    manager = ProvidersManager()
+    assert "airflow-provider-pgbg" in manager.providers
+    assert "airflow_pgbg.triggers.batch" in {t.trigger_class_name for t in manager.trigger}
