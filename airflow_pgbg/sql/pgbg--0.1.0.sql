@@ -1106,9 +1106,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._stop(uuid, text) IS
-    'Stops a whole batch (queued children never start, running ones are cancelled) or one child, and '
-    'returns how many children it stopped; 0 when there is nothing left to stop. Raises for a UUID the '
-    'caller cannot see.';
+    'pg_background_stop(), recording p_reason on the queued children it stops (fail_fast has its own).';
 
 CREATE FUNCTION @schema@.pg_background_stop(uuid_father_or_child uuid)
 RETURNS int
