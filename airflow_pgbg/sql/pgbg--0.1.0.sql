@@ -100,6 +100,8 @@ CREATE TABLE @schema@.log_background (
     UNIQUE (uuid_parent, seq)
 );
 CREATE INDEX ON @schema@.log_background (status, uuid_parent) WHERE status IN ('queued', 'running');
+-- Runners claim the next queued child of a batch in order: an index scan, not a sort per claim.
+CREATE INDEX ON @schema@.log_background (uuid_parent, seq) WHERE status = 'queued';
 COMMENT ON TABLE @schema@.log_background IS
     'Audit of every child statement: the seed''s columns plus what the engine needs. One row per child.';
 COMMENT ON COLUMN @schema@.log_background.pid IS 'Runner process executing the child; with backend_start it names the process exactly.';
@@ -593,6 +595,9 @@ BEGIN
     COMMIT;
 
     LOOP
+        -- Publishing 'running' need not wait for a WAL flush: the outcome's commit, later in the WAL,
+        -- does, and a claim lost in a crash leaves a child that never ran queued instead of lost.
+        PERFORM set_config('synchronous_commit', 'off', true);
         UPDATE @schema@.log_background c
            SET status = 'running', pid = pg_backend_pid(), backend_start = v_backend_start,
                start_time_exec = clock_timestamp(), attempt = c.attempt + 1
