@@ -163,7 +163,13 @@ class PgBackgroundHook(PostgresHook):
         if psycopg is None:  # pragma: no cover
             raise RuntimeError("the trigger needs psycopg 3 (pip install 'psycopg[binary]')")
         # The async lookup: a blocking one would stall every trigger sharing the event loop.
-        connection = await self.aget_connection(getattr(self, self.conn_name_attr))
+        conn_id = getattr(self, self.conn_name_attr)
+        if hasattr(self, "aget_connection"):
+            connection = await self.aget_connection(conn_id)
+        else:  # Airflow releases before BaseHook.aget_connection
+            from asgiref.sync import sync_to_async
+
+            connection = await sync_to_async(self.get_connection)(conn_id)
         conn = await psycopg.AsyncConnection.connect(autocommit=True, **self._conn_kwargs(connection))
         try:
             yield conn
