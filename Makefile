@@ -33,3 +33,7 @@ clean:
 # The main job: example_pgbg_basic end to end (DAG=<id> for another example DAG).
 demo: venv
 	@bash scripts/demo.sh $(DAG)
+
+# Figures in bench/results.json (the engine against a thread pool and the seed's design).
+bench: venv
+	@PGBG_TEST_DSN=$$(bash scripts/db.sh | tail -n 1) $(PY) bench/bench.py

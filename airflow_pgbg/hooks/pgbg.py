@@ -108,9 +108,14 @@ class PgBackgroundHook(PostgresHook):
         """The engine's own split of delimited text; raises on unterminated quotes or comments."""
         return list(self._value("SELECT @schema@.split_statements(%s, %s)", (sql, delimiter)))
 
-    def poll(self, uuid_parent: str) -> BatchState | None:
-        """Status and counts of a batch, after the engine's housekeeping; None if unknown."""
-        rows = self._fetch("SELECT * FROM @schema@.pg_background_poll(%s::uuid)", (uuid_parent,))
+    def poll(self, uuid_parent: str, wait: float | None = None) -> BatchState | None:
+        """Status and counts of a batch, after the engine's housekeeping; None if unknown.
+
+        With ``wait`` (seconds), the database first waits up to that long for the batch to end.
+        """
+        rows = self._fetch(
+            "SELECT * FROM @schema@.pg_background_poll(%s::uuid, make_interval(secs => %s))", (uuid_parent, wait)
+        )
         return BatchState.from_row(rows[0]) if rows else None
 
     def monitor(self, uuid_parent: str | None = None, *, verbose: bool = True) -> list[dict[str, Any]]:
@@ -176,9 +181,11 @@ class PgBackgroundHook(PostgresHook):
         finally:
             await conn.close()
 
-    async def apoll(self, conn: Any, uuid_parent: str) -> BatchState | None:
+    async def apoll(self, conn: Any, uuid_parent: str, wait: float | None = None) -> BatchState | None:
+        """:meth:`poll` on an async connection from :meth:`async_connection`."""
         cur = await conn.execute(
-            f"SELECT * FROM {self.engine_schema}.pg_background_poll(%s::uuid)", (uuid_parent,)
+            f"SELECT * FROM {self.engine_schema}.pg_background_poll(%s::uuid, make_interval(secs => %s))",
+            (uuid_parent, wait),
         )
         row = await cur.fetchone()
         if row is None:

@@ -171,12 +171,11 @@ class PgBackgroundBatchOperator(BaseOperator):
         assert self.uuid_parent is not None
         try:
             while True:
-                state = self.hook.poll(self.uuid_parent)
+                state = self.hook.poll(self.uuid_parent, wait=self.poll_interval)
                 if state is None:
                     raise AirflowException(f"batch {self.uuid_parent} not found")
                 if state.is_final:
                     return self._finish(state)
-                time.sleep(self.poll_interval)
         except BaseException:
             # execution_timeout, SIGTERM from a kill, a crash of this loop: take the batch down too.
             # (After a batch has ended this stops nothing.)

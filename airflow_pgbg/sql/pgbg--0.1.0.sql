@@ -662,6 +662,11 @@ BEGIN
         BEGIN
             IF v_mode = 'inline' THEN
                 v_result := @schema@._execute_inline(v_sql, v_settings.preview_rows, v_settings.preview_bytes);
+                -- A child that wrote nothing has nothing to make durable but its log row, which a crash
+                -- would turn into 'lost': its commit need not wait for a WAL flush either.
+                IF pg_current_xact_id_if_assigned() IS NULL THEN
+                    PERFORM set_config('synchronous_commit', 'off', true);
+                END IF;
             ELSIF v_handle IS NULL THEN
                 RAISE EXCEPTION 'canceling statement due to user request' USING ERRCODE = 'query_canceled';
             ELSE
@@ -1186,18 +1191,31 @@ SELECT b.uuid_parent, b.label, b.origin, b.role_name, b.user_name, b.created_at,
  GROUP BY b.uuid_parent;
 COMMENT ON VIEW @schema@.batches IS 'One row per batch the caller may see, with counts per child status.';
 
-CREATE FUNCTION @schema@.pg_background_poll(uuid_father uuid)
+CREATE FUNCTION @schema@.pg_background_poll(uuid_father uuid, p_wait interval DEFAULT NULL)
 RETURNS SETOF @schema@.batches
 LANGUAGE plpgsql
 AS $fn$
+DECLARE
+    v_deadline timestamptz := clock_timestamp() + coalesce(p_wait, interval '0');
+    v_nap float8 := 0.005;
 BEGIN
-    PERFORM @schema@._housekeep(uuid_father);
+    -- Waiting here (rather than sleeping in the poller) notices the end within milliseconds; each
+    -- call is still one short statement, so CREATE INDEX CONCURRENTLY waits at most p_wait for it.
+    LOOP
+        PERFORM @schema@._housekeep(uuid_father);
+        EXIT WHEN clock_timestamp() >= v_deadline
+               OR @schema@.batch_status(uuid_father) IS DISTINCT FROM 'running'
+                  AND @schema@.batch_status(uuid_father) IS DISTINCT FROM 'queued';
+        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0)));
+        v_nap := least(v_nap * 2, 0.1);
+    END LOOP;
     RETURN QUERY SELECT * FROM @schema@.batches WHERE uuid_parent = uuid_father;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@.pg_background_poll(uuid) IS
+COMMENT ON FUNCTION @schema@.pg_background_poll(uuid, interval) IS
     'What a poller needs in one round trip: the housekeeping of pg_background_monitor() and the batch''s '
-    'row of the batches view (status and counts), without the child rows. No row for an unknown batch.';
+    'row of the batches view (status and counts), without the child rows; with p_wait, first waits up to '
+    'that long for the batch to end. No row for an unknown batch.';
 
 ------------------------------------------------------------------------------------------------
 -- Privileges: nothing for PUBLIC; pgbg_user submits and manages its own batches; pgbg_admin all.

@@ -18,7 +18,8 @@ HAS_TRIGGER_ON_KILL = "on_kill" in BaseTrigger.__dict__
 
 
 class PgBackgroundBatchTrigger(BaseTrigger):
-    """Polls the engine (one round trip per poll) until the batch has ended.
+    """Polls the engine until the batch has ended: one round trip per ``poll_interval``, in which the
+    database itself waits for the end, so the event fires within milliseconds of it.
 
     The engine refills its own slots, so polling only observes. A triggerer restart, shutdown or
     redistribution leaves the batch running; a user's kill, clear or mark stops it.
@@ -71,7 +72,8 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         try:
             async with hook.async_connection() as conn:
                 while True:
-                    state = await hook.apoll(conn, self.uuid_parent)
+                    # The database waits up to poll_interval and answers as soon as the batch ends.
+                    state = await hook.apoll(conn, self.uuid_parent, wait=self.poll_interval)
                     if state is None:
                         yield TriggerEvent({**event, "status": "error",
                                             "message": f"batch {self.uuid_parent} not found"})
@@ -85,7 +87,6 @@ class PgBackgroundBatchTrigger(BaseTrigger):
                         yield TriggerEvent({**event, "status": "timeout", "stopped": stopped})
                         return
                     self.log.debug("batch %s: %s %s", self.uuid_parent, state.status.value, state.counts_json())
-                    await asyncio.sleep(self.poll_interval)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a database error becomes a task failure with its message
