@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv db test test-engine demo bench clean
+.PHONY: venv db test test-engine demo bench ui clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,7 @@ db:
 	@bash scripts/db.sh
 
 test: venv
+	@bash scripts/browser.sh >/dev/null
 	@dsn=$$(bash scripts/db.sh | tail -n 1) && \
 	PGBG_TEST_DSN=$$dsn $(PY) -m pytest $(PYTEST_ARGS)
 
@@ -37,3 +38,7 @@ demo: venv
 # Figures in bench/results.json (the engine against a thread pool and the seed's design).
 bench: venv
 	@PGBG_TEST_DSN=$$(bash scripts/db.sh | tail -n 1) $(PY) bench/bench.py
+
+# The Airflow UI on the demo's home, with the batch view (after make demo).
+ui: venv
+	@bash scripts/ui.sh

@@ -24,6 +24,8 @@ def get_provider_info() -> dict:
         "hooks": [
             {"integration-name": "PostgreSQL pg_background", "python-modules": ["airflow_pgbg.hooks.pgbg"]}
         ],
+        "extra-links": ["airflow_pgbg.links.batch.PgBackgroundBatchLink"],
+        "plugins": [{"name": "airflow_pgbg", "plugin-class": "airflow_pgbg.plugins.batch_view.PgBackgroundPlugin"}],
         "triggers": [
             {"integration-name": "PostgreSQL pg_background", "python-modules": ["airflow_pgbg.triggers.batch"]}
         ],

@@ -7,9 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 DSN=$(bash scripts/db.sh | tail -n 1)
-export AIRFLOW_HOME=${AIRFLOW_HOME:-$PWD/.airflow-home}
-export AIRFLOW__CORE__DAGS_FOLDER=$PWD/example_dags
-export AIRFLOW__CORE__LOAD_EXAMPLES=False
+source scripts/airflow-env.sh
 DAG=${1:-example_pgbg_basic}
 
 echo "== engine"
@@ -31,17 +29,19 @@ CREATE TABLE IF NOT EXISTS pgbg_demo_numbers (n int);
 CREATE TABLE IF NOT EXISTS pgbg_demo_events (id bigint GENERATED ALWAYS AS IDENTITY, at timestamptz, payload text);
 SQL
 # An ordinary Airflow connection: the role is all the engine needs (the server trusts loopback here).
-AIRFLOW_CONN_PGBG_DEMO=$($PY - "$DSN" <<'PY'
+DEMO_URI=$($PY - "$DSN" <<'PY'
 import sys
 from psycopg.conninfo import conninfo_to_dict
 p = conninfo_to_dict(sys.argv[1])
 print("postgresql://pgbg_demo@%s:%s/%s" % (p.get("host", "localhost"), p.get("port", 5432), p.get("dbname", "postgres")))
 PY
 )
-export AIRFLOW_CONN_PGBG_DEMO
 
 echo "== Airflow home $AIRFLOW_HOME"
 .venv/bin/airflow db migrate >/dev/null
+# Kept in the metadata database, so `make ui` (the API server) finds it too.
+.venv/bin/airflow connections delete pgbg_demo >/dev/null 2>&1 || true
+.venv/bin/airflow connections add pgbg_demo --conn-uri "$DEMO_URI" >/dev/null
 
 echo "== airflow dags test $DAG"
 .venv/bin/airflow dags test "$DAG" >"$AIRFLOW_HOME/demo-$DAG.log" 2>&1 || {

@@ -8,6 +8,7 @@ from copy import deepcopy
 from datetime import timedelta
 from typing import Any
 
+from airflow.exceptions import AirflowNotFoundException
 from airflow.providers.postgres.hooks.postgres import PostgresHook
 
 from airflow_pgbg.hooks.install import install_engine
@@ -169,9 +170,11 @@ class PgBackgroundHook(PostgresHook):
             raise RuntimeError("the trigger needs psycopg 3 (pip install 'psycopg[binary]')")
         # The async lookup: a blocking one would stall every trigger sharing the event loop.
         conn_id = getattr(self, self.conn_name_attr)
-        if hasattr(self, "aget_connection"):
+        try:
             connection = await self.aget_connection(conn_id)
-        else:  # Airflow releases before BaseHook.aget_connection
+        except (AttributeError, AirflowNotFoundException):
+            # Airflow before aget_connection, or dag.test()'s in-process triggerer, which resolves
+            # only some secrets backends asynchronously: look up in a thread instead.
             from asgiref.sync import sync_to_async
 
             connection = await sync_to_async(self.get_connection)(conn_id)

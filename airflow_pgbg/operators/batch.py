@@ -13,15 +13,13 @@ from airflow.sdk.exceptions import AirflowException, AirflowTaskTimeout
 from airflow.sdk import BaseOperator
 
 from airflow_pgbg.hooks.pgbg import PgBackgroundHook
+from airflow_pgbg.links.batch import XCOM_BATCH_KEY, PgBackgroundBatchLink
 from airflow_pgbg.splitting import split_statements
 from airflow_pgbg.status import DEFAULT_DELIMITER, DEFAULT_SCHEMA, FINAL_STATUSES, BatchState, ChildStatus
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-XCOM_BATCH_KEY = "pgbg_batch"
-"""XCom key under which execute() publishes the batch (parent UUID, connection id), at once."""
 
 _TEXT_LIMIT = 500  # characters of a query or error kept in the summary, per child
 
@@ -53,6 +51,7 @@ class PgBackgroundBatchOperator(BaseOperator):
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {"sql": "sql"}
     ui_color = "#d6e4f0"
+    operator_extra_links = (PgBackgroundBatchLink(),)
 
     def __init__(
         self,

@@ -58,3 +58,8 @@ from_file = _dag(
     sql="batch.sql",
     deferrable=True,
 )
+ui_batch = _dag(
+    "pgbg_ui_batch",
+    sql=[f"insert into {S}.marks values (1)", "select '<script>alert(1)</script>' as x", "select 1/0", "select 2"],
+    max_parallel=1, deferrable=True,
+)

@@ -1,0 +1,40 @@
+"""The operator extra link to a task instance's batch page (served by airflow_pgbg.plugins)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlsplit
+
+from airflow.configuration import conf
+from airflow.sdk import BaseOperatorLink
+from airflow.sdk.bases.xcom import BaseXCom
+
+if TYPE_CHECKING:
+    from airflow.models.taskinstancekey import TaskInstanceKey
+    from airflow.sdk import BaseOperator
+
+PLUGIN_PREFIX = "/pgbg"
+XCOM_BATCH_KEY = "pgbg_batch"
+"""XCom key under which the operator publishes its batch (parent UUID, connection id), per try."""
+
+
+def batch_page_path(dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> str:
+    """Path of the batch page of one task instance, below the API server's base URL."""
+    return (
+        f"{PLUGIN_PREFIX}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
+        f"/tasks/{quote(task_id, safe='')}?map_index={map_index}"
+    )
+
+
+class PgBackgroundBatchLink(BaseOperatorLink):
+    """"PG Background batch": the live log_background of the batch this try launched."""
+
+    name = "PG Background batch"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        # Only a try that launched a batch has one to show.
+        if not BaseXCom.get_value(ti_key=ti_key, key=XCOM_BATCH_KEY):
+            return ""
+        # Relative to the server, under the path prefix the API server may be deployed at.
+        prefix = urlsplit(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
+        return prefix + batch_page_path(ti_key.dag_id, ti_key.run_id, ti_key.task_id, ti_key.map_index)
