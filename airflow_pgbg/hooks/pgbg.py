@@ -135,9 +135,19 @@ class PgBackgroundHook(PostgresHook):
             (uuid_parent, statuses and list(statuses), statuses and list(statuses), limit),
         )
 
-    def stop(self, uuid_parent_or_child: str) -> int:
-        """Stops a batch or one child; returns how many children it stopped."""
-        return int(self._value("SELECT @schema@.pg_background_stop(%s::uuid)", (uuid_parent_or_child,)))
+    def stop(self, uuid_parent_or_child: str, *, if_claimed_by: str | None = None) -> int:
+        """Stops a batch or one child; returns how many children it stopped.
+
+        With ``if_claimed_by``, only while the batch is still claimed by it (see :meth:`claim`).
+        """
+        if if_claimed_by is None:
+            return int(self._value("SELECT @schema@.pg_background_stop(%s::uuid)", (uuid_parent_or_child,)))
+        return int(self._value("SELECT @schema@.pg_background_stop(%s::uuid, %s)",
+                               (uuid_parent_or_child, if_claimed_by)))
+
+    def claim(self, uuid_parent: str, claimed_by: str) -> None:
+        """Records ``claimed_by`` (e.g. the Airflow try) as the batch's current owner."""
+        self._fetch("SELECT @schema@.pg_background_claim(%s::uuid, %s)", (uuid_parent, claimed_by))
 
     def retry(self, uuid_parent: str) -> int:
         """Queues the failed, lost and stopped children again; returns how many."""
@@ -195,10 +205,13 @@ class PgBackgroundHook(PostgresHook):
             return None
         return BatchState.from_row(dict(zip([d.name for d in cur.description], row)))
 
-    async def astop(self, uuid_parent_or_child: str) -> int:
+    async def astop(self, uuid_parent_or_child: str, *, if_claimed_by: str | None = None) -> int:
+        """:meth:`stop` on a connection of its own."""
         async with self.async_connection() as conn:
             cur = await conn.execute(
-                f"SELECT {self.engine_schema}.pg_background_stop(%s::uuid)", (uuid_parent_or_child,)
+                f"SELECT {self.engine_schema}.pg_background_stop(%s::uuid, %s)"
+                if if_claimed_by is not None else f"SELECT {self.engine_schema}.pg_background_stop(%s::uuid)",
+                (uuid_parent_or_child, if_claimed_by) if if_claimed_by is not None else (uuid_parent_or_child,),
             )
             return int((await cur.fetchone())[0])
 

@@ -103,6 +103,7 @@ class PgBackgroundBatchOperator(BaseOperator):
         self.engine_schema = engine_schema
         self.max_result_rows = max_result_rows
         self.uuid_parent: str | None = None
+        self.claim: str | None = None
 
     @cached_property
     def hook(self) -> PgBackgroundHook:
@@ -132,20 +133,25 @@ class PgBackgroundBatchOperator(BaseOperator):
         # recorded in the same transaction as the batch, so no crash window can lose it.
         origin = f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}"
         previous = self.hook.find_batch(origin, statements)
+        # Kills of an earlier try arrive late (its trigger is cancelled after this try started):
+        # they stop the batch only while it is still claimed by that try.
+        self.claim = f"try {ti.try_number}"
         if previous is not None and previous.status is not ChildStatus.DONE:
             self.uuid_parent = previous.uuid_parent
-            if previous.is_final:
-                requeued = self.hook.retry(previous.uuid_parent)
+            self.hook.claim(self.uuid_parent, self.claim)
+            state = self.hook.poll(self.uuid_parent)  # after the claim: an earlier stop shows here
+            if state is not None and state.is_final and state.status is not ChildStatus.DONE:
+                requeued = self.hook.retry(self.uuid_parent)
                 self.log.info("Resuming batch %s of an earlier try: %d children queued again, done ones kept",
-                              previous.uuid_parent, requeued)
+                              self.uuid_parent, requeued)
             else:
-                self.log.info("Reconnecting to batch %s of an earlier try, still %s",
-                              previous.uuid_parent, previous.status.value)
+                self.log.info("Reconnecting to batch %s of an earlier try", self.uuid_parent)
         else:
             self.uuid_parent = self.hook.launch(
                 statements, max_parallel=self.max_parallel, label=self.batch_label, fail_fast=self.fail_fast,
                 statement_timeout=self.statement_timeout, origin=origin,
             )
+            self.hook.claim(self.uuid_parent, self.claim)
             self.log.info("Launched batch %s: %d statements, max_parallel=%s",
                           self.uuid_parent, len(statements), self.max_parallel or "engine default")
         ti.xcom_push(key=XCOM_BATCH_KEY, value={
@@ -161,6 +167,7 @@ class PgBackgroundBatchOperator(BaseOperator):
                 trigger=PgBackgroundBatchTrigger(
                     self.uuid_parent, self.postgres_conn_id, database=self.database,
                     engine_schema=self.engine_schema, poll_interval=self.poll_interval, deadline=deadline,
+                    claim=self.claim,
                 ),
                 method_name="execute_complete",
             )
@@ -244,7 +251,7 @@ class PgBackgroundBatchOperator(BaseOperator):
     def _stop_batch(self) -> None:
         if self.uuid_parent:
             try:
-                stopped = self.hook.stop(self.uuid_parent)
+                stopped = self.hook.stop(self.uuid_parent, if_claimed_by=self.claim)
                 self.log.info("Stopped batch %s (%d children)", self.uuid_parent, stopped)
             except Exception:
                 self.log.exception("Could not stop batch %s", self.uuid_parent)

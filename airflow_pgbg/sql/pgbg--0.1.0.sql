@@ -50,6 +50,7 @@ CREATE TABLE @schema@.batch (
     uuid_parent uuid PRIMARY KEY,
     label text,
     origin text,
+    claimed_by text,
     role_name name NOT NULL DEFAULT current_user,
     user_name name NOT NULL DEFAULT session_user,
     ip_client inet DEFAULT inet_client_addr(),
@@ -65,6 +66,9 @@ COMMENT ON TABLE @schema@.batch IS 'One row per batch (parent UUID): who submitt
 CREATE INDEX ON @schema@.batch (origin, created_at) WHERE origin IS NOT NULL;
 COMMENT ON COLUMN @schema@.batch.origin IS
     'Who asked for the batch, e.g. the Airflow task instance; lets a retry find the batch of its first try.';
+COMMENT ON COLUMN @schema@.batch.claimed_by IS
+    'Which waiter currently owns the batch (Airflow: the try); a stop conditioned on an older holder '
+    'does nothing once a newer one has claimed it.';
 COMMENT ON COLUMN @schema@.batch.role_name IS 'Role the children run as (current_user at submission).';
 COMMENT ON COLUMN @schema@.batch.search_path IS 'The submitter''s search_path, restored in every runner.';
 COMMENT ON COLUMN @schema@.batch.fail_fast IS 'The first failed child stops the rest of the batch.';
@@ -1127,6 +1131,44 @@ COMMENT ON FUNCTION @schema@.pg_background_stop(uuid) IS
     'returns how many children it stopped; 0 when there is nothing left to stop. Raises for a UUID the '
     'caller cannot see.';
 
+CREATE FUNCTION @schema@.pg_background_stop(uuid_father_or_child uuid, p_if_claimed_by text)
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_holder text;
+BEGIN
+    -- The row lock orders this against pg_background_claim(): a newer holder's claim waits for this
+    -- stop, and a stop after the claim sees the new holder and leaves the batch alone.
+    SELECT b.claimed_by INTO v_holder FROM @schema@.batch b
+     WHERE b.uuid_parent = uuid_father_or_child
+        OR b.uuid_parent = (SELECT c.uuid_parent FROM @schema@.log_background c
+                             WHERE c.uuid_child = uuid_father_or_child)
+       FOR UPDATE;
+    IF FOUND AND v_holder IS DISTINCT FROM p_if_claimed_by THEN
+        RETURN 0;
+    END IF;
+    RETURN @schema@.pg_background_stop(uuid_father_or_child);
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_stop(uuid, text) IS
+    'pg_background_stop() only while the batch is still claimed by p_if_claimed_by; 0 otherwise.';
+
+CREATE FUNCTION @schema@.pg_background_claim(uuid_father uuid, p_claimed_by text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    UPDATE @schema@.batch SET claimed_by = p_claimed_by WHERE uuid_parent = uuid_father;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no batch with uuid %', uuid_father USING ERRCODE = 'no_data_found';
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_claim(uuid, text) IS
+    'Records who now owns the batch, e.g. the Airflow try that resumed it, so that a late kill of an '
+    'earlier try (pg_background_stop(uuid, its claim)) does not stop the work the new one waits for.';
+
 CREATE FUNCTION @schema@.pg_background_retry(uuid_father uuid)
 RETURNS int
 LANGUAGE plpgsql
@@ -1229,7 +1271,7 @@ GRANT EXECUTE ON ALL ROUTINES IN SCHEMA @schema@ TO pgbg_user;
 GRANT SELECT ON @schema@.meta, @schema@.settings, @schema@.batches TO pgbg_user;
 GRANT SELECT, INSERT, DELETE ON @schema@.batch, @schema@.log_background TO pgbg_user;
 -- No role may change what a child executes or whose it is once it is queued.
-GRANT UPDATE (stop_requested_at, enqueue_xid) ON @schema@.batch TO pgbg_user;
+GRANT UPDATE (stop_requested_at, enqueue_xid, claimed_by) ON @schema@.batch TO pgbg_user;
 GRANT UPDATE (status, pid, backend_start, result, start_time_exec, end_time_exec, attempt, stop_requested,
               sqlstate, error, error_detail, error_hint, error_context)
     ON @schema@.log_background TO pgbg_user;

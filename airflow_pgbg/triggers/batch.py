@@ -28,6 +28,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
     :param postgres_conn_id: Airflow connection of the role that submitted it.
     :param poll_interval: seconds between polls.
     :param deadline: epoch seconds after which the batch is stopped (the task's execution_timeout).
+    :param claim: the try's claim on the batch; a kill stops the batch only while it still holds.
     """
 
     def __init__(
@@ -39,6 +40,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         engine_schema: str = DEFAULT_SCHEMA,
         poll_interval: float = 5.0,
         deadline: float | None = None,
+        claim: str | None = None,
     ) -> None:
         super().__init__()
         self.uuid_parent = uuid_parent
@@ -47,6 +49,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         self.engine_schema = engine_schema
         self.poll_interval = poll_interval
         self.deadline = deadline
+        self.claim = claim
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -58,6 +61,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
                 "engine_schema": self.engine_schema,
                 "poll_interval": self.poll_interval,
                 "deadline": self.deadline,
+                "claim": self.claim,
             },
         )
 
@@ -73,7 +77,14 @@ class PgBackgroundBatchTrigger(BaseTrigger):
             async with hook.async_connection() as conn:
                 while True:
                     # The database waits up to poll_interval and answers as soon as the batch ends.
-                    state = await hook.apoll(conn, self.uuid_parent, wait=self.poll_interval)
+                    poll = asyncio.ensure_future(hook.apoll(conn, self.uuid_parent, wait=self.poll_interval))
+                    try:
+                        # Shielded, so a cancellation reaches run() as sent: the triggerer tells a
+                        # user's kill from a shutdown by its message, which psycopg would not keep.
+                        state = await asyncio.shield(poll)
+                    except asyncio.CancelledError:
+                        poll.cancel()
+                        raise
                     if state is None:
                         yield TriggerEvent({**event, "status": "error",
                                             "message": f"batch {self.uuid_parent} not found"})
@@ -83,7 +94,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
                                             "counts": state.counts_json()})
                         return
                     if self.deadline is not None and time.time() >= self.deadline:
-                        stopped = await hook.astop(self.uuid_parent)
+                        stopped = await hook.astop(self.uuid_parent, if_claimed_by=self.claim)
                         yield TriggerEvent({**event, "status": "timeout", "stopped": stopped})
                         return
                     self.log.debug("batch %s: %s %s", self.uuid_parent, state.status.value, state.counts_json())
@@ -94,7 +105,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """A user marked the deferred task failed or success, or cleared it: stop the batch."""
-        stopped = await self._hook().astop(self.uuid_parent)
+        stopped = await self._hook().astop(self.uuid_parent, if_claimed_by=self.claim)
         self.log.info("Stopped batch %s (%d children) on user request", self.uuid_parent, stopped)
 
     async def cleanup(self) -> None:

@@ -13,12 +13,12 @@ from tests.helpers import launch, monitor, poll_until, statuses, wait
 
 
 def _trigger(parent: str, **kwargs) -> PgBackgroundBatchTrigger:
-    return PgBackgroundBatchTrigger(parent, "pgbg_test", poll_interval=0.05, **kwargs)
+    return PgBackgroundBatchTrigger(parent, "pgbg_test", poll_interval=kwargs.pop("poll_interval", 0.05), **kwargs)
 
 
 def test_serialization_round_trip() -> None:
     trigger = PgBackgroundBatchTrigger("6f1c5d0e-0000-4000-8000-000000000000", "c", database="db",
-                                       engine_schema="s", poll_interval=2.5, deadline=123.0)
+                                       engine_schema="s", poll_interval=2.5, deadline=123.0, claim="try 3")
     path, kwargs = trigger.serialize()
     module, _, name = path.rpartition(".")
     again = getattr(importlib.import_module(module), name)(**kwargs)
@@ -60,6 +60,24 @@ def test_triggerer_shutdown_leaves_the_batch_running(pgbg_conn: str, user: psyco
     asyncio.run(run_then_cancel())
     assert statuses(monitor(user, parent)) == ["running"]
     assert wait(user, parent) == "done"
+
+
+def test_a_cancellation_reaches_the_triggerer_as_sent(pgbg_conn: str, user: psycopg.Connection) -> None:
+    # Airflow calls on_kill() only when the CancelledError carries its "user action" message.
+    parent = launch(user, ["select pg_sleep(3)"])
+
+    async def cancel_mid_poll() -> tuple:
+        task = asyncio.create_task(anext(_trigger(parent, poll_interval=2).run()))
+        await asyncio.sleep(0.5)  # inside a poll that waits in the database
+        task.cancel("user-action")
+        try:
+            await task
+        except asyncio.CancelledError as exc:
+            return exc.args
+        return ()
+
+    assert asyncio.run(cancel_mid_poll()) == ("user-action",)
+    assert statuses(monitor(user, parent)) == ["running"]
 
 
 def test_polls_do_not_block_the_event_loop(pgbg_conn: str, admin: psycopg.Connection,

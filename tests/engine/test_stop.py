@@ -127,3 +127,14 @@ def test_retry_requeues_only_what_did_not_succeed(user: psycopg.Connection, scra
     assert user.execute(f"SELECT array_agg(seq ORDER BY seq) FROM {scratch}.effects").fetchone()[0] == [1, 2, 3]
     assert [r["attempt"] for r in monitor(user, parent)] == [1, 2, 1]
     assert user.execute("SELECT pgbg.pg_background_retry(%s)", (parent,)).fetchone()[0] == 0
+
+
+def test_a_stop_for_an_earlier_holder_leaves_a_claimed_batch_alone(user: psycopg.Connection) -> None:
+    parent = launch(user, ["select pg_sleep(30)"])
+    user.execute("SELECT pgbg.pg_background_claim(%s, 'try 1')", (parent,))
+    user.execute("SELECT pgbg.pg_background_claim(%s, 'try 2')", (parent,))
+    _running(user, parent, 1)
+    assert user.execute("SELECT pgbg.pg_background_stop(%s, 'try 1')", (parent,)).fetchone()[0] == 0
+    assert statuses(monitor(user, parent)) == ["running"]
+    assert user.execute("SELECT pgbg.pg_background_stop(%s, 'try 2')", (parent,)).fetchone()[0] == 1
+    assert wait(user, parent, "20s") == "stopped"

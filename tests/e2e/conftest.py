@@ -1,0 +1,236 @@
+"""A real Airflow deployment on loopback for the end-to-end suite.
+
+api-server, scheduler (LocalExecutor), dag-processor and triggerer run as separate processes with
+their metadata in a PostgreSQL database of their own; tests drive them only through the public REST
+API (the calls the UI makes) and look at the batches in the engine's tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+DAGS = Path(__file__).parent / "dags"
+META_DB = "pgbg_e2e_airflow"
+ROLE = "pgbg_e2e"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Deployment:
+    """The running services, an authenticated REST client, and the engine's view of the batches."""
+
+    def __init__(self, home: Path, env: dict[str, str], url: str, admin_dsn: str) -> None:
+        self.home = home
+        self.env = env
+        self.url = url
+        self.admin_dsn = admin_dsn
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._client: httpx.Client | None = None
+
+    # -- processes ------------------------------------------------------------------------------
+
+    def start(self, name: str, *args: str) -> None:
+        log = open(self.home / f"{name}.log", "a")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", *args], env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name)
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def logs(self) -> str:
+        return "\n".join(f"==== {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.home.glob("*.log")))
+
+    # -- REST API -------------------------------------------------------------------------------
+
+    @property
+    def api(self) -> httpx.Client:
+        if self._client is None:
+            password = json.loads((self.home / "passwords.json").read_text())["admin"]
+            token = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": password}
+                               ).json()["access_token"]
+            self._client = httpx.Client(base_url=f"{self.url}/api/v2", timeout=30,
+                                        headers={"Authorization": f"Bearer {token}"})
+        return self._client
+
+    def trigger(self, dag_id: str) -> str:
+        r = self.api.post(f"/dags/{dag_id}/dagRuns", json={"logical_date": None})
+        r.raise_for_status()
+        return r.json()["dag_run_id"]
+
+    def ti(self, dag_id: str, run_id: str, task_id: str = "batch") -> dict[str, Any]:
+        r = self.api.get(f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}")
+        r.raise_for_status()
+        return r.json()
+
+    def mark(self, dag_id: str, run_id: str, state: str, task_id: str = "batch") -> None:
+        r = self.api.patch(f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}",
+                           json={"new_state": state})
+        r.raise_for_status()
+
+    def clear(self, dag_id: str, run_id: str, task_id: str = "batch") -> None:
+        r = self.api.post(f"/dags/{dag_id}/clearTaskInstances",
+                          json={"dag_run_id": run_id, "task_ids": [task_id], "dry_run": False,
+                                "only_failed": False})
+        r.raise_for_status()
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return self.api.get(f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}").json()["state"]
+
+    # -- the engine's view ----------------------------------------------------------------------
+
+    def sql(self, query: str, *params: Any) -> list[tuple]:
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            return conn.execute(query, params).fetchall()
+
+    def batches(self, dag_id: str, run_id: str) -> list[str]:
+        return [str(r[0]) for r in self.sql(
+            "SELECT uuid_parent FROM pgbg.batch WHERE origin LIKE %s ORDER BY created_at", f"{dag_id}/{run_id}/%")]
+
+    def children(self, parent: str) -> list[dict[str, Any]]:
+        rows = self.sql("SELECT seq, status::text, start_time_exec, end_time_exec, attempt "
+                        "FROM pgbg.log_background WHERE uuid_parent = %s ORDER BY seq", parent)
+        return [dict(zip(("seq", "status", "start", "end", "attempt"), r)) for r in rows]
+
+    def statuses(self, parent: str) -> list[str]:
+        return [c["status"] for c in self.children(parent)]
+
+    def workers(self, parent: str) -> int:
+        return self.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                        f"pgbg:{parent}")[0][0]
+
+    def polling(self) -> bool:
+        """The DAGs' role is waiting in pg_background_poll() (the trigger, or the task on a worker).
+
+        Its parameters are bound, so the batch is not in the text: scenarios run one at a time.
+        """
+        return self.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND state = 'active' "
+                        "AND query LIKE '%%pg_background_poll%%'", ROLE)[0][0] > 0
+
+    def marks(self, run_id: str) -> list[int]:
+        return [r[0] for r in self.sql("SELECT n FROM pgbg_e2e.marks WHERE run_id = %s ORDER BY n", run_id)]
+
+
+@pytest.fixture(scope="session")
+def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    home = tmp_path_factory.mktemp("airflow-e2e")
+    params = conninfo_to_dict(dsn)
+    role_password = secrets.token_urlsafe(12)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {META_DB} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {META_DB}")
+        conn.execute(f"DROP SCHEMA IF EXISTS pgbg_e2e CASCADE")
+        conn.execute(f"DELETE FROM pgbg.batch WHERE role_name = '{ROLE}'")
+        conn.execute(f"DROP ROLE IF EXISTS {ROLE}")
+        conn.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{role_password}' IN ROLE pgbg_user")
+        conn.execute(f"CREATE SCHEMA pgbg_e2e AUTHORIZATION {ROLE}")
+        conn.execute("CREATE TABLE pgbg_e2e.marks (run_id text, n int)")
+        conn.execute(f"ALTER TABLE pgbg_e2e.marks OWNER TO {ROLE}")
+    host, port = params.get("host", "127.0.0.1"), params.get("port", "5432")
+    meta_user = params.get("user", "postgres")
+    meta_password = quote(params.get("password", ""), safe="")
+    api_port = _free_port()
+    url = f"http://127.0.0.1:{api_port}"
+    (home / "passwords.json").write_text(json.dumps({"admin": secrets.token_urlsafe(12)}))
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
+            f"postgresql+psycopg://{meta_user}:{meta_password}@{host}:{port}/{META_DB}",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "8",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
+        "AIRFLOW__API__BASE_URL": url,
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        # Fast enough for a suite: a dead task found in seconds, a dead triggerer's triggers taken over
+        # within a few seconds, a running task told of a state change at its next heartbeat.
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "10",
+        "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+        "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
+        "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "5",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "AIRFLOW_CONN_PGBG_E2E": f"postgresql://{ROLE}:{quote(role_password, safe='')}@{host}:{port}/"
+                                 f"{params.get('dbname', 'postgres')}",
+    }
+    for key in [k for k in env if k.startswith("AIRFLOW_CONN_") and k != "AIRFLOW_CONN_PGBG_E2E"]:
+        env.pop(key)
+    d = Deployment(home, env, url, dsn)
+    try:
+        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True,
+                       capture_output=True)
+        d.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1")
+        d.start("scheduler", "scheduler")
+        d.start("dag-processor", "dag-processor")
+        d.start("triggerer", "triggerer")
+
+        def healthy() -> bool:
+            try:
+                h = httpx.get(f"{url}/api/v2/monitor/health", timeout=2).json()
+            except (httpx.HTTPError, ValueError):
+                return False
+            return all(h.get(c, {}).get("status") == "healthy" for c in ("metadatabase", "scheduler", "triggerer",
+                                                                         "dag_processor"))
+
+        wait_for(healthy, 120, "all services healthy", 0.5)
+        wait_for(lambda: d.api.get("/dags", params={"dag_id_pattern": "e2e_"}).json()["total_entries"] >= 6,
+                 120, "the e2e DAGs parsed", 0.5)
+        yield d
+    except BaseException:
+        print(d.logs())
+        raise
+    finally:
+        for name in list(d.procs):
+            d.kill(name)
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest) -> Callable[[str, float, float], None]:
+    """Prints a scenario's figure next to its bound, and checks the bound."""
+
+    def check(name: str, value: float, bound: float) -> None:
+        print(f"\n[e2e] {request.node.name}: {name} = {value:.2f} s (bound {bound:.2f} s)")
+        assert value <= bound, f"{name} = {value:.2f} s exceeds {bound:.2f} s"
+
+    return check

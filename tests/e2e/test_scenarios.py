@@ -1,0 +1,141 @@
+"""Kill, clear, retry and triggerer restart in a running Airflow (see conftest.Deployment)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import psutil
+
+from tests.e2e.conftest import Deployment, wait_for
+
+FINAL = {"done", "failed", "stopped", "lost"}
+
+
+def _running_batch(d: Deployment, dag_id: str, run_id: str, ti_state: str, running: int) -> str:
+    """Waits until the task is in ``ti_state`` with ``running`` children running and its poller (the
+    trigger, or the task on its worker) at work; returns the batch.
+
+    A deferred task killed before the triggerer has picked its trigger up gets no on_kill() from
+    Airflow, so the scenarios act once the trigger is seen polling, as a user watching would.
+    """
+
+    def ready() -> str | None:
+        batches = d.batches(dag_id, run_id)
+        if batches and d.ti(dag_id, run_id)["state"] == ti_state and d.statuses(batches[-1]).count("running") >= running \
+                and d.polling():
+            return batches[-1]
+        return None
+
+    return wait_for(ready, 90, f"{dag_id} {ti_state} with {running} running children", 0.3)
+
+
+def _stopped_within(d: Deployment, parent: str, since: float) -> float:
+    wait_for(lambda: "running" not in d.statuses(parent) and d.workers(parent) == 0, 60, "the batch to stop", 0.1)
+    return time.monotonic() - since
+
+
+def test_1_success_defers_without_holding_a_worker_slot(deployment: Deployment, record) -> None:
+    d = deployment
+    started = time.monotonic()
+    run = d.trigger("e2e_success")
+    parent = _running_batch(d, "e2e_success", run, "deferred", 1)
+    pool = d.api.get("/pools/default_pool").json()
+    assert pool["running_slots"] == 0 and pool["occupied_slots"] == 0, pool
+    wait_for(lambda: d.run_state("e2e_success", run) == "success", 90, "the run to succeed")
+    assert d.statuses(parent) == ["done"] * 6
+    assert d.marks(run) == [1, 2, 3, 4, 5, 6]
+    # 6 children of 2 s at 3 at a time: 4 s of work, plus scheduling and start-up.
+    record("run wall time", time.monotonic() - started, 40)
+
+
+def test_2_mark_failed_while_deferred_stops_the_batch(deployment: Deployment, record) -> None:
+    d = deployment
+    run = d.trigger("e2e_mark_failed")
+    parent = _running_batch(d, "e2e_mark_failed", run, "deferred", 2)
+    marked = time.monotonic()
+    marked_at = d.sql("SELECT clock_timestamp()")[0][0]
+    d.mark("e2e_mark_failed", run, "failed")
+    record("children stopped after mark failed", _stopped_within(d, parent, marked), 2 * 2 + 2)
+    children = d.children(parent)
+    assert [c["status"] for c in children] == ["stopped"] * 8
+    assert all(c["start"] is None or c["start"] < marked_at for c in children)  # no queued child started
+    time.sleep(1)
+    assert d.workers(parent) == 0 and d.marks(run) == []
+
+
+def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Deployment, record) -> None:
+    d = deployment
+    run = d.trigger("e2e_clear")
+    # Two children done, two running, two queued.
+    parent = wait_for(lambda: (b := d.batches("e2e_clear", run)) and d.statuses(b[-1]).count("done") >= 2
+                      and d.statuses(b[-1]).count("running") == 2 and d.ti("e2e_clear", run)["state"] == "deferred"
+                      and b[-1], 90, "two children done and two running", 0.2)
+    done_before = [c["seq"] for c in d.children(parent) if c["status"] == "done"]
+    cleared = time.monotonic()
+    d.clear("e2e_clear", run)
+    # The first try's kill stops its running children unless the new try has claimed the batch
+    # first (Airflow often starts the new try before the triggerer cancels the old trigger).
+    outcome = wait_for(lambda: ("stopped" if "stopped" in d.statuses(parent) or d.children(parent)[2]["attempt"] > 1
+                                else "claimed" if d.sql("SELECT claimed_by FROM pgbg.batch WHERE uuid_parent = %s",
+                                                        parent)[0][0] == "try 2" else None),
+                       30, "the first try's batch stopped or claimed by the new try", 0.1)
+    record(f"batch {outcome} after clear", time.monotonic() - cleared, 2 * 2 + 2)
+    wait_for(lambda: d.run_state("e2e_clear", run) == "success", 120, "the new try to succeed")
+    assert d.ti("e2e_clear", run)["try_number"] == 2
+    assert d.batches("e2e_clear", run) == [parent]  # the new try resumed the same batch
+    assert d.statuses(parent) == ["done"] * 6
+    assert d.marks(run) == [1, 2, 3, 4, 5, 6]  # every child's effect exactly once
+    children = d.children(parent)
+    assert all(children[seq - 1]["attempt"] == 1 for seq in done_before)  # finished ones never rerun
+
+
+def test_4_triggerer_killed_and_restarted_leaves_the_batch_running(deployment: Deployment, record) -> None:
+    d = deployment
+    run = d.trigger("e2e_triggerer_restart")
+    parent = _running_batch(d, "e2e_triggerer_restart", run, "deferred", 2)
+    d.kill("triggerer", signal.SIGKILL)
+    killed = time.monotonic()
+    d.start("triggerer", "triggerer")
+    wait_for(lambda: d.run_state("e2e_triggerer_restart", run) == "success", 120, "the run to succeed")
+    record("success after triggerer SIGKILL", time.monotonic() - killed, 60)
+    assert d.statuses(parent) == ["done"] * 4
+    assert d.marks(run) == [1, 2, 3, 4]
+
+
+def test_5_mark_failed_while_running_on_a_worker_stops_the_batch(deployment: Deployment, record) -> None:
+    d = deployment
+    run = d.trigger("e2e_blocking_mark_failed")
+    parent = _running_batch(d, "e2e_blocking_mark_failed", run, "running", 2)
+    marked = time.monotonic()
+    d.mark("e2e_blocking_mark_failed", run, "failed")
+    record("children stopped after mark failed (on_kill)", _stopped_within(d, parent, marked), 2 * 2 + 2)
+    assert d.statuses(parent) == ["stopped"] * 6
+    assert d.marks(run) == []
+
+
+def test_6_killed_worker_retry_reconnects_to_the_running_batch(deployment: Deployment, record) -> None:
+    d = deployment
+    run = d.trigger("e2e_worker_killed")
+    parent = _running_batch(d, "e2e_worker_killed", run, "running", 2)
+
+    def task_process() -> psutil.Process | None:
+        # The task's polling connection shows in pg_stat_activity; its client port names the process.
+        rows = d.sql("SELECT client_port FROM pg_stat_activity WHERE usename = 'pgbg_e2e' "
+                     "AND backend_type = 'client backend' AND query LIKE '%%pg_background_poll%%'")
+        ports = {r[0] for r in rows}
+        for conn in psutil.net_connections("tcp"):
+            if conn.laddr and conn.laddr.port in ports and conn.pid:
+                return psutil.Process(conn.pid)
+        return None
+
+    proc = wait_for(task_process, 30, "the task's process")
+    proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: d.run_state("e2e_worker_killed", run) == "success", 120, "the retry to succeed")
+    record("success after worker SIGKILL", time.monotonic() - killed, 90)
+    assert d.ti("e2e_worker_killed", run)["try_number"] == 2
+    assert d.batches("e2e_worker_killed", run) == [parent]  # reconnected, not resubmitted
+    assert d.statuses(parent) == ["done"] * 4
+    assert [c["attempt"] for c in d.children(parent)] == [1] * 4  # no child ran twice
+    assert d.marks(run) == [1, 2, 3, 4]
