@@ -414,8 +414,11 @@ BEGIN
         END;
         BEGIN
             EXECUTE v_wrapped INTO v_total, v_rows;
+            v_rows := coalesce(v_rows, '[]'::jsonb);
             RETURN jsonb_build_object('command', @schema@._command_tag(p_sql, v_total), 'rows', v_total)
-                   || @schema@._bounded_preview(v_rows, v_total, p_preview_bytes);
+                   || CASE WHEN octet_length(v_rows::text) <= p_preview_bytes  -- the usual, cheap case
+                           THEN jsonb_build_object('preview', v_rows, 'truncated', jsonb_array_length(v_rows) < v_total)
+                           ELSE @schema@._bounded_preview(v_rows, v_total, p_preview_bytes) END;
         EXCEPTION WHEN syntax_error OR feature_not_supported THEN
             -- The wrapper does not fit every statement (SELECT ... INTO, a data-modifying WITH):
             -- its failed parse ran nothing, so run the statement as written, without a preview.
