@@ -32,14 +32,16 @@ def stop(conn: psycopg.Connection, uuid: str) -> int:
     return conn.execute("SELECT pgbg.pg_background_stop(%s)", (uuid,)).fetchone()[0]
 
 
-def poll_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
+def poll_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02,
+               what: str = "condition") -> Any:
+    """The first truthy value of ``predicate()``; fails after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
 
 

@@ -9,7 +9,7 @@ import time
 import psycopg
 
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
-from tests.helpers import launch, monitor, poll_until, statuses, wait
+from tests.helpers import launch, monitor, statuses, wait
 
 
 def _trigger(parent: str, **kwargs) -> PgBackgroundBatchTrigger:

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,9 @@ from urllib.parse import quote
 import httpx
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
+
+from tests.helpers import poll_until
 
 DAGS = Path(__file__).parent / "dags"
 META_DB = "pgbg_e2e_airflow"
@@ -37,14 +38,7 @@ def _free_port() -> int:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    return poll_until(predicate, timeout, interval, what)
 
 
 class Deployment:
@@ -154,7 +148,7 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {META_DB} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {META_DB}")
-        conn.execute(f"DROP SCHEMA IF EXISTS pgbg_e2e CASCADE")
+        conn.execute("DROP SCHEMA IF EXISTS pgbg_e2e CASCADE")
         conn.execute(f"DELETE FROM pgbg.batch WHERE role_name = '{ROLE}'")
         conn.execute(f"DROP ROLE IF EXISTS {ROLE}")
         conn.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{role_password}' IN ROLE pgbg_user")
