@@ -26,6 +26,11 @@ def _seconds(value: timedelta | float | None) -> float | None:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
+def trigger_application_name(uuid_parent: str, claim: str | None) -> str:
+    """How a trigger's connection names itself, so a newer try can see it is still alive."""
+    return f"pgbg-trigger:{uuid_parent}:{claim or ''}"
+
+
 class PgBackgroundHook(PostgresHook):
     """Launch, watch and stop batches of SQL statements run by pg_background workers.
 
@@ -160,6 +165,14 @@ class PgBackgroundHook(PostgresHook):
             (uuid_parent, _seconds(timeout)),
         )
 
+    def watchers(self, uuid_parent: str) -> list[str]:
+        """Claims of the triggers currently polling the batch (see :func:`trigger_application_name`)."""
+        rows = self._fetch(
+            "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE %s",
+            (trigger_application_name(uuid_parent, "%"),),
+        )
+        return [r["application_name"].rsplit(":", 1)[1] for r in rows]
+
     def find_batch(self, origin: str, statements: Sequence[str]) -> BatchState | None:
         """The latest batch recorded for ``origin`` if it holds exactly ``statements``, else None."""
         rows = self._fetch(
@@ -174,7 +187,7 @@ class PgBackgroundHook(PostgresHook):
     # -- engine API (asyncio, for the triggerer) ----------------------------------------------------
 
     @asynccontextmanager
-    async def async_connection(self) -> AsyncIterator[Any]:
+    async def async_connection(self, application_name: str | None = None) -> AsyncIterator[Any]:
         """A psycopg 3 AsyncConnection in autocommit, so polls never block the event loop."""
         if psycopg is None:  # pragma: no cover
             raise RuntimeError("the trigger needs psycopg 3 (pip install 'psycopg[binary]')")
@@ -188,7 +201,10 @@ class PgBackgroundHook(PostgresHook):
             from asgiref.sync import sync_to_async
 
             connection = await sync_to_async(self.get_connection)(conn_id)
-        conn = await psycopg.AsyncConnection.connect(autocommit=True, **self._conn_kwargs(connection))
+        kwargs = self._conn_kwargs(connection)
+        if application_name:
+            kwargs["application_name"] = application_name
+        conn = await psycopg.AsyncConnection.connect(autocommit=True, **kwargs)
         try:
             yield conn
         finally:

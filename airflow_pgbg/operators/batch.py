@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 _TEXT_LIMIT = 500  # characters of a query or error kept in the summary, per child
+EARLIER_TRIGGER_GRACE = 60.0  # seconds a new try waits for an earlier try's trigger to be cancelled
 
 
 class PgBackgroundBatchOperator(BaseOperator):
@@ -138,6 +139,7 @@ class PgBackgroundBatchOperator(BaseOperator):
         self.claim = f"try {ti.try_number}"
         if previous is not None and previous.status is not ChildStatus.DONE:
             self.uuid_parent = previous.uuid_parent
+            self._let_earlier_trigger_go(self.uuid_parent)
             self.hook.claim(self.uuid_parent, self.claim)
             state = self.hook.poll(self.uuid_parent)  # after the claim: an earlier stop shows here
             if state is not None and state.is_final and state.status is not ChildStatus.DONE:
@@ -172,6 +174,22 @@ class PgBackgroundBatchOperator(BaseOperator):
                 method_name="execute_complete",
             )
         return self._poll_until_done()
+
+    def _let_earlier_trigger_go(self, uuid_parent: str) -> None:
+        """Waits while a trigger of an earlier try still polls the batch.
+
+        When a deferred task is cleared, Airflow starts the new try before the triggerer cancels the
+        old trigger, whose on_kill() then stops the batch. Waiting for it to go makes a clear stop the
+        running children and resume only the unfinished ones; a try that died (no trigger left, as
+        after a worker crash) reconnects at once.
+        """
+        deadline = time.monotonic() + EARLIER_TRIGGER_GRACE
+        while (others := [c for c in self.hook.watchers(uuid_parent) if c != self.claim]):
+            if time.monotonic() > deadline:
+                self.log.warning("Trigger of %s still polls batch %s; taking it over", others, uuid_parent)
+                return
+            self.log.info("Waiting for the trigger of %s to end before resuming batch %s", others, uuid_parent)
+            time.sleep(1)
 
     def _poll_until_done(self) -> dict[str, Any]:
         assert self.uuid_parent is not None

@@ -9,7 +9,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_pgbg.hooks.pgbg import PgBackgroundHook
+from airflow_pgbg.hooks.pgbg import PgBackgroundHook, trigger_application_name
 from airflow_pgbg.status import DEFAULT_SCHEMA
 
 # Airflow 3.3 calls BaseTrigger.on_kill() only when a user marks the task failed/success or clears
@@ -74,7 +74,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         hook = self._hook()
         event = {"uuid_parent": self.uuid_parent}
         try:
-            async with hook.async_connection() as conn:
+            async with hook.async_connection(trigger_application_name(self.uuid_parent, self.claim)) as conn:
                 while True:
                     # The database waits up to poll_interval and answers as soon as the batch ends.
                     poll = asyncio.ensure_future(hook.apoll(conn, self.uuid_parent, wait=self.poll_interval))
