@@ -99,9 +99,24 @@ def _server_major(cur: Any) -> int:
     return int(_one(cur, "SELECT current_setting('server_version_num')::int / 10000"))
 
 
+# The parts of pg_background's v2 API the engine calls (error_info and outcome came with 2.0).
+_REQUIRED_FUNCTIONS = (
+    "pg_background_launch_v2(text,integer)",
+    "pg_background_submit_v2(text,integer)",
+    "pg_background_detach_v2(integer,bigint)",
+    "pg_background_wait_v2(integer,bigint,integer)",
+    "pg_background_cancel_v2(integer,bigint,integer)",
+    "pg_background_outcome_v2(integer,bigint)",
+    "pg_background_error_info_v2(integer,bigint)",
+)
+
+
 def _ensure_pg_background(cur: Any) -> str:
     """Creates pg_background if needed and returns its schema; refuses without the v2 API."""
     major = _server_major(cur)
+    if major < 15:
+        # The engine uses security_invoker views and SQL-standard function bodies.
+        raise EngineInstallError(f"airflow_pgbg needs PostgreSQL 15 or later; this server is {major}")
     package = (
         f"postgresql-{major}-pg-background (apt.postgresql.org) or pg_background_{major} (yum.postgresql.org)"
     )
@@ -126,10 +141,14 @@ def _ensure_pg_background(cur: Any) -> str:
         "SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
         "WHERE e.extname = 'pg_background'",
     )
-    if _one(cur, "SELECT to_regprocedure(quote_ident(%s) || '.pg_background_launch_v2(text,integer)')", (ext_schema,)) is None:
+    missing = [
+        sig for sig in _REQUIRED_FUNCTIONS
+        if _one(cur, "SELECT to_regprocedure(quote_ident(%s) || '.' || %s)", (ext_schema, sig)) is None
+    ]
+    if missing:
         raise PgBackgroundMissing(
-            f"pg_background in this database lacks the v2 API (1.6 or later); "
-            f"run ALTER EXTENSION pg_background UPDATE after installing {package}"
+            f"pg_background {installed or available} in this database lacks {', '.join(missing)}, which "
+            f"airflow_pgbg uses; install {package} 2.0 or later and run ALTER EXTENSION pg_background UPDATE"
         )
     return ext_schema
 
