@@ -13,7 +13,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m airflow_pgbg", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     inst = sub.add_parser("install", help="install or upgrade the engine in a database (idempotent)")
-    inst.add_argument("--dsn", required=True, help="libpq connection string of a role that may create extensions and roles")
+    inst.add_argument(
+        "--dsn", required=True, help="libpq connection string of a role that may create extensions and roles"
+    )
     inst.add_argument("--schema", default=DEFAULT_SCHEMA)
     show = sub.add_parser("sql", help="print the SQL a fresh install runs, for review or psql -f")
     show.add_argument("--schema", default=DEFAULT_SCHEMA)
@@ -26,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CREATE SCHEMA IF NOT EXISTS {args.schema};")
         for version, sql in scripts.plan(None):
             print(render(sql, args.schema, args.extension_schema))
-            print(f"INSERT INTO {args.schema}.meta (version) VALUES ('{version}') "
-                  "ON CONFLICT (singleton) DO UPDATE SET version = excluded.version;")
+            print(
+                f"INSERT INTO {args.schema}.meta (version) VALUES ('{version}') "
+                "ON CONFLICT (singleton) DO UPDATE SET version = excluded.version;"
+            )
         return 0
     try:
         version = install_engine_dsn(args.dsn, args.schema)

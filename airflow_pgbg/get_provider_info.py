@@ -21,9 +21,7 @@ def get_provider_info() -> dict:
         "operators": [
             {"integration-name": "PostgreSQL pg_background", "python-modules": ["airflow_pgbg.operators.batch"]}
         ],
-        "hooks": [
-            {"integration-name": "PostgreSQL pg_background", "python-modules": ["airflow_pgbg.hooks.pgbg"]}
-        ],
+        "hooks": [{"integration-name": "PostgreSQL pg_background", "python-modules": ["airflow_pgbg.hooks.pgbg"]}],
         "extra-links": ["airflow_pgbg.links.batch.PgBackgroundBatchLink"],
         "plugins": [{"name": "airflow_pgbg", "plugin-class": "airflow_pgbg.plugins.batch_view.PgBackgroundPlugin"}],
         "triggers": [

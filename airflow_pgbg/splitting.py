@@ -8,7 +8,9 @@ from sqlparse.lexer import Lexer
 
 
 def _is_noise(ttype: T._TokenType, value: str) -> bool:
-    return ttype in T.Whitespace or ttype in T.Comment or ttype in T.Newline or (ttype in T.Punctuation and value == ";")
+    return (
+        ttype in T.Whitespace or ttype in T.Comment or ttype in T.Newline or (ttype in T.Punctuation and value == ";")
+    )
 
 
 def split_statements(sql: str) -> list[str]:
@@ -28,7 +30,8 @@ def split_statements(sql: str) -> list[str]:
         last = meaningful[-1]
         # Drop the semicolons that end the statement, keep a trailing comment.
         kept = "".join(
-            value for i, (ttype, value) in enumerate(tokens)
+            value
+            for i, (ttype, value) in enumerate(tokens)
             if not (i > last and ttype in T.Punctuation and value == ";")
         )
         statements.append(kept.strip())

@@ -53,6 +53,7 @@ def bench_database(dsn: str) -> str:
 
 # -- the engine ------------------------------------------------------------------------------------
 
+
 def engine_run(dsn: str, statements: list[str], cap: int) -> float:
     """Makespan in seconds: from the batch's registration to the end of its last child."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -65,11 +66,13 @@ def engine_run(dsn: str, statements: list[str], cap: int) -> float:
         return conn.execute(
             "SELECT extract(epoch FROM max(c.end_time_exec) - b.created_at)::float8 "
             "FROM pgbg.batch b JOIN pgbg.log_background c USING (uuid_parent) "
-            "WHERE b.uuid_parent = %s GROUP BY b.created_at", (parent,),
+            "WHERE b.uuid_parent = %s GROUP BY b.created_at",
+            (parent,),
         ).fetchone()[0]
 
 
 # -- baselines -------------------------------------------------------------------------------------
+
 
 def thread_pool_run(dsn: str, statements: list[str], cap: int) -> float:
     conns = [psycopg.connect(dsn, autocommit=True) for _ in range(cap)]
@@ -104,14 +107,14 @@ def seed_style_run(dsn: str, statements: list[str], cap: int) -> float:
                     still.append((pid, cookie))
             running = still
             while queue and len(running) < cap:
-                running.append(conn.execute(
-                    "SELECT * FROM pg_background_launch_v2(%s)", (queue.pop(),)).fetchone())
+                running.append(conn.execute("SELECT * FROM pg_background_launch_v2(%s)", (queue.pop(),)).fetchone())
             if queue or running:
                 time.sleep(SEED_POLL)
         return time.perf_counter() - started
 
 
 # -- W3 --------------------------------------------------------------------------------------------
+
 
 def w3(dsn: str) -> tuple[float, float]:
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -121,8 +124,13 @@ def w3(dsn: str) -> tuple[float, float]:
             (["select pg_sleep(0.01)"] * 10_000,),
         ).fetchone()[0]
         registered = time.perf_counter() - started
-        while conn.execute("SELECT count(*) FROM pgbg.log_background WHERE uuid_parent = %s "
-                           "AND start_time_exec IS NOT NULL", (parent,)).fetchone()[0] == 0:
+        while (
+            conn.execute(
+                "SELECT count(*) FROM pgbg.log_background WHERE uuid_parent = %s AND start_time_exec IS NOT NULL",
+                (parent,),
+            ).fetchone()[0]
+            == 0
+        ):
             time.sleep(0.001)
         first_child = time.perf_counter() - started
         polls = []
@@ -172,13 +180,18 @@ def w4(dsn: str) -> tuple[float, float]:
         dags = Path(home, "dags")
         dags.mkdir()
         (dags / "bench_w4.py").write_text(textwrap.dedent(W4_DAG))
-        env = {**os.environ, "AIRFLOW_HOME": home, "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-               "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW_CONN_PGBG_BENCH": uri,
-               "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING"}
-        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True,
-                       capture_output=True)
-        out = subprocess.run([sys.executable, "-c", W4_RUN, str(dags / "bench_w4.py")], env=env,
-                             capture_output=True, text=True)
+        env = {
+            **os.environ,
+            "AIRFLOW_HOME": home,
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW_CONN_PGBG_BENCH": uri,
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        }
+        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+        out = subprocess.run(
+            [sys.executable, "-c", W4_RUN, str(dags / "bench_w4.py")], env=env, capture_output=True, text=True
+        )
         line = next((l for l in out.stdout.splitlines() if l.startswith("W4RESULT ")), None)
         if line is None:
             raise RuntimeError(f"W4 failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
@@ -188,13 +201,16 @@ def w4(dsn: str) -> tuple[float, float]:
 
 # -- main ------------------------------------------------------------------------------------------
 
+
 def machine(dsn: str) -> str:
     with psycopg.connect(dsn) as conn:
         version = conn.execute("SHOW server_version").fetchone()[0]
         ext = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_background'").fetchone()[0]
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} cores, {mem_gb:.0f} GB, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, PostgreSQL {version} on loopback, pg_background {ext}")
+    return (
+        f"{os.cpu_count()} cores, {mem_gb:.0f} GB, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, PostgreSQL {version} on loopback, pg_background {ext}"
+    )
 
 
 def main() -> None:
@@ -221,8 +237,7 @@ def main() -> None:
     r["w4_ideal"] = r["w1_ideal"]
     r["w4_poll_interval"] = 1.0
     r["w4_task_wall"], r["w4_task_wall_cold"] = w4(dsn)
-    print("  W4 task_wall is the second dag.test run in one interpreter; the first (cold) one is "
-          "w4_task_wall_cold")
+    print("  W4 task_wall is the second dag.test run in one interpreter; the first (cold) one is w4_task_wall_cold")
 
     r["machine"] = machine(dsn)
     r["when"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -66,9 +66,7 @@ def make_role(dsn: str) -> Iterator[Callable[..., str]]:
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         for name in created:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,)
-            )
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
             conn.execute(f"DELETE FROM pgbg.batch WHERE role_name = '{name}'")
             conn.execute(f"DROP OWNED BY {name}")
             conn.execute(f"DROP ROLE {name}")

@@ -10,8 +10,14 @@ import psycopg
 from psycopg.rows import dict_row
 
 
-def launch(conn: psycopg.Connection, statements: Sequence[str], *, monitor: bool = False,
-           max_parallel: int | None = None, label: str | None = None) -> str:
+def launch(
+    conn: psycopg.Connection,
+    statements: Sequence[str],
+    *,
+    monitor: bool = False,
+    max_parallel: int | None = None,
+    label: str | None = None,
+) -> str:
     row = conn.execute(
         "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => %s, p_max_parallel => %s, p_label => %s)",
         (list(statements), monitor, max_parallel, label),
@@ -32,8 +38,9 @@ def stop(conn: psycopg.Connection, uuid: str) -> int:
     return conn.execute("SELECT pgbg.pg_background_stop(%s)", (uuid,)).fetchone()[0]
 
 
-def poll_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02,
-               what: str = "condition") -> Any:
+def poll_until(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02, what: str = "condition"
+) -> Any:
     """The first truthy value of ``predicate()``; fails after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -117,9 +117,7 @@ def _ensure_pg_background(cur: Any) -> str:
     if major < 15:
         # The engine uses security_invoker views and SQL-standard function bodies.
         raise EngineInstallError(f"airflow_pgbg needs PostgreSQL 15 or later; this server is {major}")
-    package = (
-        f"postgresql-{major}-pg-background (apt.postgresql.org) or pg_background_{major} (yum.postgresql.org)"
-    )
+    package = f"postgresql-{major}-pg-background (apt.postgresql.org) or pg_background_{major} (yum.postgresql.org)"
     available = _one(cur, "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_background'")
     if available is None:
         raise PgBackgroundMissing(
@@ -142,7 +140,8 @@ def _ensure_pg_background(cur: Any) -> str:
         "WHERE e.extname = 'pg_background'",
     )
     missing = [
-        sig for sig in _REQUIRED_FUNCTIONS
+        sig
+        for sig in _REQUIRED_FUNCTIONS
         if _one(cur, "SELECT to_regprocedure(quote_ident(%s) || '.' || %s)", (ext_schema, sig)) is None
     ]
     if missing:

@@ -99,12 +99,14 @@ class PgBackgroundHook(PostgresHook):
         origin: str | None = None,
     ) -> str:
         """Queues ``statements`` as one batch and returns its parent UUID at once."""
-        return str(self._value(
-            "SELECT @schema@.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => %s, "
-            "p_label => %s, p_fail_fast => %s, p_statement_timeout => make_interval(secs => %s), "
-            "p_origin => %s)",
-            (list(statements), max_parallel, label, fail_fast, _seconds(statement_timeout), origin),
-        ))
+        return str(
+            self._value(
+                "SELECT @schema@.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => %s, "
+                "p_label => %s, p_fail_fast => %s, p_statement_timeout => make_interval(secs => %s), "
+                "p_origin => %s)",
+                (list(statements), max_parallel, label, fail_fast, _seconds(statement_timeout), origin),
+            )
+        )
 
     def launch_text(self, sql: str, delimiter: str, **options: Any) -> str:
         """Like :meth:`launch` for delimited text, split by the engine (outside quotes and comments)."""
@@ -126,9 +128,7 @@ class PgBackgroundHook(PostgresHook):
 
     def monitor(self, uuid_parent: str | None = None, *, verbose: bool = True) -> list[dict[str, Any]]:
         """One dict per child (see ``MONITOR_COLUMNS``)."""
-        return self._fetch(
-            "SELECT * FROM @schema@.pg_background_monitor(%s::uuid, %s)", (uuid_parent, verbose)
-        )
+        return self._fetch("SELECT * FROM @schema@.pg_background_monitor(%s::uuid, %s)", (uuid_parent, verbose))
 
     def children(
         self, uuid_parent: str, *, statuses: Sequence[str] | None = None, limit: int | None = None
@@ -147,8 +147,9 @@ class PgBackgroundHook(PostgresHook):
         """
         if if_claimed_by is None:
             return int(self._value("SELECT @schema@.pg_background_stop(%s::uuid)", (uuid_parent_or_child,)))
-        return int(self._value("SELECT @schema@.pg_background_stop(%s::uuid, %s)",
-                               (uuid_parent_or_child, if_claimed_by)))
+        return int(
+            self._value("SELECT @schema@.pg_background_stop(%s::uuid, %s)", (uuid_parent_or_child, if_claimed_by))
+        )
 
     def claim(self, uuid_parent: str, claimed_by: str) -> None:
         """Records ``claimed_by`` (e.g. the Airflow try) as the batch's current owner."""
@@ -226,10 +227,11 @@ class PgBackgroundHook(PostgresHook):
         async with self.async_connection() as conn:
             cur = await conn.execute(
                 f"SELECT {self.engine_schema}.pg_background_stop(%s::uuid, %s)"
-                if if_claimed_by is not None else f"SELECT {self.engine_schema}.pg_background_stop(%s::uuid)",
+                if if_claimed_by is not None
+                else f"SELECT {self.engine_schema}.pg_background_stop(%s::uuid)",
                 (uuid_parent_or_child, if_claimed_by) if if_claimed_by is not None else (uuid_parent_or_child,),
             )
             return int((await cur.fetchone())[0])
 
 
-__all__ = ["PgBackgroundHook", "MONITOR_COLUMNS"]
+__all__ = ["MONITOR_COLUMNS", "PgBackgroundHook"]

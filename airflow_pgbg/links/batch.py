@@ -27,7 +27,7 @@ def batch_page_path(dag_id: str, run_id: str, task_id: str, map_index: int = -1)
 
 
 class PgBackgroundBatchLink(BaseOperatorLink):
-    """"PG Background batch": the live log_background of the batch this try launched."""
+    """ "PG Background batch": the live log_background of the batch this try launched."""
 
     name = "PG Background batch"
 

@@ -9,8 +9,8 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from airflow.configuration import conf
-from airflow.sdk.exceptions import AirflowException, AirflowTaskTimeout
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException, AirflowTaskTimeout
 
 from airflow_pgbg.hooks.pgbg import PgBackgroundHook
 from airflow_pgbg.links.batch import XCOM_BATCH_KEY, PgBackgroundBatchLink
@@ -144,31 +144,49 @@ class PgBackgroundBatchOperator(BaseOperator):
             state = self.hook.poll(self.uuid_parent)  # after the claim: an earlier stop shows here
             if state is not None and state.is_final and state.status is not ChildStatus.DONE:
                 requeued = self.hook.retry(self.uuid_parent)
-                self.log.info("Resuming batch %s of an earlier try: %d children queued again, done ones kept",
-                              self.uuid_parent, requeued)
+                self.log.info(
+                    "Resuming batch %s of an earlier try: %d children queued again, done ones kept",
+                    self.uuid_parent,
+                    requeued,
+                )
             else:
                 self.log.info("Reconnecting to batch %s of an earlier try", self.uuid_parent)
         else:
             self.uuid_parent = self.hook.launch(
-                statements, max_parallel=self.max_parallel, label=self.batch_label, fail_fast=self.fail_fast,
-                statement_timeout=self.statement_timeout, origin=origin,
+                statements,
+                max_parallel=self.max_parallel,
+                label=self.batch_label,
+                fail_fast=self.fail_fast,
+                statement_timeout=self.statement_timeout,
+                origin=origin,
             )
             self.hook.claim(self.uuid_parent, self.claim)
-            self.log.info("Launched batch %s: %d statements, max_parallel=%s",
-                          self.uuid_parent, len(statements), self.max_parallel or "engine default")
-        ti.xcom_push(key=XCOM_BATCH_KEY, value={
-            "uuid_parent": self.uuid_parent,
-            "postgres_conn_id": self.postgres_conn_id,
-            "database": self.database,
-            "engine_schema": self.engine_schema,
-        })
+            self.log.info(
+                "Launched batch %s: %d statements, max_parallel=%s",
+                self.uuid_parent,
+                len(statements),
+                self.max_parallel or "engine default",
+            )
+        ti.xcom_push(
+            key=XCOM_BATCH_KEY,
+            value={
+                "uuid_parent": self.uuid_parent,
+                "postgres_conn_id": self.postgres_conn_id,
+                "database": self.database,
+                "engine_schema": self.engine_schema,
+            },
+        )
 
         deadline = time.time() + self.execution_timeout.total_seconds() if self.execution_timeout else None
         if self.deferrable:
             self.defer(
                 trigger=PgBackgroundBatchTrigger(
-                    self.uuid_parent, self.postgres_conn_id, database=self.database,
-                    engine_schema=self.engine_schema, poll_interval=self.poll_interval, deadline=deadline,
+                    self.uuid_parent,
+                    self.postgres_conn_id,
+                    database=self.database,
+                    engine_schema=self.engine_schema,
+                    poll_interval=self.poll_interval,
+                    deadline=deadline,
                     claim=self.claim,
                 ),
                 method_name="execute_complete",
@@ -184,7 +202,7 @@ class PgBackgroundBatchOperator(BaseOperator):
         after a worker crash) reconnects at once.
         """
         deadline = time.monotonic() + EARLIER_TRIGGER_GRACE
-        while (others := [c for c in self.hook.watchers(uuid_parent) if c != self.claim]):
+        while others := [c for c in self.hook.watchers(uuid_parent) if c != self.claim]:
             if time.monotonic() > deadline:
                 self.log.warning("Trigger of %s still polls batch %s; taking it over", others, uuid_parent)
                 return
@@ -225,8 +243,9 @@ class PgBackgroundBatchOperator(BaseOperator):
         summary = self._summary(state)
         self.log.info("Batch %s ended %s: %s", state.uuid_parent, state.status.value, summary["counts"])
         if state.status is not ChildStatus.DONE:
-            bad = self.hook.children(state.uuid_parent, statuses=[s.value for s in FINAL_STATUSES - {ChildStatus.DONE}],
-                                     limit=5)
+            bad = self.hook.children(
+                state.uuid_parent, statuses=[s.value for s in FINAL_STATUSES - {ChildStatus.DONE}], limit=5
+            )
             described = "; ".join(
                 f"#{r['seq']} {r['status']} [{r['sqlstate'] or '-'}] {(r['error'] or '')[:200]} :: {r['query'][:120]}"
                 for r in bad
@@ -258,7 +277,8 @@ class PgBackgroundBatchOperator(BaseOperator):
                     "sqlstate": r["sqlstate"],
                     "error": r["error"] and r["error"][:_TEXT_LIMIT],
                     "seconds": (r["end_time_exec"] - r["start_time_exec"]).total_seconds()
-                    if r["start_time_exec"] and r["end_time_exec"] else None,
+                    if r["start_time_exec"] and r["end_time_exec"]
+                    else None,
                 }
                 for r in rows
             ],

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.common.db.common import SessionDep
-from airflow.exceptions import AirflowNotFoundException
 from airflow.api_fastapi.core_api.security import requires_access_dag
+from airflow.exceptions import AirflowNotFoundException
 from airflow.models.xcom import XComModel
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, Query, Request
@@ -28,8 +28,21 @@ from airflow_pgbg.plugins.page import render_batch, render_message
 MAX_CHILDREN = 2000
 """Children a page or download shows; the summary still counts all of them."""
 
-CSV_COLUMNS = ("seq", "uuid_child", "pid", "status", "attempt", "query", "command", "rows", "sqlstate",
-               "error", "start_time_exec", "end_time_exec", "seconds")
+CSV_COLUMNS = (
+    "seq",
+    "uuid_child",
+    "pid",
+    "status",
+    "attempt",
+    "query",
+    "command",
+    "rows",
+    "sqlstate",
+    "error",
+    "start_time_exec",
+    "end_time_exec",
+    "seconds",
+)
 
 app = FastAPI(title="airflow_pgbg batch view", docs_url=None, redoc_url=None, openapi_url=None)
 ReadTaskInstances = Depends(requires_access_dag("GET", DagAccessEntity.TASK_INSTANCE))
@@ -47,8 +60,7 @@ class BatchNotFound(Exception):
 
 def _load(session: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> dict[str, Any]:
     row = session.scalars(
-        XComModel.get_many(run_id=run_id, key=XCOM_BATCH_KEY, dag_ids=dag_id, task_ids=task_id,
-                           map_indexes=map_index)
+        XComModel.get_many(run_id=run_id, key=XCOM_BATCH_KEY, dag_ids=dag_id, task_ids=task_id, map_indexes=map_index)
     ).first()
     if row is None:
         raise BatchNotFound(
@@ -56,8 +68,11 @@ def _load(session: Any, dag_id: str, run_id: str, task_id: str, map_index: int) 
             "the task instance does not exist or has not launched a batch."
         )
     ref = XComModel.deserialize_value(row)
-    hook = PgBackgroundHook(postgres_conn_id=ref["postgres_conn_id"], database=ref.get("database"),
-                            engine_schema=ref.get("engine_schema") or "pgbg")
+    hook = PgBackgroundHook(
+        postgres_conn_id=ref["postgres_conn_id"],
+        database=ref.get("database"),
+        engine_schema=ref.get("engine_schema") or "pgbg",
+    )
     state = hook.poll(ref["uuid_parent"])
     if state is None:
         raise BatchNotFound(f"Batch {ref['uuid_parent']} is no longer in the database (purged?).")
@@ -85,10 +100,20 @@ def _child_json(c: dict[str, Any]) -> dict[str, Any]:
     if c["start_time_exec"] and c["end_time_exec"]:
         seconds = (c["end_time_exec"] - c["start_time_exec"]).total_seconds()
     return {
-        "seq": c["seq"], "uuid_child": str(c["uuid_child"]), "pid": c["pid"], "status": c["status"],
-        "attempt": c["attempt"], "query": c["query"], "result": c["result"], "sqlstate": c["sqlstate"],
-        "error": c["error"], "error_detail": c["error_detail"], "error_hint": c["error_hint"],
-        "start_time_exec": c["start_time_exec"], "end_time_exec": c["end_time_exec"], "seconds": seconds,
+        "seq": c["seq"],
+        "uuid_child": str(c["uuid_child"]),
+        "pid": c["pid"],
+        "status": c["status"],
+        "attempt": c["attempt"],
+        "query": c["query"],
+        "result": c["result"],
+        "sqlstate": c["sqlstate"],
+        "error": c["error"],
+        "error_detail": c["error_detail"],
+        "error_hint": c["error_hint"],
+        "start_time_exec": c["start_time_exec"],
+        "end_time_exec": c["end_time_exec"],
+        "seconds": seconds,
     }
 
 
@@ -130,19 +155,28 @@ def batch_csv(dag_id: str, run_id: str, task_id: str, session: SessionDep, map_i
     for c in map(_child_json, data["children"]):
         writer.writerow({**c, "command": (c["result"] or {}).get("command"), "rows": (c["result"] or {}).get("rows")})
     name = f"pgbg-{data['batch']['uuid_parent']}.csv"
-    return Response(out.getvalue(), media_type="text/csv",
-                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    return Response(
+        out.getvalue(), media_type="text/csv", headers={"Content-Disposition": f'attachment; filename="{name}"'}
+    )
 
 
 # After the .json and .csv routes: {task_id} would also match "x.json".
 @app.get(TI_PATH, response_class=HTMLResponse, dependencies=[ReadTaskInstances])
-def batch_page(request: Request, dag_id: str, run_id: str, task_id: str, session: SessionDep,
-               map_index: MapIndex = "-1") -> HTMLResponse:
+def batch_page(
+    request: Request, dag_id: str, run_id: str, task_id: str, session: SessionDep, map_index: MapIndex = "-1"
+) -> HTMLResponse:
     data = _load(session, dag_id, run_id, task_id, _index(map_index))
     path = request.url.path
     query = f"?map_index={_index(map_index)}"
-    return HTMLResponse(render_batch(data["task_instance"], data["batch"], data["children"],
-                                     json_url=f"{path}.json{query}", csv_url=f"{path}.csv{query}"))
+    return HTMLResponse(
+        render_batch(
+            data["task_instance"],
+            data["batch"],
+            data["children"],
+            json_url=f"{path}.json{query}",
+            csv_url=f"{path}.csv{query}",
+        )
+    )
 
 
 class PgBackgroundPlugin(AirflowPlugin):
@@ -153,7 +187,8 @@ class PgBackgroundPlugin(AirflowPlugin):
     external_views = [
         {
             "name": "PG Background",
-            "href": PLUGIN_PREFIX + TI_PATH.format(dag_id="{DAG_ID}", run_id="{RUN_ID}", task_id="{TASK_ID}")
+            "href": PLUGIN_PREFIX
+            + TI_PATH.format(dag_id="{DAG_ID}", run_id="{RUN_ID}", task_id="{TASK_ID}")
             + "?map_index={MAP_INDEX}",
             "destination": "task_instance",
             "url_route": "pgbg",

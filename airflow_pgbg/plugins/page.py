@@ -72,8 +72,9 @@ def render_message(title: str, message: str) -> str:
     return _MESSAGE.render(title=title, message=message)
 
 
-def render_batch(ti: dict[str, Any], batch: dict[str, Any], children: list[dict[str, Any]],
-                 json_url: str, csv_url: str) -> str:
+def render_batch(
+    ti: dict[str, Any], batch: dict[str, Any], children: list[dict[str, Any]], json_url: str, csv_url: str
+) -> str:
     import json
 
     now = datetime.now(timezone.utc)
@@ -87,17 +88,35 @@ def render_batch(ti: dict[str, Any], batch: dict[str, Any], children: list[dict[
         if c["start_time_exec"]:
             stop = c["end_time_exec"] or now
             seconds = round((stop - c["start_time_exec"]).total_seconds(), 3)
-            bars.append({
-                "seq": c["seq"], "status": c["status"], "seconds": seconds,
-                "x": round(1000 * (c["start_time_exec"] - origin).total_seconds() / span, 2),
-                "w": max(round(1000 * seconds / span, 2), 1),
-            })
+            bars.append(
+                {
+                    "seq": c["seq"],
+                    "status": c["status"],
+                    "seconds": seconds,
+                    "x": round(1000 * (c["start_time_exec"] - origin).total_seconds() / span, 2),
+                    "w": max(round(1000 * seconds / span, 2), 1),
+                }
+            )
         preview = (c["result"] or {}).get("preview")
-        rows.append({**c, "start": _clock(c["start_time_exec"]), "end": _clock(c["end_time_exec"]),
-                     "seconds": seconds, "preview": json.dumps(preview, indent=1, default=str) if preview else None})
+        rows.append(
+            {
+                **c,
+                "start": _clock(c["start_time_exec"]),
+                "end": _clock(c["end_time_exec"]),
+                "seconds": seconds,
+                "preview": json.dumps(preview, indent=1, default=str) if preview else None,
+            }
+        )
     return _PAGE.render(
-        ti=ti, batch=batch, children=rows, shown=len(rows), bars=bars, colours=COLOURS,
-        span=round(span, 3), elapsed=f"{batch['wall_seconds']:.3f} s" if batch["wall_seconds"] is not None else "-",
+        ti=ti,
+        batch=batch,
+        children=rows,
+        shown=len(rows),
+        bars=bars,
+        colours=COLOURS,
+        span=round(span, 3),
+        elapsed=f"{batch['wall_seconds']:.3f} s" if batch["wall_seconds"] is not None else "-",
         active=batch["status"] in (ChildStatus.QUEUED.value, ChildStatus.RUNNING.value),
-        json_url=json_url, csv_url=csv_url,
+        json_url=json_url,
+        csv_url=csv_url,
     )

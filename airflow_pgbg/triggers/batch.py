@@ -86,12 +86,19 @@ class PgBackgroundBatchTrigger(BaseTrigger):
                         poll.cancel()
                         raise
                     if state is None:
-                        yield TriggerEvent({**event, "status": "error",
-                                            "message": f"batch {self.uuid_parent} not found"})
+                        yield TriggerEvent(
+                            {**event, "status": "error", "message": f"batch {self.uuid_parent} not found"}
+                        )
                         return
                     if state.is_final:
-                        yield TriggerEvent({**event, "status": "ended", "batch_status": state.status.value,
-                                            "counts": state.counts_json()})
+                        yield TriggerEvent(
+                            {
+                                **event,
+                                "status": "ended",
+                                "batch_status": state.status.value,
+                                "counts": state.counts_json(),
+                            }
+                        )
                         return
                     if self.deadline is not None and time.time() >= self.deadline:
                         stopped = await hook.astop(self.uuid_parent, if_claimed_by=self.claim)
@@ -119,11 +126,13 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         ti = self.task_instance
         if ti is None:
             return False
-        from asgiref.sync import sync_to_async
         from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+        from asgiref.sync import sync_to_async
 
         states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
-            dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id],
+            dag_id=ti.dag_id,
+            task_ids=[ti.task_id],
+            run_ids=[ti.run_id],
             map_index=None if ti.map_index < 0 else ti.map_index,
         )
         found = [state for run in states.values() for state in run.values()]

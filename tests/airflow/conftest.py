@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
-from urllib.parse import quote
 
 DAGS = Path(__file__).parent / "dags"
 _HOME = Path(tempfile.mkdtemp(prefix="pgbg-airflow-home-"))

@@ -31,8 +31,9 @@ def _batch_of(user: psycopg.Connection, dag_id: str) -> str:
 
 
 @pytest.mark.parametrize("dag_id", ["ok_deferrable", "ok_blocking"])
-def test_success_deferrable_and_blocking(run_dag: Callable[..., Any], marks: Callable[[], list[int]],
-                                         user: psycopg.Connection, dag_id: str) -> None:
+def test_success_deferrable_and_blocking(
+    run_dag: Callable[..., Any], marks: Callable[[], list[int]], user: psycopg.Connection, dag_id: str
+) -> None:
     dr = run_dag(dag_id)
     ti = _ti(dr)
     assert (dr.state, ti.state) == ("success", "success")
@@ -70,8 +71,9 @@ def test_fail_fast_stops_the_rest(run_dag: Callable[..., Any], user: psycopg.Con
     assert set(statuses(rows)[1:]) == {"stopped"}
 
 
-def test_a_retry_reruns_only_what_failed(run_dag: Callable[..., Any], user: psycopg.Connection,
-                                         scratch: str, marks: Callable[[], list[int]]) -> None:
+def test_a_retry_reruns_only_what_failed(
+    run_dag: Callable[..., Any], user: psycopg.Connection, scratch: str, marks: Callable[[], list[int]]
+) -> None:
     # Fails on its first call, succeeds on the second: the sequence survives the rollback.
     user.execute(f"CREATE SEQUENCE {scratch}.calls")
     user.execute(
@@ -98,9 +100,14 @@ def test_execution_timeout_stops_the_batch(run_dag: Callable[..., Any], user: ps
     poll_until(lambda: set(statuses(monitor(user, parent))) == {"stopped"}, 20)
 
 
-def test_a_new_try_reconnects_to_a_running_batch(run_dag: Callable[..., Any], pgbg_conn: str,
-                                                 admin: psycopg.Connection, user: psycopg.Connection,
-                                                 marks: Callable[[], list[int]], scratch: str) -> None:
+def test_a_new_try_reconnects_to_a_running_batch(
+    run_dag: Callable[..., Any],
+    pgbg_conn: str,
+    admin: psycopg.Connection,
+    user: psycopg.Connection,
+    marks: Callable[[], list[int]],
+    scratch: str,
+) -> None:
     logical_date = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
     run_id = f"manual__{logical_date.isoformat()}"
     # The child waits for this lock, so the batch is still running whenever the task starts.
@@ -110,8 +117,10 @@ def test_a_new_try_reconnects_to_a_running_batch(run_dag: Callable[..., Any], pg
     try:
         # As if an earlier try had launched it and died: same origin, same statements, still running.
         hook = PgBackgroundHook(postgres_conn_id="pgbg_test")
-        earlier = hook.launch([f"insert into {scratch}.marks select 7 from pg_advisory_xact_lock(4242)"],
-                              origin=f"pgbg_reconnecting/{run_id}/batch/-1")
+        earlier = hook.launch(
+            [f"insert into {scratch}.marks select 7 from pg_advisory_xact_lock(4242)"],
+            origin=f"pgbg_reconnecting/{run_id}/batch/-1",
+        )
         dr = run_dag("reconnecting", logical_date=logical_date, run_after=logical_date)
     finally:
         release.join()
@@ -121,8 +130,9 @@ def test_a_new_try_reconnects_to_a_running_batch(run_dag: Callable[..., Any], pg
     assert _batch_of(user, "pgbg_reconnecting") == earlier
 
 
-def test_sql_from_a_templated_file(run_dag: Callable[..., Any], user: psycopg.Connection, scratch: str,
-                                   marks: Callable[[], list[int]]) -> None:
+def test_sql_from_a_templated_file(
+    run_dag: Callable[..., Any], user: psycopg.Connection, scratch: str, marks: Callable[[], list[int]]
+) -> None:
     dr = run_dag("from_file")
     assert _ti(dr).state == "success"
     assert len(monitor(user, _batch_of(user, "pgbg_from_file"))) == 3
@@ -130,8 +140,9 @@ def test_sql_from_a_templated_file(run_dag: Callable[..., Any], user: psycopg.Co
 
 
 def test_operator_on_kill_stops_its_batch(pgbg_conn: str, user: psycopg.Connection) -> None:
-    op = PgBackgroundBatchOperator(task_id="t", sql="select pg_sleep(30); select pg_sleep(30)",
-                                   postgres_conn_id="pgbg_test", max_parallel=1)
+    op = PgBackgroundBatchOperator(
+        task_id="t", sql="select pg_sleep(30); select pg_sleep(30)", postgres_conn_id="pgbg_test", max_parallel=1
+    )
     op.uuid_parent = op.hook.launch(op.statements(), max_parallel=1)
     poll_until(lambda: "running" in statuses(monitor(user, op.uuid_parent)))
     op.on_kill()
@@ -139,8 +150,7 @@ def test_operator_on_kill_stops_its_batch(pgbg_conn: str, user: psycopg.Connecti
 
 
 def test_summary_stays_small_for_ten_thousand_children(pgbg_conn: str, user: psycopg.Connection) -> None:
-    op = PgBackgroundBatchOperator(task_id="t", sql=["select 1"] * 10_000, postgres_conn_id="pgbg_test",
-                                   max_parallel=4)
+    op = PgBackgroundBatchOperator(task_id="t", sql=["select 1"] * 10_000, postgres_conn_id="pgbg_test", max_parallel=4)
     parent = op.hook.launch(op.statements(), max_parallel=4)
     assert op.hook.wait(parent, 120) == "done"
     summary = op._finish(op.hook.poll(parent))
@@ -166,8 +176,9 @@ def test_bad_parameters_are_refused_at_construction(kwargs: dict[str, Any], mess
 
 
 def test_other_delimiters_split_in_the_engine(pgbg_conn: str) -> None:
-    op = PgBackgroundBatchOperator(task_id="t", sql="select 'a,b',select 2,", delimiter=",",
-                                   postgres_conn_id="pgbg_test")
+    op = PgBackgroundBatchOperator(
+        task_id="t", sql="select 'a,b',select 2,", delimiter=",", postgres_conn_id="pgbg_test"
+    )
     assert op.statements() == ["select 'a,b'", "select 2"]
 
 

@@ -17,8 +17,15 @@ def _trigger(parent: str, **kwargs) -> PgBackgroundBatchTrigger:
 
 
 def test_serialization_round_trip() -> None:
-    trigger = PgBackgroundBatchTrigger("6f1c5d0e-0000-4000-8000-000000000000", "c", database="db",
-                                       engine_schema="s", poll_interval=2.5, deadline=123.0, claim="try 3")
+    trigger = PgBackgroundBatchTrigger(
+        "6f1c5d0e-0000-4000-8000-000000000000",
+        "c",
+        database="db",
+        engine_schema="s",
+        poll_interval=2.5,
+        deadline=123.0,
+        claim="try 3",
+    )
     path, kwargs = trigger.serialize()
     module, _, name = path.rpartition(".")
     again = getattr(importlib.import_module(module), name)(**kwargs)
@@ -80,8 +87,7 @@ def test_a_cancellation_reaches_the_triggerer_as_sent(pgbg_conn: str, user: psyc
     assert statuses(monitor(user, parent)) == ["running"]
 
 
-def test_polls_do_not_block_the_event_loop(pgbg_conn: str, admin: psycopg.Connection,
-                                           user: psycopg.Connection) -> None:
+def test_polls_do_not_block_the_event_loop(pgbg_conn: str, admin: psycopg.Connection, user: psycopg.Connection) -> None:
     parent = launch(user, ["select pg_sleep(3)"])
     lags: list[float] = []
 

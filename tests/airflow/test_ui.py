@@ -49,13 +49,20 @@ def api_server(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     passwords = out / "passwords.json"
     passwords.write_text(json.dumps({"admin": password}))
     port = _free_port()
-    env = {**os.environ, "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-           "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}"}
+    env = {
+        **os.environ,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+    }
     log = open(out / "api-server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -118,8 +125,18 @@ def test_json_csv_and_page(api_server: ApiServer, finished_run: dict[str, Any], 
     assert data["batch"]["counts"] == {"queued": 0, "running": 0, "done": 3, "failed": 1, "stopped": 0, "lost": 0}
     children = data["children"]
     assert [c["status"] for c in children] == ["done", "done", "failed", "done"]
-    assert set(children[0]) >= {"uuid_child", "pid", "status", "query", "result", "sqlstate", "error",
-                                "start_time_exec", "end_time_exec", "seconds"}
+    assert set(children[0]) >= {
+        "uuid_child",
+        "pid",
+        "status",
+        "query",
+        "result",
+        "sqlstate",
+        "error",
+        "start_time_exec",
+        "end_time_exec",
+        "seconds",
+    }
     assert children[2]["sqlstate"] == "22012"
     # No connection secret anywhere: the page knows the connection only by its id.
     password = pgbg_conn.split("password=")[1].split()[0]
@@ -134,7 +151,7 @@ def test_json_csv_and_page(api_server: ApiServer, finished_run: dict[str, Any], 
     assert "<script>alert(1)</script>" not in html  # the hostile query is shown as text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert password not in html
-    assert "<svg id=\"timeline\"" in html
+    assert '<svg id="timeline"' in html
 
 
 def test_unknown_task_instance_is_a_clear_404(api_server: ApiServer, finished_run: dict[str, Any]) -> None:
@@ -152,9 +169,12 @@ def test_the_plugin_tab_and_the_extra_link_are_registered(api_server: ApiServer,
     assert ours["external_views"][0]["destination"] == "task_instance"
     links = httpx.get(
         f"{api_server.url}/api/v2/dags/{finished_run['dag_id']}/dagRuns/{quote(finished_run['run_id'], safe='')}"
-        f"/taskInstances/{finished_run['task_id']}/links", headers=auth).json()["extra_links"]
-    assert links["PG Background batch"].endswith(batch_page_path(
-        finished_run["dag_id"], finished_run["run_id"], finished_run["task_id"]))
+        f"/taskInstances/{finished_run['task_id']}/links",
+        headers=auth,
+    ).json()["extra_links"]
+    assert links["PG Background batch"].endswith(
+        batch_page_path(finished_run["dag_id"], finished_run["run_id"], finished_run["task_id"])
+    )
 
 
 def test_in_a_real_browser(api_server: ApiServer, finished_run: dict[str, Any], tmp_path: Path) -> None:
@@ -163,8 +183,15 @@ def test_in_a_real_browser(api_server: ApiServer, finished_run: dict[str, Any], 
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=os.environ.get("PGBG_CHROMIUM", "/usr/bin/chromium"),
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -177,8 +204,10 @@ def test_in_a_real_browser(api_server: ApiServer, finished_run: dict[str, Any], 
             page.wait_for_url(lambda url: "login" not in url, timeout=30_000)
 
             # The task instance page, its "PG Background" tab.
-            ti_url = (f"{api_server.url}/dags/{finished_run['dag_id']}/runs/"
-                      f"{quote(finished_run['run_id'], safe='')}/tasks/{finished_run['task_id']}")
+            ti_url = (
+                f"{api_server.url}/dags/{finished_run['dag_id']}/runs/"
+                f"{quote(finished_run['run_id'], safe='')}/tasks/{finished_run['task_id']}"
+            )
             page.goto(ti_url)
             tab = page.get_by_role("link", name="PG Background", exact=True)
             tab.first.wait_for(timeout=30_000)
@@ -194,8 +223,7 @@ def test_in_a_real_browser(api_server: ApiServer, finished_run: dict[str, Any], 
             direct.context.add_cookies(page.context.cookies())
             direct.goto(_page(api_server, finished_run))
             assert direct.locator("#batch-status").inner_text() == "failed"
-            statuses = direct.locator("#children tbody tr").evaluate_all(
-                "rows => rows.map(r => r.dataset.status)")
+            statuses = direct.locator("#children tbody tr").evaluate_all("rows => rows.map(r => r.dataset.status)")
             assert statuses == ["done", "done", "failed", "done"]
             hostile = direct.locator("#children tbody tr").nth(1).locator("summary code").inner_text()
             assert "<script>alert(1)</script>" in hostile  # shown as text, never run

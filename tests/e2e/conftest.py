@@ -56,8 +56,13 @@ class Deployment:
 
     def start(self, name: str, *args: str) -> None:
         log = open(self.home / f"{name}.log", "a")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "airflow", *args], env=self.env,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "airflow", *args],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(name)
@@ -76,10 +81,12 @@ class Deployment:
     def api(self) -> httpx.Client:
         if self._client is None:
             password = json.loads((self.home / "passwords.json").read_text())["admin"]
-            token = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": password}
-                               ).json()["access_token"]
-            self._client = httpx.Client(base_url=f"{self.url}/api/v2", timeout=30,
-                                        headers={"Authorization": f"Bearer {token}"})
+            token = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": password}).json()[
+                "access_token"
+            ]
+            self._client = httpx.Client(
+                base_url=f"{self.url}/api/v2", timeout=30, headers={"Authorization": f"Bearer {token}"}
+            )
         return self._client
 
     def trigger(self, dag_id: str) -> str:
@@ -93,14 +100,16 @@ class Deployment:
         return r.json()
 
     def mark(self, dag_id: str, run_id: str, state: str, task_id: str = "batch") -> None:
-        r = self.api.patch(f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}",
-                           json={"new_state": state})
+        r = self.api.patch(
+            f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}", json={"new_state": state}
+        )
         r.raise_for_status()
 
     def clear(self, dag_id: str, run_id: str, task_id: str = "batch") -> None:
-        r = self.api.post(f"/dags/{dag_id}/clearTaskInstances",
-                          json={"dag_run_id": run_id, "task_ids": [task_id], "dry_run": False,
-                                "only_failed": False})
+        r = self.api.post(
+            f"/dags/{dag_id}/clearTaskInstances",
+            json={"dag_run_id": run_id, "task_ids": [task_id], "dry_run": False, "only_failed": False},
+        )
         r.raise_for_status()
 
     def run_state(self, dag_id: str, run_id: str) -> str:
@@ -113,28 +122,40 @@ class Deployment:
             return conn.execute(query, params).fetchall()
 
     def batches(self, dag_id: str, run_id: str) -> list[str]:
-        return [str(r[0]) for r in self.sql(
-            "SELECT uuid_parent FROM pgbg.batch WHERE origin LIKE %s ORDER BY created_at", f"{dag_id}/{run_id}/%")]
+        return [
+            str(r[0])
+            for r in self.sql(
+                "SELECT uuid_parent FROM pgbg.batch WHERE origin LIKE %s ORDER BY created_at", f"{dag_id}/{run_id}/%"
+            )
+        ]
 
     def children(self, parent: str) -> list[dict[str, Any]]:
-        rows = self.sql("SELECT seq, status::text, start_time_exec, end_time_exec, attempt "
-                        "FROM pgbg.log_background WHERE uuid_parent = %s ORDER BY seq", parent)
+        rows = self.sql(
+            "SELECT seq, status::text, start_time_exec, end_time_exec, attempt "
+            "FROM pgbg.log_background WHERE uuid_parent = %s ORDER BY seq",
+            parent,
+        )
         return [dict(zip(("seq", "status", "start", "end", "attempt"), r)) for r in rows]
 
     def statuses(self, parent: str) -> list[str]:
         return [c["status"] for c in self.children(parent)]
 
     def workers(self, parent: str) -> int:
-        return self.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                        f"pgbg:{parent}")[0][0]
+        return self.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", f"pgbg:{parent}")[0][0]
 
     def polling(self) -> bool:
         """The DAGs' role is waiting in pg_background_poll() (the trigger, or the task on a worker).
 
         Its parameters are bound, so the batch is not in the text: scenarios run one at a time.
         """
-        return self.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND state = 'active' "
-                        "AND query LIKE '%%pg_background_poll%%'", ROLE)[0][0] > 0
+        return (
+            self.sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND state = 'active' "
+                "AND query LIKE '%%pg_background_poll%%'",
+                ROLE,
+            )[0][0]
+            > 0
+        )
 
     def marks(self, run_id: str) -> list[int]:
         return [r[0] for r in self.sql("SELECT n FROM pgbg_e2e.marks WHERE run_id = %s ORDER BY n", run_id)]
@@ -164,8 +185,7 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
-            f"postgresql+psycopg://{meta_user}:{meta_password}@{host}:{port}/{META_DB}",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg://{meta_user}:{meta_password}@{host}:{port}/{META_DB}",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "8",
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
@@ -186,14 +206,13 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "AIRFLOW_CONN_PGBG_E2E": f"postgresql://{ROLE}:{quote(role_password, safe='')}@{host}:{port}/"
-                                 f"{params.get('dbname', 'postgres')}",
+        f"{params.get('dbname', 'postgres')}",
     }
     for key in [k for k in env if k.startswith("AIRFLOW_CONN_") and k != "AIRFLOW_CONN_PGBG_E2E"]:
         env.pop(key)
     d = Deployment(home, env, url, dsn)
     try:
-        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True,
-                       capture_output=True)
+        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
         d.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1")
         d.start("scheduler", "scheduler")
         d.start("dag-processor", "dag-processor")
@@ -204,12 +223,18 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
                 h = httpx.get(f"{url}/api/v2/monitor/health", timeout=2).json()
             except (httpx.HTTPError, ValueError):
                 return False
-            return all(h.get(c, {}).get("status") == "healthy" for c in ("metadatabase", "scheduler", "triggerer",
-                                                                         "dag_processor"))
+            return all(
+                h.get(c, {}).get("status") == "healthy"
+                for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")
+            )
 
         wait_for(healthy, 120, "all services healthy", 0.5)
-        wait_for(lambda: d.api.get("/dags", params={"dag_id_pattern": "e2e_"}).json()["total_entries"] >= 6,
-                 120, "the e2e DAGs parsed", 0.5)
+        wait_for(
+            lambda: d.api.get("/dags", params={"dag_id_pattern": "e2e_"}).json()["total_entries"] >= 6,
+            120,
+            "the e2e DAGs parsed",
+            0.5,
+        )
         yield d
     except BaseException:
         print(d.logs())

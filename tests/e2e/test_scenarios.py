@@ -22,8 +22,12 @@ def _running_batch(d: Deployment, dag_id: str, run_id: str, ti_state: str, runni
 
     def ready() -> str | None:
         batches = d.batches(dag_id, run_id)
-        if batches and d.ti(dag_id, run_id)["state"] == ti_state and d.statuses(batches[-1]).count("running") >= running \
-                and d.polling():
+        if (
+            batches
+            and d.ti(dag_id, run_id)["state"] == ti_state
+            and d.statuses(batches[-1]).count("running") >= running
+            and d.polling()
+        ):
             return batches[-1]
         return None
 
@@ -68,9 +72,18 @@ def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Dep
     d = deployment
     run = d.trigger("e2e_clear")
     # Two children done, two running, two queued.
-    parent = wait_for(lambda: (b := d.batches("e2e_clear", run)) and d.statuses(b[-1]).count("done") >= 2
-                      and d.statuses(b[-1]).count("running") == 2 and d.ti("e2e_clear", run)["state"] == "deferred"
-                      and b[-1], 90, "two children done and two running", 0.2)
+    parent = wait_for(
+        lambda: (
+            (b := d.batches("e2e_clear", run))
+            and d.statuses(b[-1]).count("done") >= 2
+            and d.statuses(b[-1]).count("running") == 2
+            and d.ti("e2e_clear", run)["state"] == "deferred"
+            and b[-1]
+        ),
+        90,
+        "two children done and two running",
+        0.2,
+    )
     before = d.children(parent)
     done_before = [c["seq"] for c in before if c["status"] == "done"]
     running_before = [c["seq"] for c in before if c["status"] == "running"]
@@ -78,8 +91,12 @@ def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Dep
     d.clear("e2e_clear", run)
     # The first try's trigger is cancelled and stops the running children; the new try, started
     # by Airflow before that cancellation, waits for the old trigger to go before resuming.
-    wait_for(lambda: "stopped" in d.statuses(parent) or d.children(parent)[2]["attempt"] > 1, 30,
-             "the running children stopped", 0.1)
+    wait_for(
+        lambda: "stopped" in d.statuses(parent) or d.children(parent)[2]["attempt"] > 1,
+        30,
+        "the running children stopped",
+        0.1,
+    )
     record("children stopped after clear", time.monotonic() - cleared, 2 * 2 + 2)
     wait_for(lambda: d.run_state("e2e_clear", run) == "success", 120, "the new try to succeed")
     assert d.ti("e2e_clear", run)["try_number"] == 2
@@ -124,8 +141,10 @@ def test_6_killed_worker_retry_reconnects_to_the_running_batch(deployment: Deplo
 
     def task_process() -> psutil.Process | None:
         # The task's polling connection shows in pg_stat_activity; its client port names the process.
-        rows = d.sql("SELECT client_port FROM pg_stat_activity WHERE usename = 'pgbg_e2e' "
-                     "AND backend_type = 'client backend' AND query LIKE '%%pg_background_poll%%'")
+        rows = d.sql(
+            "SELECT client_port FROM pg_stat_activity WHERE usename = 'pgbg_e2e' "
+            "AND backend_type = 'client backend' AND query LIKE '%%pg_background_poll%%'"
+        )
         ports = {r[0] for r in rows}
         for conn in psutil.net_connections("tcp"):
             if conn.laddr and conn.laddr.port in ports and conn.pid:

@@ -16,9 +16,7 @@ SEED_DEMO = (
 
 def test_seed_demo_call_runs_seven_children(user: psycopg.Connection) -> None:
     # The seed's own call, with the delimiter spelled out (ours defaults to ';').
-    parent = user.execute(
-        "SELECT pgbg.pg_background_launch_num(%s, p_delimiter => ',')", (SEED_DEMO,)
-    ).fetchone()[0]
+    parent = user.execute("SELECT pgbg.pg_background_launch_num(%s, p_delimiter => ',')", (SEED_DEMO,)).fetchone()[0]
     rows = monitor(user, str(parent))
     assert len(rows) == 7
     assert statuses(rows) == ["done"] * 7  # p_monitor defaults to true: the call returned at the end
@@ -82,9 +80,7 @@ def test_text_form_splits_only_outside_quotes_and_comments(user: psycopg.Connect
         ("SELECT pgbg.pg_background_launch_num('select 1', p_delimiter => '')", "delimiter"),
     ],
 )
-def test_bad_input_is_refused_before_anything_is_recorded(
-    user: psycopg.Connection, call: str, message: str
-) -> None:
+def test_bad_input_is_refused_before_anything_is_recorded(user: psycopg.Connection, call: str, message: str) -> None:
     before = user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0]
     with pytest.raises(psycopg.Error, match=message):
         user.execute(call)
@@ -141,8 +137,8 @@ def test_errors_keep_sqlstate_message_detail_and_hint(user: psycopg.Connection, 
     rows = {r["seq"]: r for r in monitor(user, parent)}
     assert (rows[1]["status"], rows[1]["sqlstate"], rows[1]["error"]) == ("failed", "22012", "division by zero")
     detail = user.execute(
-        "SELECT sqlstate, error, error_detail, error_hint FROM pgbg.log_background "
-        "WHERE uuid_parent = %s ORDER BY seq", (parent,)
+        "SELECT sqlstate, error, error_detail, error_hint FROM pgbg.log_background WHERE uuid_parent = %s ORDER BY seq",
+        (parent,),
     ).fetchall()
     assert detail[1] == ("22023", "it broke", "the detail", "the hint")
     assert detail[2] == ("P0001", "in a do", "do detail", "do hint")
@@ -187,8 +183,12 @@ def test_statements_that_need_top_level_run_as_children(user: psycopg.Connection
     poll_until(lambda: all(r["status"] not in ("queued", "running") for r in monitor(user, parent)), 60)
     rows = monitor(user, parent)
     assert [(r["status"], r["run_mode"]) for r in rows] == [
-        ("done", "worker"), ("done", "worker"), ("done", "worker"), ("done", "worker"),
-        ("failed", "worker"), ("failed", "worker"),
+        ("done", "worker"),
+        ("done", "worker"),
+        ("done", "worker"),
+        ("done", "worker"),
+        ("failed", "worker"),
+        ("failed", "worker"),
     ], [(r["query"], r["error"]) for r in rows]
     assert rows[0]["result"]["command"] == "VACUUM"
     assert rows[1]["result"]["command"] == "CREATE INDEX"
@@ -196,9 +196,12 @@ def test_statements_that_need_top_level_run_as_children(user: psycopg.Connection
     assert rows[4]["sqlstate"] == "42P01"
     assert rows[5]["sqlstate"] == "42P07"  # the index already exists
     assert user.execute(f"SELECT count(*) FROM {scratch}.big WHERE a < 0").fetchone()[0] == 2
-    assert user.execute(
-        "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (f"{scratch}.big_a",)
-    ).fetchone()[0] is True
+    assert (
+        user.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (f"{scratch}.big_a",)
+        ).fetchone()[0]
+        is True
+    )
 
 
 def test_synchronous_launch_refuses_concurrently(user: psycopg.Connection) -> None:

@@ -70,7 +70,8 @@ def test_queued_children_start_as_slots_free_without_polling(user: psycopg.Conne
     time.sleep(2.5)
     rows = user.execute(
         "SELECT seq, status, start_time_exec, end_time_exec FROM pgbg.log_background "
-        "WHERE uuid_parent = %s ORDER BY start_time_exec", (parent,)
+        "WHERE uuid_parent = %s ORDER BY start_time_exec",
+        (parent,),
     ).fetchall()
     assert [r[1] for r in rows] == ["done"] * 6
     starts = [r[2] for r in rows]
@@ -93,10 +94,9 @@ def test_batch_survives_the_launching_session(dsn: str, user_dsn: str, scratch: 
 
 def test_rolled_back_launch_runs_nothing(user: psycopg.Connection, scratch: str) -> None:
     user.execute(f"CREATE TABLE {scratch}.never (n int)")
-    with pytest.raises(RuntimeError):
-        with user.transaction():
-            launch(user, [f"insert into {scratch}.never values (1)"])
-            raise RuntimeError("roll back")
+    with pytest.raises(RuntimeError), user.transaction():
+        launch(user, [f"insert into {scratch}.never values (1)"])
+        raise RuntimeError("roll back")
     time.sleep(0.5)
     assert user.execute(f"SELECT count(*) FROM {scratch}.never").fetchone()[0] == 0
     assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == 0
@@ -139,8 +139,11 @@ def test_no_free_worker_keeps_work_queued_until_one_frees(admin: psycopg.Connect
         for pid, cookie in hogs:
             admin.execute("SELECT pg_background_cancel_v2(%s, %s)", (pid, cookie))
             admin.execute("SELECT pg_background_detach_v2(%s, %s)", (pid, cookie))
-    poll_until(lambda: admin.execute(
-        "SELECT count(*) = 0 FROM pg_stat_activity WHERE query = 'select pg_sleep(60)'").fetchone()[0])
+    poll_until(
+        lambda: admin.execute(
+            "SELECT count(*) = 0 FROM pg_stat_activity WHERE query = 'select pg_sleep(60)'"
+        ).fetchone()[0]
+    )
     # The next poll starts it.
     assert wait(user, parent) == "done"
     assert [r["result"]["preview"] for r in monitor(user, parent)] == [[{"answer": 42}]] * 3

@@ -43,9 +43,10 @@ def test_install_twice_is_idempotent_and_keeps_data(fresh_db: str) -> None:
     assert install_engine_dsn(fresh_db) == __version__
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         assert conn.execute("SELECT version FROM pgbg.meta").fetchone()[0] == __version__
-        assert conn.execute(
-            "SELECT status::text FROM pgbg.log_background WHERE uuid_parent = %s", (parent,)
-        ).fetchone()[0] == "done"
+        assert (
+            conn.execute("SELECT status::text FROM pgbg.log_background WHERE uuid_parent = %s", (parent,)).fetchone()[0]
+            == "done"
+        )
 
 
 def test_install_into_another_schema(fresh_db: str) -> None:

@@ -26,9 +26,11 @@ def test_a_child_cannot_do_what_its_role_cannot(user: psycopg.Connection) -> Non
 
 def test_two_roles_cannot_see_or_stop_each_other(make_role: Callable[..., str]) -> None:
     alice_dsn, bob_dsn, carol_dsn = make_role(), make_role(), make_role("pgbg_admin")
-    with psycopg.connect(alice_dsn, autocommit=True) as alice, \
-            psycopg.connect(bob_dsn, autocommit=True) as bob, \
-            psycopg.connect(carol_dsn, autocommit=True) as carol:
+    with (
+        psycopg.connect(alice_dsn, autocommit=True) as alice,
+        psycopg.connect(bob_dsn, autocommit=True) as bob,
+        psycopg.connect(carol_dsn, autocommit=True) as carol,
+    ):
         parent = launch(alice, ["select pg_sleep(30)"] * 2, max_parallel=1)
         child = str(monitor(alice, parent)[1]["uuid_child"])
 

@@ -25,9 +25,12 @@ def test_stop_a_batch_cancels_running_and_skips_queued(user: psycopg.Connection)
     assert sum(1 for r in rows if r["start_time_exec"] is None) == 4  # never started
     assert stop(user, parent) == 0
     # No worker of the batch is left.
-    assert user.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (f"pgbg:{parent}",)
-    ).fetchone()[0] == 0
+    assert (
+        user.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (f"pgbg:{parent}",)
+        ).fetchone()[0]
+        == 0
+    )
 
 
 def test_stop_one_child_leaves_the_others(user: psycopg.Connection) -> None:
@@ -44,12 +47,24 @@ def test_stop_a_child_running_in_its_own_worker(user: psycopg.Connection, scratc
     user.execute(f"CREATE PROCEDURE {scratch}.slow() LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(30); COMMIT; END $$")
     parent = launch(user, [f"call {scratch}.slow()"])
     _running(user, parent, 1)
-    poll_until(lambda: user.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE query = %s", (f"call {scratch}.slow()",)).fetchone()[0] == 1)
+    poll_until(
+        lambda: (
+            user.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = %s", (f"call {scratch}.slow()",)
+            ).fetchone()[0]
+            == 1
+        )
+    )
     assert stop(user, parent) == 1
     assert wait(user, parent, "20s") == "stopped"
-    poll_until(lambda: user.execute(
-        "SELECT count(*) FROM pg_stat_activity WHERE query = %s", (f"call {scratch}.slow()",)).fetchone()[0] == 0)
+    poll_until(
+        lambda: (
+            user.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = %s", (f"call {scratch}.slow()",)
+            ).fetchone()[0]
+            == 0
+        )
+    )
 
 
 def test_a_terminated_worker_turns_its_child_lost(admin: psycopg.Connection, user: psycopg.Connection) -> None:
@@ -72,15 +87,15 @@ def test_stop_never_signals_a_process_that_reused_the_pid(admin: psycopg.Connect
     # Make the row claim a pid that now belongs to an unrelated session (as after PID reuse).
     with psycopg.connect(admin.info.dsn, autocommit=True) as bystander:
         other = bystander.execute("SELECT pg_backend_pid()").fetchone()[0]
-        admin.execute(
-            "UPDATE pgbg.log_background SET pid = %s WHERE uuid_parent = %s", (other, parent))
+        admin.execute("UPDATE pgbg.log_background SET pid = %s WHERE uuid_parent = %s", (other, parent))
         assert stop(user, parent) == 1
         # Same pid, other backend_start: the bystander is neither cancelled nor terminated.
         assert bystander.execute("SELECT 1").fetchone()[0] == 1
         bystander.execute("SELECT pg_sleep(0.2)")
         assert bystander.execute("SELECT 2").fetchone()[0] == 2
-    admin.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-                  (f"pgbg:{parent}",))
+    admin.execute(
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (f"pgbg:{parent}",)
+    )
 
 
 def test_fail_fast_stops_the_rest_after_the_first_failure(user: psycopg.Connection) -> None:
@@ -115,11 +130,15 @@ def test_retry_requeues_only_what_did_not_succeed(user: psycopg.Connection, scra
                 IF NOT (SELECT open FROM {scratch}.gate) THEN RAISE EXCEPTION 'gate closed'; END IF;
             END $$"""
     )
-    parent = launch(user, [
-        f"insert into {scratch}.effects values (1)",
-        f"select {scratch}.second()",
-        f"insert into {scratch}.effects values (3)",
-    ], max_parallel=1)
+    parent = launch(
+        user,
+        [
+            f"insert into {scratch}.effects values (1)",
+            f"select {scratch}.second()",
+            f"insert into {scratch}.effects values (3)",
+        ],
+        max_parallel=1,
+    )
     assert wait(user, parent) == "failed"
     user.execute(f"UPDATE {scratch}.gate SET open = true")
     assert user.execute("SELECT pgbg.pg_background_retry(%s)", (parent,)).fetchone()[0] == 1

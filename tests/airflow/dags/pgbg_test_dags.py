@@ -21,12 +21,14 @@ def _dag(dag_id: str, **task_kwargs) -> DAG:
 ok_deferrable = _dag(
     "pgbg_ok_deferrable",
     sql=f"insert into {S}.marks values (1); insert into {S}.marks values (2); select pg_sleep(0.3); select 42 as answer",
-    max_parallel=2, deferrable=True,
+    max_parallel=2,
+    deferrable=True,
 )
 ok_blocking = _dag(
     "pgbg_ok_blocking",
     sql=[f"insert into {S}.marks values (1)", f"insert into {S}.marks values (2)", "select pg_sleep(0.3)"],
-    max_parallel=2, deferrable=False,
+    max_parallel=2,
+    deferrable=False,
 )
 failing = _dag(
     "pgbg_failing",
@@ -36,17 +38,24 @@ failing = _dag(
 fail_fast = _dag(
     "pgbg_fail_fast",
     sql=["select 1/0"] + ["select pg_sleep(30)"] * 4,
-    max_parallel=2, fail_fast=True, deferrable=True,
+    max_parallel=2,
+    fail_fast=True,
+    deferrable=True,
 )
 retried = _dag(
     "pgbg_retried",
     sql=[f"insert into {S}.marks values (1)", f"select {S}.flaky()", f"insert into {S}.marks values (3)"],
-    max_parallel=1, deferrable=True, retries=1, retry_delay=timedelta(seconds=0),
+    max_parallel=1,
+    deferrable=True,
+    retries=1,
+    retry_delay=timedelta(seconds=0),
 )
 timed_out = _dag(
     "pgbg_timed_out",
     sql=["select pg_sleep(30)"] * 3,
-    max_parallel=3, deferrable=True, execution_timeout=timedelta(seconds=2),
+    max_parallel=3,
+    deferrable=True,
+    execution_timeout=timedelta(seconds=2),
 )
 reconnecting = _dag(
     "pgbg_reconnecting",
@@ -61,5 +70,6 @@ from_file = _dag(
 ui_batch = _dag(
     "pgbg_ui_batch",
     sql=[f"insert into {S}.marks values (1)", "select '<script>alert(1)</script>' as x", "select 1/0", "select 2"],
-    max_parallel=1, deferrable=True,
+    max_parallel=1,
+    deferrable=True,
 )

@@ -11,8 +11,10 @@ from airflow_pgbg.operators.batch import PgBackgroundBatchOperator
 
 def _dag(dag_id: str, children: int, seconds: float, **kwargs) -> DAG:
     # The run id in each row lets a test count one run's effects.
-    sql = [f"insert into pgbg_e2e.marks select '{{{{ run_id }}}}', {i} from pg_sleep({seconds})"
-           for i in range(1, children + 1)]
+    sql = [
+        f"insert into pgbg_e2e.marks select '{{{{ run_id }}}}', {i} from pg_sleep({seconds})"
+        for i in range(1, children + 1)
+    ]
     with DAG(dag_id, schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as dag:
         PgBackgroundBatchOperator(task_id="batch", postgres_conn_id="pgbg_e2e", sql=sql, **kwargs)
     return dag
@@ -23,5 +25,13 @@ mark_failed = _dag("e2e_mark_failed", 8, 30, max_parallel=2, deferrable=True, po
 clear = _dag("e2e_clear", 6, 3, max_parallel=2, deferrable=True, poll_interval=2)
 triggerer_restart = _dag("e2e_triggerer_restart", 4, 6, max_parallel=2, deferrable=True, poll_interval=1)
 blocking_mark_failed = _dag("e2e_blocking_mark_failed", 6, 30, max_parallel=2, deferrable=False, poll_interval=2)
-worker_killed = _dag("e2e_worker_killed", 4, 6, max_parallel=2, deferrable=False, poll_interval=1,
-                     retries=1, retry_delay=timedelta(seconds=1))
+worker_killed = _dag(
+    "e2e_worker_killed",
+    4,
+    6,
+    max_parallel=2,
+    deferrable=False,
+    poll_interval=1,
+    retries=1,
+    retry_delay=timedelta(seconds=1),
+)
