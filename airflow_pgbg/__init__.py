@@ -1,3 +1,6 @@
 """airflow_pgbg: run batches of SQL statements inside PostgreSQL as pg_background workers."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+ENGINE_VERSION = "0.2.0"
+"""The engine version (``airflow_pgbg/sql``) this package's Python code needs and installs."""

@@ -58,6 +58,8 @@ MONITOR_COLUMNS = (
     "attempt",
     "user_name",
     "run_mode",
+    "not_before",
+    "errors",
 )
 """Columns of ``pg_background_monitor()``, in order."""
 

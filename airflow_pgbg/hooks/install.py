@@ -55,8 +55,12 @@ class SqlScripts:
     def latest(self) -> str:
         return max(set(self.bases) | {to for to, _ in self.upgrades.values()}, key=_version_key)
 
-    def plan(self, installed: str | None) -> list[tuple[str, str]]:
-        """The scripts to run, as (target version, sql), to bring ``installed`` to the latest."""
+    def plan(self, installed: str | None, target: str | None = None) -> list[tuple[str, str]]:
+        """The scripts to run, as (version reached, sql), to bring ``installed`` to ``target``.
+
+        ``target`` defaults to the latest version; an older one serves upgrade tests.
+        """
+        target = target or self.latest
         steps: list[tuple[str, str]] = []
         if installed is None:
             first = min(self.bases, key=_version_key)
@@ -64,10 +68,15 @@ class SqlScripts:
             current = first
         else:
             current = installed
-        while current != self.latest:
+        if _version_key(current) > _version_key(target):
+            raise EngineInstallError(
+                f"the engine installed in the database ({current}) is newer than {target}; "
+                "upgrade airflow-provider-pgbg instead"
+            )
+        while current != target:
             if current not in self.upgrades:
                 raise EngineInstallError(
-                    f"no upgrade path from engine version {current} to {self.latest}; "
+                    f"no upgrade path from engine version {current} to {target}; "
                     "this package may be older than the engine installed in the database"
                 )
             current, sql = self.upgrades[current]
@@ -159,20 +168,22 @@ def installed_version(cur: Any, schema: str = DEFAULT_SCHEMA) -> str | None:
     return _one(cur, f"SELECT version FROM {_quote_ident(schema)}.meta")
 
 
-def install_engine(conn: Any, schema: str = DEFAULT_SCHEMA) -> str:
+def install_engine(conn: Any, schema: str = DEFAULT_SCHEMA, *, target: str | None = None) -> str:
     """Installs or upgrades the engine in ``schema`` over a DB-API connection; returns the version.
 
     Idempotent, and atomic: everything happens in one transaction that is committed at the end.
-    Needs a role allowed to create extensions and roles (normally a superuser).
+    Needs a role allowed to create extensions and roles (normally a superuser). ``target`` stops at
+    an older version than the latest (for upgrade tests).
     """
     scripts = SqlScripts.load()
+    target = target or scripts.latest
     schema_sql = _quote_ident(schema)
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
         ext_schema = _ensure_pg_background(cur)
         cur.execute(roles_sql())
         current = installed_version(cur, schema)
-        steps = scripts.plan(current)
+        steps = scripts.plan(current, target)
         if steps and current is None:
             cur.execute(f"CREATE SCHEMA IF NOT EXISTS {schema_sql}")
         for version, sql in steps:
@@ -183,12 +194,12 @@ def install_engine(conn: Any, schema: str = DEFAULT_SCHEMA) -> str:
                 (version,),
             )
     conn.commit()
-    return scripts.latest
+    return target
 
 
-def install_engine_dsn(dsn: str, schema: str = DEFAULT_SCHEMA) -> str:
+def install_engine_dsn(dsn: str, schema: str = DEFAULT_SCHEMA, *, target: str | None = None) -> str:
     """:func:`install_engine` over a new psycopg connection to ``dsn``."""
     import psycopg
 
     with psycopg.connect(dsn) as conn:
-        return install_engine(conn, schema)
+        return install_engine(conn, schema, target=target)

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from airflow_pgbg import __version__
+from airflow_pgbg import ENGINE_VERSION
 from airflow_pgbg.hooks.install import EngineInstallError, PgBackgroundMissing, SqlScripts, install_engine_dsn
 from tests.conftest import REPO
 
@@ -40,9 +40,9 @@ def test_install_twice_is_idempotent_and_keeps_data(fresh_db: str) -> None:
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         parent = conn.execute("SELECT pgbg.pg_background_launch_num('select 1')").fetchone()[0]
     assert _cli("install", "--dsn", fresh_db).returncode == 0
-    assert install_engine_dsn(fresh_db) == __version__
+    assert install_engine_dsn(fresh_db) == ENGINE_VERSION
     with psycopg.connect(fresh_db, autocommit=True) as conn:
-        assert conn.execute("SELECT version FROM pgbg.meta").fetchone()[0] == __version__
+        assert conn.execute("SELECT version FROM pgbg.meta").fetchone()[0] == ENGINE_VERSION
         assert (
             conn.execute("SELECT status::text FROM pgbg.log_background WHERE uuid_parent = %s", (parent,)).fetchone()[0]
             == "done"
@@ -50,7 +50,7 @@ def test_install_twice_is_idempotent_and_keeps_data(fresh_db: str) -> None:
 
 
 def test_install_into_another_schema(fresh_db: str) -> None:
-    assert install_engine_dsn(fresh_db, schema="batches") == __version__
+    assert install_engine_dsn(fresh_db, schema="batches") == ENGINE_VERSION
     with psycopg.connect(fresh_db, autocommit=True) as conn:
         parent = conn.execute("SELECT batches.pg_background_launch_num('select 6 * 7 as n')").fetchone()[0]
         row = conn.execute("SELECT result FROM batches.log_background WHERE uuid_parent = %s", (parent,)).fetchone()
@@ -76,9 +76,9 @@ def test_missing_extension_is_refused_with_the_package_name(fresh_db: str) -> No
 
 def test_upgrade_plans_follow_the_shipped_scripts() -> None:
     scripts = SqlScripts.load()
-    assert scripts.latest == __version__
-    assert [v for v, _ in scripts.plan(None)][-1] == __version__
-    assert scripts.plan(__version__) == []
+    assert scripts.latest == ENGINE_VERSION
+    assert [v for v, _ in scripts.plan(None)][-1] == ENGINE_VERSION
+    assert scripts.plan(ENGINE_VERSION) == []
     with pytest.raises(EngineInstallError, match="no upgrade path"):
         scripts.plan("0.0.1")
 

@@ -1,0 +1,1351 @@
+-- airflow_pgbg engine, upgrade 0.1.0 -> 0.2.0.
+--
+-- What 0.2.0 adds:
+-- * Progress counters per batch (batch_progress), so a poll costs the same at 100 and at 100,000
+--   children. Each runner keeps its own counter row per batch (its global slot is the shard), so
+--   no row is updated by every runner; other writers (stop, housekeeping, retry) use a row of their
+--   own backend. A batch's counts are the sum of at most a few dozen rows.
+-- * Automatic retries of transient failures (p_retries, p_retry_delay, p_retry_backoff) and, on
+--   request, of children lost with their worker (p_retry_lost), with every failed attempt kept in
+--   log_background.errors.
+-- * A notification on channel batch_end_channel() when a batch ends, and pg_background_poll_many()
+--   for pollers watching many batches over one connection.
+-- * Watch locks (pg_background_watch): a waiter shows it is alive by a session advisory lock that
+--   dies with its connection, instead of by its application_name.
+-- * pg_background_submit(): the Airflow try's idempotent "launch, resume or attach" in one call.
+-- * pg_background_summary(): a batch's outcome as one bounded JSON document.
+-- * Stops signal only processes whose own identity (backend type, role, name) shows they run that
+--   child, never a pid merely written in a row.
+-- * Runners record a child's outcome and claim the next child in one transaction.
+--
+-- Upgrading while batches run: runners of 0.1.0 finish the child they hold and the batch they run
+-- (such batches are marked counted = false and are counted row by row, as in 0.1.0), but adopt no
+-- other batch (_try_slot() now refuses), so they never touch a batch whose counters they would not
+-- keep.
+
+------------------------------------------------------------------------------------------------
+-- Tables
+------------------------------------------------------------------------------------------------
+
+ALTER TABLE @schema@.batch
+    ADD COLUMN retries int NOT NULL DEFAULT 0 CHECK (retries >= 0),
+    ADD COLUMN retry_delay interval NOT NULL DEFAULT interval '1 second' CHECK (retry_delay >= interval '0'),
+    ADD COLUMN retry_backoff float8 NOT NULL DEFAULT 2 CHECK (retry_backoff >= 1),
+    ADD COLUMN retry_lost boolean NOT NULL DEFAULT false,
+    ADD COLUMN claimed_at timestamptz,
+    ADD COLUMN requeue_on_takeover boolean NOT NULL DEFAULT false,
+    ADD COLUMN stop_requested_by text,
+    ADD COLUMN counted boolean NOT NULL DEFAULT true;
+COMMENT ON COLUMN @schema@.batch.retries IS
+    'Automatic retries per child of a transient failure (serialization failure, deadlock, lock timeout, '
+    'connection loss, shutdown, too many connections; see _is_transient()).';
+COMMENT ON COLUMN @schema@.batch.retry_delay IS 'Wait before the first automatic retry of a child.';
+COMMENT ON COLUMN @schema@.batch.retry_backoff IS 'Each further retry waits retry_backoff times longer.';
+COMMENT ON COLUMN @schema@.batch.retry_lost IS
+    'Children lost with their worker (terminated, crashed, server restart) are retried too: the '
+    'submitter says its statements are safe to run again.';
+COMMENT ON COLUMN @schema@.batch.claimed_at IS 'When claimed_by took the batch.';
+COMMENT ON COLUMN @schema@.batch.requeue_on_takeover IS
+    'The holder waits for the batch from somewhere that only a person can end (Airflow''s triggerer): '
+    'when a newer claim takes the batch over, its running children are stopped and queued again.';
+COMMENT ON COLUMN @schema@.batch.stop_requested_by IS 'Who asked for the stop (free text, e.g. an Airflow user).';
+COMMENT ON COLUMN @schema@.batch.counted IS
+    'false for batches that were running when engine 0.2.0 was installed: they are counted row by row.';
+
+ALTER TABLE @schema@.log_background
+    ADD COLUMN not_before timestamptz,
+    ADD COLUMN failures int NOT NULL DEFAULT 0,
+    ADD COLUMN errors jsonb,
+    ADD COLUMN requeue_on_stop boolean NOT NULL DEFAULT false,
+    ADD COLUMN stopped_by text;
+COMMENT ON COLUMN @schema@.log_background.not_before IS 'A queued retry starts no earlier than this.';
+COMMENT ON COLUMN @schema@.log_background.failures IS
+    'Automatic retries used since the child was last queued by a person or a new try.';
+COMMENT ON COLUMN @schema@.log_background.errors IS
+    'Every failed or lost attempt, oldest first: [{attempt, status, sqlstate, error, at}].';
+COMMENT ON COLUMN @schema@.log_background.requeue_on_stop IS
+    'Set with stop_requested by a takeover: the stopped attempt goes back to the queue.';
+COMMENT ON COLUMN @schema@.log_background.stopped_by IS 'Who stopped the child.';
+-- Failed, lost and stopped children in order, for summaries and the batch page.
+CREATE INDEX ON @schema@.log_background (uuid_parent, seq) WHERE status IN ('failed', 'lost', 'stopped');
+-- 0.1.0's index on (status, uuid_parent) for queued and running children let the planner claim a
+-- child by reading every queued child of the batch and sorting them (what it picks when its statistics
+-- say few are queued), once per child. Claims now have only indexes in seq order to choose from;
+-- housekeeping finds running children through an index of their own.
+DROP INDEX @schema@.log_background_status_uuid_parent_idx;
+CREATE INDEX ON @schema@.log_background (uuid_parent) WHERE status = 'running';
+
+CREATE TABLE @schema@.batch_progress (
+    uuid_parent uuid NOT NULL REFERENCES @schema@.batch ON DELETE CASCADE,
+    shard int NOT NULL,
+    role_name name NOT NULL,
+    queued bigint NOT NULL DEFAULT 0,
+    running bigint NOT NULL DEFAULT 0,
+    done bigint NOT NULL DEFAULT 0,
+    failed bigint NOT NULL DEFAULT 0,
+    stopped bigint NOT NULL DEFAULT 0,
+    lost bigint NOT NULL DEFAULT 0,
+    first_start timestamptz,
+    last_end timestamptz,
+    PRIMARY KEY (uuid_parent, shard)
+);
+COMMENT ON TABLE @schema@.batch_progress IS
+    'Children per status of a batch as deltas: the sum over a batch''s rows is its count per status. '
+    'shard 0: the enqueue; shard n > 0: the runner holding global slot n; shard -pid: any other writer.';
+ALTER TABLE @schema@.batch_progress ENABLE ROW LEVEL SECURITY;
+-- role_name is the batch's role, whoever writes the row: pgbg_admin's stops count for the owner too.
+CREATE POLICY owner_or_admin ON @schema@.batch_progress
+    USING (role_name = current_user OR pg_has_role(current_user, 'pgbg_admin', 'MEMBER'))
+    WITH CHECK (role_name = current_user OR pg_has_role(current_user, 'pgbg_admin', 'MEMBER'));
+
+-- Counters of every existing batch, while no runner can change a child (ALTER TABLE above holds
+-- log_background). Batches still running keep being counted row by row: 0.1.0 runners finish them.
+INSERT INTO @schema@.batch_progress (uuid_parent, shard, role_name, queued, running, done, failed, stopped, lost,
+                                     first_start, last_end)
+SELECT uuid_parent, 0, role_name,
+       count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status = 'running'),
+       count(*) FILTER (WHERE status = 'done'), count(*) FILTER (WHERE status = 'failed'),
+       count(*) FILTER (WHERE status = 'stopped'), count(*) FILTER (WHERE status = 'lost'),
+       min(start_time_exec), max(end_time_exec)
+  FROM @schema@.log_background
+ GROUP BY uuid_parent, role_name;
+UPDATE @schema@.batch SET counted = false
+ WHERE uuid_parent IN (SELECT uuid_parent FROM @schema@.log_background WHERE status IN ('queued', 'running'));
+
+ALTER TYPE @schema@.monitor_row ADD ATTRIBUTE not_before timestamptz;
+ALTER TYPE @schema@.monitor_row ADD ATTRIBUTE errors jsonb;
+
+------------------------------------------------------------------------------------------------
+-- Counting
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION @schema@._count(p_parent uuid, p_role name, p_shard int, p_queued bigint, p_running bigint,
+                               p_done bigint, p_failed bigint, p_stopped bigint, p_lost bigint,
+                               p_started timestamptz DEFAULT NULL, p_ended timestamptz DEFAULT NULL)
+RETURNS void
+LANGUAGE sql
+AS $fn$
+    INSERT INTO @schema@.batch_progress AS p (uuid_parent, shard, role_name, queued, running, done, failed,
+                                              stopped, lost, first_start, last_end)
+    VALUES (p_parent, p_shard, p_role, p_queued, p_running, p_done, p_failed, p_stopped, p_lost, p_started, p_ended)
+    ON CONFLICT (uuid_parent, shard) DO UPDATE
+       SET queued = p.queued + excluded.queued, running = p.running + excluded.running,
+           done = p.done + excluded.done, failed = p.failed + excluded.failed,
+           stopped = p.stopped + excluded.stopped, lost = p.lost + excluded.lost,
+           first_start = least(p.first_start, excluded.first_start),
+           last_end = greatest(p.last_end, excluded.last_end)
+$fn$;
+COMMENT ON FUNCTION @schema@._count(uuid, name, int, bigint, bigint, bigint, bigint, bigint, bigint, timestamptz, timestamptz) IS
+    'Adds status deltas to one counter row of a batch. Every change of a child''s status calls it in the '
+    'same transaction.';
+
+CREATE FUNCTION @schema@._batch_counts(p_parent uuid, p_counted boolean)
+RETURNS TABLE (children bigint, queued bigint, running bigint, done bigint, failed bigint, stopped bigint,
+               lost bigint, started_at timestamptz, last_end timestamptz)
+LANGUAGE sql STABLE
+AS $fn$
+    SELECT sum(queued + running + done + failed + stopped + lost)::bigint, sum(queued)::bigint,
+           sum(running)::bigint, sum(done)::bigint, sum(failed)::bigint, sum(stopped)::bigint, sum(lost)::bigint,
+           min(first_start), max(last_end)
+      FROM @schema@.batch_progress
+     WHERE uuid_parent = p_parent AND p_counted
+    HAVING p_counted
+    UNION ALL
+    SELECT count(*), count(*) FILTER (WHERE status = 'queued'), count(*) FILTER (WHERE status = 'running'),
+           count(*) FILTER (WHERE status = 'done'), count(*) FILTER (WHERE status = 'failed'),
+           count(*) FILTER (WHERE status = 'stopped'), count(*) FILTER (WHERE status = 'lost'),
+           min(start_time_exec), max(end_time_exec)
+      FROM @schema@.log_background
+     WHERE uuid_parent = p_parent AND NOT p_counted
+    HAVING NOT p_counted
+$fn$;
+COMMENT ON FUNCTION @schema@._batch_counts(uuid, boolean) IS
+    'Children of a batch per status: the sum of its counter rows, or a count of its children for a '
+    'batch that was running when 0.2.0 was installed.';
+
+CREATE FUNCTION @schema@._status_of(p_children bigint, p_queued bigint, p_running bigint, p_failed bigint,
+                                   p_stopped bigint, p_lost bigint)
+RETURNS @schema@.child_status
+LANGUAGE sql IMMUTABLE
+RETURN CASE
+    WHEN coalesce(p_children, 0) = 0 THEN NULL
+    WHEN p_running > 0 THEN 'running'
+    WHEN p_queued > 0 THEN 'queued'
+    WHEN p_failed > 0 THEN 'failed'
+    WHEN p_lost > 0 THEN 'lost'
+    WHEN p_stopped > 0 THEN 'stopped'
+    ELSE 'done' END::@schema@.child_status;
+COMMENT ON FUNCTION @schema@._status_of(bigint, bigint, bigint, bigint, bigint, bigint) IS
+    'A batch''s status from its counts: running or queued while any child is, then the worst outcome.';
+
+CREATE OR REPLACE FUNCTION @schema@.batch_status(p_parent uuid)
+RETURNS @schema@.child_status
+LANGUAGE sql STABLE
+AS $fn$
+    SELECT @schema@._status_of(n.children, n.queued, n.running, n.failed, n.stopped, n.lost)
+      FROM @schema@.batch b CROSS JOIN LATERAL @schema@._batch_counts(b.uuid_parent, b.counted) n
+     WHERE b.uuid_parent = p_parent
+$fn$;
+
+DROP FUNCTION @schema@.pg_background_poll(uuid, interval);
+DROP VIEW @schema@.batches;
+CREATE VIEW @schema@.batches WITH (security_invoker = true) AS
+SELECT b.uuid_parent, b.label, b.origin, b.role_name, b.user_name, b.created_at, b.max_parallel,
+       b.fail_fast, b.statement_timeout, b.stop_requested_at,
+       @schema@._status_of(n.children, n.queued, n.running, n.failed, n.stopped, n.lost) AS status,
+       n.children, n.queued, n.running, n.done, n.failed, n.stopped, n.lost,
+       n.started_at,
+       CASE WHEN n.queued + n.running = 0 THEN n.last_end END AS ended_at,
+       b.claimed_by, b.claimed_at, b.retries, b.retry_delay, b.retry_backoff, b.retry_lost, b.stop_requested_by
+  FROM @schema@.batch b
+ CROSS JOIN LATERAL @schema@._batch_counts(b.uuid_parent, b.counted) n;
+COMMENT ON VIEW @schema@.batches IS
+    'One row per batch the caller may see, with counts per child status; reads a few counter rows per '
+    'batch, however many children it has.';
+
+CREATE FUNCTION @schema@.batch_end_channel()
+RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN '@schema@_batch_end';
+COMMENT ON FUNCTION @schema@.batch_end_channel() IS
+    'LISTEN channel on which the engine sends a batch''s parent UUID when its last child ends. '
+    'Any session of the database may listen; the payload is only the UUID.';
+
+CREATE FUNCTION @schema@._notify_if_ended(p_parents uuid[])
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM pg_notify(@schema@.batch_end_channel(), b.uuid_parent::text)
+       FROM @schema@.batch b CROSS JOIN LATERAL @schema@._batch_counts(b.uuid_parent, b.counted) n
+      WHERE b.uuid_parent = ANY (p_parents) AND n.queued + n.running = 0;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._notify_if_ended(uuid[]) IS
+    'Notifies the end of those batches that have no queued or running child left (sent on commit).';
+
+------------------------------------------------------------------------------------------------
+-- Retries
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION @schema@._is_transient(p_sqlstate text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+RETURN p_sqlstate IN ('40001', '40P01', '55P03', '57P01', '57P02', '57P03', '53300')
+    OR left(p_sqlstate, 2) = '08';
+COMMENT ON FUNCTION @schema@._is_transient(text) IS
+    'Failures worth trying again unchanged: serialization failure, deadlock, lock not available, '
+    'shutdown or restart, too many connections, connection exceptions (class 08).';
+
+CREATE FUNCTION @schema@._retry_at(p_delay interval, p_backoff float8, p_failures int)
+RETURNS timestamptz
+LANGUAGE sql VOLATILE
+RETURN clock_timestamp() + p_delay * power(p_backoff, p_failures);
+COMMENT ON FUNCTION @schema@._retry_at(interval, float8, int) IS
+    'When the next automatic retry may start: the delay grows by p_backoff with each failure.';
+
+CREATE FUNCTION @schema@._attempt_error(p_attempt int, p_status text, p_sqlstate text, p_error text)
+RETURNS jsonb
+LANGUAGE sql VOLATILE
+RETURN jsonb_build_array(jsonb_build_object('attempt', p_attempt, 'status', p_status, 'sqlstate', p_sqlstate,
+                                            'error', p_error, 'at', clock_timestamp()));
+COMMENT ON FUNCTION @schema@._attempt_error(int, text, text, text) IS 'One entry of log_background.errors.';
+
+CREATE FUNCTION @schema@._validate_retries(p_retries int, p_retry_delay interval, p_retry_backoff float8)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+AS $fn$
+BEGIN
+    IF p_retries IS NULL OR p_retries < 0 THEN
+        RAISE EXCEPTION 'p_retries must be 0 or more, got %', coalesce(p_retries::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_retries > 0 AND (p_retry_delay IS NULL OR p_retry_delay < interval '0') THEN
+        RAISE EXCEPTION 'p_retry_delay must be 0 or more when p_retries > 0, got %', coalesce(p_retry_delay::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_retry_backoff IS NULL OR p_retry_backoff < 1 THEN
+        RAISE EXCEPTION 'p_retry_backoff must be 1 or more, got %', coalesce(p_retry_backoff::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._validate_retries(int, interval, float8) IS
+    'Rejects bad retry options before anything is recorded.';
+
+------------------------------------------------------------------------------------------------
+-- Slots
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION @schema@._take_slot(p_key int, p_slots int)
+RETURNS int
+LANGUAGE plpgsql VOLATILE
+AS $fn$
+BEGIN
+    FOR s IN 1..p_slots LOOP
+        IF pg_try_advisory_lock(p_key, s) THEN
+            RETURN s;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._take_slot(int, int) IS
+    'Takes the first free slot 1..p_slots as a session advisory lock; NULL when all are taken.';
+
+CREATE OR REPLACE FUNCTION @schema@._try_slot(p_key int, p_slots int)
+RETURNS int
+LANGUAGE sql VOLATILE
+RETURN NULL::int;
+COMMENT ON FUNCTION @schema@._try_slot(int, int) IS
+    'Slot taking of engine 0.1.0, refused since 0.2.0: a 0.1.0 runner still running after the upgrade '
+    'finishes its own batch but adopts no other, whose counters it would not keep.';
+
+------------------------------------------------------------------------------------------------
+-- Runners
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION @schema@._claim(p_parent uuid, p_shard int, p_backend_start timestamptz,
+                               p_settled @schema@.child_status, p_claim boolean, p_after int)
+RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int)
+LANGUAGE plpgsql
+AS $fn$
+#variable_conflict use_column
+BEGIN
+    -- PL/pgSQL, not SQL: its plan is cached for the runner's session, and this runs once per child.
+    RETURN QUERY
+    WITH c AS (
+        UPDATE @schema@.log_background c
+           SET status = 'running', pid = pg_backend_pid(), backend_start = p_backend_start,
+               start_time_exec = clock_timestamp(), end_time_exec = NULL, attempt = c.attempt + 1,
+               not_before = NULL, stop_requested = false, requeue_on_stop = false
+         WHERE p_claim
+           AND c.id = (SELECT x.id FROM @schema@.log_background x
+                        WHERE x.uuid_parent = p_parent AND x.status = 'queued' AND x.role_name = current_user
+                          AND (x.not_before IS NULL OR x.not_before <= clock_timestamp())
+                          AND x.seq > p_after
+                        ORDER BY x.seq
+                        LIMIT 1
+                        FOR UPDATE SKIP LOCKED)
+        RETURNING c.id, c.uuid_child, c.query, c.run_mode, c.seq),
+    n AS (SELECT count(*) AS claimed FROM c),
+    counted AS (
+        INSERT INTO @schema@.batch_progress AS p (uuid_parent, shard, role_name, queued, running, done, failed,
+                                                  stopped, lost, first_start, last_end)
+        SELECT p_parent, p_shard, current_user,
+               coalesce((p_settled = 'queued')::int, 0) - n.claimed,
+               n.claimed - (p_settled IS NOT NULL)::int,
+               coalesce((p_settled = 'done')::int, 0), coalesce((p_settled = 'failed')::int, 0),
+               coalesce((p_settled = 'stopped')::int, 0), coalesce((p_settled = 'lost')::int, 0),
+               CASE WHEN n.claimed > 0 THEN clock_timestamp() END,
+               CASE WHEN p_settled IS NOT NULL THEN clock_timestamp() END
+          FROM n
+         WHERE n.claimed > 0 OR p_settled IS NOT NULL
+        ON CONFLICT (uuid_parent, shard) DO UPDATE
+           SET queued = p.queued + excluded.queued, running = p.running + excluded.running,
+               done = p.done + excluded.done, failed = p.failed + excluded.failed,
+               stopped = p.stopped + excluded.stopped, lost = p.lost + excluded.lost,
+               first_start = least(p.first_start, excluded.first_start),
+               last_end = greatest(p.last_end, excluded.last_end))
+    SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq FROM c;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._claim(uuid, int, timestamptz, @schema@.child_status, boolean, int) IS
+    'One statement per child for a runner: counts the outcome of the child it just settled (p_settled) '
+    'and, with p_claim, claims the next queued child that is due, in seq order after p_after. Starting '
+    'after the runner''s previous claim skips the index entries of children already claimed, which stay '
+    'until no snapshot can see them (a long poll holds one back).';
+
+CREATE OR REPLACE PROCEDURE @schema@._runner(p_parent uuid, p_enqueue_xid xid8)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_parent uuid := p_parent;
+    v_batch @schema@.batch;
+    v_settings @schema@.settings;
+    v_xact text;
+    v_nap float8 := 0.002;
+    v_global_slot int;
+    v_batch_slot int;
+    v_slot int;
+    v_backend_start timestamptz;
+    v_id bigint;
+    v_child uuid;
+    v_handle @pgbg_ext@.pg_background_handle;
+    v_finished boolean;
+    v_leave boolean := false;
+    v_settled @schema@.child_status;
+    v_fail_fast boolean := false;
+    v_failed_child uuid;
+    v_seq int;
+    v_after int := 0;
+    v_sql text;
+    v_mode text;
+    v_result jsonb;
+    v_state text;
+    v_msg text;
+    v_detail text;
+    v_hint text;
+    v_context text;
+    v_next uuid;
+    v_due timestamptz;
+BEGIN
+    PERFORM set_config('application_name', 'pgbg:' || v_parent, false);
+    -- The batch becomes visible when the transaction that queued it commits; if it rolls back,
+    -- there is nothing to run.
+    LOOP
+        v_xact := pg_xact_status(p_enqueue_xid);
+        EXIT WHEN v_xact IS DISTINCT FROM 'in progress';
+        PERFORM pg_sleep(v_nap);
+        v_nap := least(v_nap * 2, 0.1);
+    END LOOP;
+    SELECT * INTO v_settings FROM @schema@.settings;
+    SELECT * INTO v_batch FROM @schema@.batch WHERE uuid_parent = v_parent AND role_name = current_user;
+    IF v_xact = 'aborted' OR NOT FOUND THEN
+        RETURN;
+    END IF;
+    v_global_slot := @schema@._take_slot(@schema@._global_lock_key(), @schema@._global_cap());
+    IF v_global_slot IS NULL THEN
+        RETURN;
+    END IF;
+    v_batch_slot := @schema@._take_slot(@schema@._batch_lock_key(v_parent), v_batch.max_parallel);
+    IF v_batch_slot IS NULL THEN
+        PERFORM pg_advisory_unlock_all();
+        RETURN;
+    END IF;
+    SELECT backend_start INTO v_backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid();
+    PERFORM set_config('search_path', v_batch.search_path, false);
+    COMMIT;
+
+    LOOP
+        -- One transaction per child: the outcome of the previous one (its work too, for an inline
+        -- child) and the claim of the next. Publishing a claim alone need not wait for a WAL flush:
+        -- a claim lost in a crash leaves a child that never ran queued rather than lost.
+        IF v_settled IS NULL THEN
+            PERFORM set_config('synchronous_commit', 'off', true);
+        END IF;
+        SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq INTO v_id, v_child, v_sql, v_mode, v_seq
+          FROM @schema@._claim(v_parent, v_global_slot, v_backend_start, v_settled, NOT (v_fail_fast OR v_leave),
+                               v_after) c;
+        v_settled := NULL;
+        IF v_id IS NULL AND v_after > 0 AND NOT (v_fail_fast OR v_leave) THEN
+            -- Children queued again behind us (retries, a takeover) come after the rest.
+            v_after := 0;
+            SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq INTO v_id, v_child, v_sql, v_mode, v_seq
+              FROM @schema@._claim(v_parent, v_global_slot, v_backend_start, NULL, true, 0) c;
+        END IF;
+        v_after := coalesce(v_seq, v_after);
+        IF v_fail_fast THEN
+            -- The failure is recorded; now take the rest of the batch down.
+            COMMIT;
+            PERFORM @schema@._stop(v_parent, format('stopped: fail_fast after child %s failed', v_failed_child), false, NULL);
+            COMMIT;
+            v_fail_fast := false;
+            CONTINUE;
+        END IF;
+        EXIT WHEN v_leave;
+
+        IF v_id IS NULL THEN
+            -- Children waiting for an automatic retry keep this runner on the batch.
+            SELECT min(x.not_before) INTO v_due FROM @schema@.log_background x
+             WHERE x.uuid_parent = v_parent AND x.status = 'queued' AND x.not_before > clock_timestamp();
+            IF v_due IS NOT NULL THEN
+                COMMIT;
+                PERFORM pg_sleep(least(greatest(extract(epoch FROM v_due - clock_timestamp()), 0.001), 0.2));
+                CONTINUE;
+            END IF;
+            COMMIT;
+            -- Whoever commits the last outcome of a batch sees every other one: it tells the waiters.
+            PERFORM @schema@._notify_if_ended(ARRAY[v_parent]);
+            COMMIT;
+            -- This batch has nothing left to start. Keep the global slot busy with another batch
+            -- of the same role that is short of runners, instead of leaving it to the next poll.
+            v_next := NULL;
+            FOR v_batch IN
+                SELECT b.* FROM @schema@.batch b
+                 WHERE b.role_name = current_user AND b.stop_requested_at IS NULL
+                   AND b.uuid_parent <> v_parent
+                   AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                                WHERE x.uuid_parent = b.uuid_parent AND x.status = 'queued')
+                 ORDER BY b.created_at
+                 LIMIT 20
+            LOOP
+                v_slot := @schema@._take_slot(@schema@._batch_lock_key(v_batch.uuid_parent), v_batch.max_parallel);
+                IF v_slot IS NOT NULL THEN
+                    PERFORM pg_advisory_unlock(@schema@._batch_lock_key(v_parent), v_batch_slot);
+                    v_batch_slot := v_slot;
+                    v_next := v_batch.uuid_parent;
+                    EXIT;
+                END IF;
+            END LOOP;
+            EXIT WHEN v_next IS NULL;
+            v_parent := v_next;
+            v_after := 0;
+            PERFORM set_config('application_name', 'pgbg:' || v_parent, false);
+            PERFORM set_config('search_path', v_batch.search_path, false);
+            COMMIT;
+            CONTINUE;
+        END IF;
+        COMMIT;
+
+        v_handle := NULL;
+        IF v_mode = 'worker' THEN
+            -- Launch, then wait in short statements with a COMMIT between them: CREATE INDEX
+            -- CONCURRENTLY in the nested worker waits for every older snapshot, this runner's too.
+            BEGIN
+                v_handle := @schema@._launch_top_level(v_sql, v_child, v_batch.statement_timeout);
+            EXCEPTION WHEN query_canceled THEN
+                NULL;  -- stopped before it started; recorded below
+            END;
+            COMMIT;
+            v_finished := v_handle IS NULL;
+            WHILE NOT v_finished LOOP
+                BEGIN
+                    v_finished := @pgbg_ext@.pg_background_wait_v2(v_handle.pid, v_handle.cookie, 250);
+                EXCEPTION WHEN query_canceled THEN
+                    PERFORM @pgbg_ext@.pg_background_cancel_v2(v_handle.pid, v_handle.cookie, 0);
+                END;
+                COMMIT;
+            END LOOP;
+        END IF;
+
+        BEGIN
+            IF v_mode = 'inline' THEN
+                v_result := @schema@._execute_inline(v_sql, v_settings.preview_rows, v_settings.preview_bytes);
+                -- A child that wrote nothing has nothing to make durable but its log row, which a crash
+                -- would turn into 'lost': its commit need not wait for a WAL flush either.
+                IF pg_current_xact_id_if_assigned() IS NULL THEN
+                    PERFORM set_config('synchronous_commit', 'off', true);
+                END IF;
+            ELSIF v_handle IS NULL THEN
+                RAISE EXCEPTION 'canceling statement due to user request' USING ERRCODE = 'query_canceled';
+            ELSE
+                v_result := @schema@._top_level_result(v_handle);
+            END IF;
+            UPDATE @schema@.log_background
+               SET status = 'done', result = v_result, end_time_exec = clock_timestamp(), sqlstate = NULL,
+                   error = NULL, error_detail = NULL, error_hint = NULL, error_context = NULL
+             WHERE id = v_id;
+            v_settled := 'done';
+        EXCEPTION
+            WHEN query_canceled OR admin_shutdown THEN
+                -- pg_background_stop() sets stop_requested under a row lock before it signals, so
+                -- the flag tells a stop from a statement_timeout and from pg_cancel_backend() or
+                -- pg_terminate_backend() sent by someone else (pg_background turns SIGTERM into a
+                -- cancel): such a worker is treated as gone, its child lost, and the runner leaves.
+                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+                UPDATE @schema@.log_background c
+                   SET status = CASE WHEN c.stop_requested AND c.requeue_on_stop THEN 'queued'
+                                     WHEN c.stop_requested THEN 'stopped'
+                                     WHEN v_msg LIKE '%statement timeout%' THEN 'failed'
+                                     WHEN v_batch.retry_lost AND c.failures < v_batch.retries THEN 'queued'
+                                     ELSE 'lost' END::@schema@.child_status,
+                       sqlstate = v_state,
+                       error = CASE WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
+                                    WHEN v_msg LIKE '%statement timeout%' THEN v_msg
+                                    ELSE 'worker process was cancelled or terminated from outside: ' || v_msg END,
+                       end_time_exec = clock_timestamp(),
+                       failures = c.failures + (NOT c.stop_requested AND v_msg NOT LIKE '%statement timeout%')::int,
+                       not_before = CASE WHEN NOT c.stop_requested AND v_msg NOT LIKE '%statement timeout%'
+                                              AND v_batch.retry_lost AND c.failures < v_batch.retries
+                                         THEN @schema@._retry_at(v_batch.retry_delay, v_batch.retry_backoff, c.failures) END,
+                       errors = CASE WHEN c.stop_requested THEN c.errors
+                                     ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
+                                         c.attempt, CASE WHEN v_msg LIKE '%statement timeout%' THEN 'failed' ELSE 'lost' END,
+                                         v_state, v_msg) END
+                 WHERE id = v_id
+                RETURNING status, NOT stop_requested AND v_msg NOT LIKE '%statement timeout%'
+                     INTO v_settled, v_leave;
+            WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT,
+                                        v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                                        v_context = PG_EXCEPTION_CONTEXT;
+                UPDATE @schema@.log_background c
+                   SET status = CASE WHEN @schema@._is_transient(v_state) AND c.failures < v_batch.retries
+                                     THEN 'queued' ELSE 'failed' END::@schema@.child_status,
+                       not_before = CASE WHEN @schema@._is_transient(v_state) AND c.failures < v_batch.retries
+                                         THEN @schema@._retry_at(v_batch.retry_delay, v_batch.retry_backoff, c.failures) END,
+                       failures = c.failures + @schema@._is_transient(v_state)::int,
+                       sqlstate = v_state, error = v_msg,
+                       error_detail = nullif(v_detail, ''), error_hint = nullif(v_hint, ''),
+                       error_context = nullif(v_context, ''), end_time_exec = clock_timestamp(),
+                       errors = coalesce(c.errors, '[]') || @schema@._attempt_error(c.attempt, 'failed', v_state, v_msg)
+                 WHERE id = v_id
+                RETURNING status INTO v_settled;
+                -- Only a final failure stops a fail_fast batch; a retry is not one.
+                v_fail_fast := v_batch.fail_fast AND v_settled = 'failed';
+                v_failed_child := v_child;
+        END;
+        v_id := NULL;
+    END LOOP;
+    -- Leave the name first so that nobody counts this process once its slots are free.
+    PERFORM set_config('application_name', 'pgbg:exiting', false);
+    PERFORM pg_advisory_unlock_all();
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._runner(uuid, xid8) IS
+    'Body of a runner worker: holds one global and one batch slot and executes queued children until '
+    'none is left (waiting for children due for a retry), recording each outcome in the transaction of its '
+    'work together with the claim of the next child. Started by _housekeep().';
+
+------------------------------------------------------------------------------------------------
+-- Housekeeping: lost children, and runners where slots are free
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION @schema@._housekeep(p_parents uuid[])
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    b record;
+    r record;
+    v_touched uuid[];
+    v_free_global int;
+    v_want int;
+    v_started int;
+BEGIN
+    -- pg_stat_activity is otherwise frozen for the rest of the transaction.
+    PERFORM pg_stat_clear_snapshot();
+
+    -- A running child whose runner is gone (same pid with the same backend_start) has no one left
+    -- to record its outcome. Rows locked by someone else are left to that someone.
+    FOR r IN
+        WITH gone AS (
+            SELECT x.id FROM @schema@.log_background x
+             WHERE x.status = 'running'
+               AND (p_parents IS NULL OR x.uuid_parent = ANY (p_parents))
+               AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                WHERE a.pid = x.pid AND (a.backend_start = x.backend_start OR a.backend_start IS NULL))
+               FOR UPDATE OF x SKIP LOCKED),
+        settled AS (
+            UPDATE @schema@.log_background c
+               SET status = CASE WHEN c.stop_requested AND c.requeue_on_stop THEN 'queued'
+                                 WHEN c.stop_requested THEN 'stopped'
+                                 WHEN bt.retry_lost AND c.failures < bt.retries THEN 'queued'
+                                 ELSE 'lost' END::@schema@.child_status,
+                   end_time_exec = clock_timestamp(),
+                   error = CASE WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
+                                ELSE 'worker process ended without recording an outcome '
+                                     '(terminated, crashed or server restarted)' END,
+                   failures = c.failures + (NOT c.stop_requested)::int,
+                   not_before = CASE WHEN NOT c.stop_requested AND bt.retry_lost AND c.failures < bt.retries
+                                     THEN @schema@._retry_at(bt.retry_delay, bt.retry_backoff, c.failures) END,
+                   errors = CASE WHEN c.stop_requested THEN c.errors
+                                 ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
+                                     c.attempt, 'lost', NULL, 'worker process ended without recording an outcome') END
+              FROM gone, @schema@.batch bt
+             WHERE c.id = gone.id AND bt.uuid_parent = c.uuid_parent
+            RETURNING c.uuid_parent, c.role_name, c.status)
+        SELECT s.uuid_parent, s.role_name, count(*) AS n, count(*) FILTER (WHERE s.status = 'queued') AS queued,
+               count(*) FILTER (WHERE s.status = 'stopped') AS stopped, count(*) FILTER (WHERE s.status = 'lost') AS lost
+          FROM settled s GROUP BY s.uuid_parent, s.role_name
+    LOOP
+        PERFORM @schema@._count(r.uuid_parent, r.role_name, -pg_backend_pid(), r.queued, -r.n, 0, 0, r.stopped, r.lost,
+                                NULL, clock_timestamp());
+        v_touched := v_touched || r.uuid_parent;
+    END LOOP;
+    IF v_touched IS NOT NULL THEN
+        PERFORM @schema@._notify_if_ended(v_touched);
+    END IF;
+
+    -- Start runners where slots are free. Only for the caller's own batches: a runner runs as the
+    -- role that starts it, and children must run as the role that submitted them. Runners still
+    -- starting up hold no lock yet but already carry their batch's name, so both are counted.
+    v_free_global := @schema@._global_cap()
+        - greatest(@schema@._slots_held(@schema@._global_lock_key()),
+                   (SELECT count(*)::int FROM pg_stat_activity
+                     WHERE application_name LIKE 'pgbg:%-%' AND datname = current_database()));
+    IF v_free_global <= 0 THEN
+        RETURN;
+    END IF;
+    FOR b IN
+        WITH held AS (
+            SELECT l.classid::bigint AS key, count(*)::int AS n FROM pg_locks l
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+             GROUP BY l.classid),
+        named AS (
+            SELECT a.application_name, count(*)::int AS n FROM pg_stat_activity a
+             WHERE a.application_name LIKE 'pgbg:%-%' AND a.datname = current_database()
+             GROUP BY a.application_name)
+        SELECT bt.uuid_parent, bt.max_parallel, bt.enqueue_xid, n.queued,
+               greatest(coalesce(h.n, 0), coalesce(nm.n, 0)) AS active
+          FROM @schema@.batch bt
+          CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
+          LEFT JOIN held h ON h.key = @schema@._batch_lock_key(bt.uuid_parent)
+          LEFT JOIN named nm ON nm.application_name = 'pgbg:' || bt.uuid_parent
+         WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+           AND (p_parents IS NULL OR bt.uuid_parent = ANY (p_parents))
+           AND n.queued > 0
+         ORDER BY bt.created_at
+    LOOP
+        v_want := least(b.queued, b.max_parallel - b.active, v_free_global)::int;
+        CONTINUE WHEN v_want <= 0;
+        v_started := @schema@._launch_runners(b.uuid_parent, b.enqueue_xid, v_want);
+        v_free_global := v_free_global - v_started;
+        EXIT WHEN v_started < v_want OR v_free_global <= 0;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._housekeep(uuid[]) IS
+    'Settles children of dead workers (lost, or queued again when the batch retries lost children) and '
+    'starts runners for the caller''s batches where slots are free; every batch when p_parents is NULL. '
+    'Run by every poll, monitor, wait and launch call, so polling is enough to drive a batch.';
+
+CREATE OR REPLACE FUNCTION @schema@._housekeep(p_parent uuid DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM @schema@._housekeep(CASE WHEN p_parent IS NOT NULL THEN ARRAY[p_parent] END);
+END
+$fn$;
+
+------------------------------------------------------------------------------------------------
+-- Submitting
+------------------------------------------------------------------------------------------------
+
+DROP FUNCTION @schema@.pg_background_launch_num(text, text, boolean, int, text, boolean, interval, text);
+DROP FUNCTION @schema@.pg_background_launch_num(text[], boolean, int, text, boolean, interval, text);
+DROP FUNCTION @schema@._enqueue(uuid, text[], int, text, name, inet, text, boolean, interval, text);
+
+CREATE FUNCTION @schema@._enqueue(p_parent uuid, p_querys text[], p_max_parallel int, p_label text,
+                                 p_user_name name, p_ip_client inet, p_search_path text,
+                                 p_fail_fast boolean, p_statement_timeout interval, p_origin text,
+                                 p_retries int, p_retry_delay interval, p_retry_backoff float8,
+                                 p_retry_lost boolean, p_claimed_by text, p_requeue_on_takeover boolean)
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    INSERT INTO @schema@.batch (uuid_parent, label, user_name, ip_client, max_parallel, search_path,
+                                fail_fast, statement_timeout, origin, retries, retry_delay, retry_backoff,
+                                retry_lost, claimed_by, claimed_at, requeue_on_takeover)
+    VALUES (p_parent, p_label, p_user_name, p_ip_client, p_max_parallel, p_search_path,
+            p_fail_fast, p_statement_timeout, p_origin, p_retries, coalesce(p_retry_delay, interval '1 second'),
+            p_retry_backoff, p_retry_lost, p_claimed_by, CASE WHEN p_claimed_by IS NOT NULL THEN clock_timestamp() END,
+            coalesce(p_requeue_on_takeover, false));
+    INSERT INTO @schema@.log_background (uuid_parent, seq, query, label, run_mode, user_name, ip_client)
+    SELECT p_parent, q.seq, q.sql, p_label,
+           CASE WHEN p_statement_timeout IS NOT NULL OR @schema@._needs_own_worker(q.sql)
+                THEN 'worker' ELSE 'inline' END,
+           p_user_name, p_ip_client
+      FROM unnest(p_querys) WITH ORDINALITY AS q(sql, seq);
+    PERFORM @schema@._count(p_parent, current_user, 0, cardinality(p_querys), 0, 0, 0, 0, 0);
+    PERFORM @schema@._housekeep(ARRAY[p_parent]);
+    RETURN cardinality(p_querys);
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._enqueue(uuid, text[], int, text, name, inet, text, boolean, interval, text, int,
+                                      interval, float8, boolean, text, boolean) IS
+    'Records a validated batch and starts its first runners, which wait for this transaction to commit.';
+
+CREATE FUNCTION @schema@.pg_background_launch_num(
+    p_querys text[],
+    p_monitor boolean DEFAULT true,
+    p_max_parallel int DEFAULT NULL,
+    p_label text DEFAULT NULL,
+    p_fail_fast boolean DEFAULT false,
+    p_statement_timeout interval DEFAULT NULL,
+    p_origin text DEFAULT NULL,
+    p_retries int DEFAULT 0,
+    p_retry_delay interval DEFAULT interval '1 second',
+    p_retry_backoff float8 DEFAULT 2,
+    p_retry_lost boolean DEFAULT false)
+RETURNS uuid
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_parent uuid := gen_random_uuid();
+    v_querys text[] := @schema@._validate_batch(p_querys, p_max_parallel, p_statement_timeout);
+    v_max_parallel int := coalesce(p_max_parallel, @schema@._global_cap());
+    v_search_path text := current_setting('search_path');
+    h @pgbg_ext@.pg_background_handle;
+    v_deadline timestamptz := clock_timestamp() + interval '60 seconds';
+BEGIN
+    PERFORM @schema@._validate_retries(p_retries, p_retry_delay, p_retry_backoff);
+    IF NOT p_monitor THEN
+        -- Queued in the caller's transaction: the batch starts when it commits, and never if it
+        -- rolls back.
+        PERFORM @schema@._enqueue(v_parent, v_querys, v_max_parallel, p_label,
+                                  session_user, inet_client_addr(), v_search_path,
+                                  p_fail_fast, p_statement_timeout, p_origin,
+                                  p_retries, p_retry_delay, p_retry_backoff, coalesce(p_retry_lost, false), NULL, false);
+        RETURN v_parent;
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(v_querys) AS q WHERE q ~* '\mCONCURRENTLY\M') THEN
+        RAISE EXCEPTION 'p_monitor => true cannot wait for a batch with CONCURRENTLY statements'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'They wait for every older snapshot, including that of the waiting statement.',
+                  HINT = 'Launch with p_monitor => false, then poll pg_background_monitor() or pg_background_wait() '
+                         'from short statements.';
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'p_monitor => true waits for other transactions and needs READ COMMITTED, not %',
+            current_setting('transaction_isolation') USING ERRCODE = 'feature_not_supported';
+    END IF;
+    -- Waiting here keeps this transaction open, so the batch is queued by a worker of its own that
+    -- commits at once; runners could not see rows this transaction has not committed.
+    LOOP
+        BEGIN
+            h := @pgbg_ext@.pg_background_launch_v2(format(
+                'SELECT @schema@._enqueue(%L::uuid, %L::text[], %s, %L, %L, %L::inet, %L, %L, %L::interval, %L, '
+                '%s, %L::interval, %s, %L, NULL, false)',
+                v_parent, v_querys, v_max_parallel, p_label, session_user, inet_client_addr(), v_search_path,
+                p_fail_fast, p_statement_timeout, p_origin, p_retries, p_retry_delay, p_retry_backoff,
+                coalesce(p_retry_lost, false)));
+            EXIT;
+        EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
+            IF clock_timestamp() > v_deadline THEN
+                RAISE EXCEPTION 'no background worker slot came free in 60 s to queue the batch; nothing was queued'
+                    USING ERRCODE = 'insufficient_resources',
+                          HINT = 'Raise max_worker_processes, or launch with p_monitor => false.';
+            END IF;
+            PERFORM pg_sleep(0.05);
+        END;
+    END LOOP;
+    PERFORM @pgbg_ext@.pg_background_wait_v2(h.pid, h.cookie);
+    PERFORM @schema@._top_level_result(h);  -- raises what made the enqueue fail
+    PERFORM @schema@.pg_background_wait(v_parent);
+    RETURN v_parent;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_launch_num(text[], boolean, int, text, boolean, interval, text, int,
+                                                      interval, float8, boolean) IS
+    'Runs each statement of the array as a child of a new batch and returns its parent UUID. '
+    'p_max_parallel caps the batch (NULL: the global cap); p_monitor => true returns when the batch has '
+    'ended, false at once; p_fail_fast stops the rest after the first final failure; p_statement_timeout '
+    'limits each child; p_origin records who asked (Airflow: the task instance); p_retries retries a '
+    'child''s transient failures after p_retry_delay, growing by p_retry_backoff, and p_retry_lost also '
+    'children lost with their worker. Bad input raises before anything is recorded.';
+
+CREATE FUNCTION @schema@.pg_background_launch_num(
+    p_querys text,
+    p_delimiter text DEFAULT ';',
+    p_monitor boolean DEFAULT true,
+    p_max_parallel int DEFAULT NULL,
+    p_label text DEFAULT NULL,
+    p_fail_fast boolean DEFAULT false,
+    p_statement_timeout interval DEFAULT NULL,
+    p_origin text DEFAULT NULL,
+    p_retries int DEFAULT 0,
+    p_retry_delay interval DEFAULT interval '1 second',
+    p_retry_backoff float8 DEFAULT 2,
+    p_retry_lost boolean DEFAULT false)
+RETURNS uuid
+LANGUAGE sql
+RETURN @schema@.pg_background_launch_num(
+    @schema@.split_statements(p_querys, p_delimiter), p_monitor, p_max_parallel, p_label,
+    p_fail_fast, p_statement_timeout, p_origin, p_retries, p_retry_delay, p_retry_backoff, p_retry_lost);
+COMMENT ON FUNCTION @schema@.pg_background_launch_num(text, text, boolean, int, text, boolean, interval, text, int,
+                                                      interval, float8, boolean) IS
+    'The seed''s form: splits p_querys on p_delimiter outside quotes, dollar quotes and comments, then '
+    'as the array form.';
+
+------------------------------------------------------------------------------------------------
+-- Watching
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION @schema@._watch_key(p_parent uuid)
+RETURNS int
+LANGUAGE sql IMMUTABLE
+RETURN hashtext('@schema@/watch/' || p_parent::text) & 2147483647;
+
+CREATE FUNCTION @schema@._claim_key(p_claimed_by text)
+RETURNS int
+LANGUAGE sql IMMUTABLE
+RETURN hashtext(coalesce(p_claimed_by, '')) & 2147483647;
+
+CREATE FUNCTION @schema@.pg_background_watch(uuid_fathers uuid[], p_claims text[])
+RETURNS int
+LANGUAGE sql
+AS $fn$
+    SELECT count(*) FILTER (WHERE pg_try_advisory_lock(@schema@._watch_key(w.parent), @schema@._claim_key(w.claim)))::int
+      FROM unnest(uuid_fathers, p_claims) AS w(parent, claim)
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_watch(uuid[], text[]) IS
+    'This session waits for these batches on behalf of these claims: a session advisory lock per pair, '
+    'released by pg_background_unwatch() or when the session ends. Returns how many it took (a pair '
+    'already held by another session is not taken again).';
+
+CREATE FUNCTION @schema@.pg_background_unwatch(uuid_fathers uuid[], p_claims text[])
+RETURNS int
+LANGUAGE sql
+AS $fn$
+    SELECT count(*) FILTER (WHERE pg_advisory_unlock(@schema@._watch_key(w.parent), @schema@._claim_key(w.claim)))::int
+      FROM unnest(uuid_fathers, p_claims) AS w(parent, claim)
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_unwatch(uuid[], text[]) IS 'Ends pg_background_watch() for these pairs.';
+
+CREATE FUNCTION @schema@.pg_background_watched(uuid_father uuid, p_except_claim text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE sql VOLATILE
+AS $fn$
+    SELECT EXISTS (
+               SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.classid = @schema@._watch_key(uuid_father)::oid
+                  AND (p_except_claim IS NULL OR l.objid <> @schema@._claim_key(p_except_claim)::oid))
+        -- Triggers of airflow_pgbg 0.1.0 named their connection instead.
+        OR EXISTS (
+               SELECT 1 FROM pg_stat_activity a
+                WHERE a.application_name LIKE 'pgbg-trigger:' || uuid_father || ':%'
+                  AND a.application_name IS DISTINCT FROM 'pgbg-trigger:' || uuid_father || ':' || p_except_claim)
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_watched(uuid, text) IS
+    'Whether a live session waits for the batch on behalf of a claim other than p_except_claim.';
+
+CREATE FUNCTION @schema@.pg_background_poll_many(uuid_fathers uuid[])
+RETURNS SETOF @schema@.batches
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM @schema@._housekeep(uuid_fathers);
+    RETURN QUERY SELECT * FROM @schema@.batches WHERE uuid_parent = ANY (uuid_fathers);
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_poll_many(uuid[]) IS
+    'A watcher''s round trip for many batches: the housekeeping of those batches, then their rows of '
+    'the batches view. Batches the caller cannot see, or that do not exist, have no row.';
+
+CREATE FUNCTION @schema@.pg_background_poll(uuid_father uuid, p_wait interval DEFAULT NULL)
+RETURNS SETOF @schema@.batches
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_deadline timestamptz := clock_timestamp() + coalesce(p_wait, interval '0');
+    v_nap float8 := 0.005;
+    v_status @schema@.child_status;
+BEGIN
+    -- Waiting here (rather than sleeping in the poller) notices the end within milliseconds; each
+    -- call is still one short statement, so CREATE INDEX CONCURRENTLY waits at most p_wait for it.
+    LOOP
+        PERFORM @schema@._housekeep(ARRAY[uuid_father]);
+        v_status := @schema@.batch_status(uuid_father);
+        EXIT WHEN clock_timestamp() >= v_deadline OR v_status IS NULL OR v_status NOT IN ('running', 'queued');
+        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0)));
+        v_nap := least(v_nap * 2, 0.1);
+    END LOOP;
+    RETURN QUERY SELECT * FROM @schema@.batches WHERE uuid_parent = uuid_father;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_poll(uuid, interval) IS
+    'What a poller needs in one round trip: the housekeeping of pg_background_monitor() and the batch''s '
+    'row of the batches view (status and counts), without the child rows; with p_wait, first waits up to '
+    'that long for the batch to end. No row for an unknown batch.';
+
+CREATE OR REPLACE FUNCTION @schema@.pg_background_wait(uuid_father uuid, p_timeout interval DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_deadline timestamptz := clock_timestamp() + p_timeout;
+    v_status @schema@.child_status;
+    v_nap float8 := 0.005;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM @schema@.batch WHERE uuid_parent = uuid_father) THEN
+        RAISE EXCEPTION 'no batch with uuid %', uuid_father USING ERRCODE = 'no_data_found',
+            HINT = 'A role sees only its own batches.';
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pg_background_wait() needs READ COMMITTED, not %',
+            current_setting('transaction_isolation') USING ERRCODE = 'feature_not_supported';
+    END IF;
+    LOOP
+        PERFORM @schema@._housekeep(ARRAY[uuid_father]);
+        v_status := @schema@.batch_status(uuid_father);
+        IF v_status NOT IN ('queued', 'running') THEN
+            RETURN v_status::text;
+        END IF;
+        IF clock_timestamp() >= v_deadline THEN
+            RETURN NULL;
+        END IF;
+        -- (0.1.0 slept 1 ms at a time without a timeout: greatest() ignores the NULL deadline.)
+        PERFORM pg_sleep(CASE WHEN v_deadline IS NULL THEN v_nap
+                              ELSE least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0.001)) END);
+        v_nap := least(v_nap * 2, 0.2);
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION @schema@.pg_background_monitor(uuid_father uuid DEFAULT NULL, p_show_verbose boolean DEFAULT true)
+RETURNS SETOF @schema@.monitor_row
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM @schema@._housekeep(CASE WHEN uuid_father IS NOT NULL THEN ARRAY[uuid_father] END);
+    RETURN QUERY
+    SELECT c.uuid_parent, c.uuid_child, c.seq, c.label, c.pid, c.status,
+           CASE WHEN p_show_verbose THEN c.query ELSE left(c.query, 80) END,
+           CASE WHEN p_show_verbose THEN c.result ELSE c.result - 'preview' END,
+           c.error, c.sqlstate, c.queued_time, c.start_time_exec, c.end_time_exec,
+           CASE WHEN c.start_time_exec IS NOT NULL
+                THEN coalesce(c.end_time_exec, clock_timestamp()) - c.start_time_exec END,
+           c.attempt, c.user_name, c.run_mode, c.not_before, c.errors
+      FROM @schema@.log_background c
+      JOIN @schema@.batch b USING (uuid_parent)
+     WHERE uuid_father IS NULL OR c.uuid_parent = uuid_father
+     ORDER BY b.created_at, c.uuid_parent, c.seq;
+END
+$fn$;
+
+------------------------------------------------------------------------------------------------
+-- Stopping, claiming, retrying
+------------------------------------------------------------------------------------------------
+
+DROP FUNCTION @schema@._signal_child(uuid, text, int, timestamptz);
+CREATE FUNCTION @schema@._signal_child(p_parent uuid, p_child uuid, p_role name, p_run_mode text, p_pid int,
+                                      p_backend_start timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_role oid := (SELECT oid FROM pg_roles WHERE rolname = p_role);
+    v_pid int;
+BEGIN
+    PERFORM pg_stat_clear_snapshot();
+    -- Only a process that says by itself that it runs this child is signalled: a pg_background
+    -- worker of the batch's role named after the child (a nested worker) or after its batch (the
+    -- runner that claimed it). The pid in the row only picks among the batch's runners; no other
+    -- process can be reached through it. A top-level child's nested worker is cancelled first, the
+    -- runner then records the outcome.
+    IF p_run_mode = 'worker' THEN
+        SELECT a.pid INTO v_pid FROM pg_stat_activity a
+         WHERE a.application_name = 'pgbg-child:' || p_child AND a.backend_type = 'pg_background'
+           AND a.usesysid = v_role;
+        IF FOUND THEN
+            RETURN pg_cancel_backend(v_pid);
+        END IF;
+    END IF;
+    SELECT a.pid INTO v_pid FROM pg_stat_activity a
+     WHERE a.pid = p_pid AND a.backend_type = 'pg_background' AND a.usesysid = v_role
+       AND a.application_name = 'pgbg:' || p_parent
+       AND a.backend_start = p_backend_start;
+    IF FOUND THEN
+        RETURN pg_cancel_backend(v_pid);
+    END IF;
+    RETURN false;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._signal_child(uuid, uuid, name, text, int, timestamptz) IS
+    'Cancels the engine process executing a running child, identified by what the process reports about '
+    'itself (backend type, role, name), never by a pid alone.';
+
+CREATE FUNCTION @schema@._stop(uuid_father_or_child uuid, p_reason text, p_requeue boolean, p_stopped_by text)
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_stopped int := 0;
+    v_parent uuid;
+    v_is_batch boolean;
+    r record;
+BEGIN
+    SELECT b.uuid_parent INTO v_parent FROM @schema@.batch b WHERE b.uuid_parent = uuid_father_or_child;
+    v_is_batch := FOUND;
+    IF NOT v_is_batch THEN
+        SELECT c.uuid_parent INTO v_parent FROM @schema@.log_background c WHERE c.uuid_child = uuid_father_or_child;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'no batch or child with uuid %', uuid_father_or_child
+                USING ERRCODE = 'no_data_found', HINT = 'A role sees and stops only its own batches.';
+        END IF;
+    END IF;
+    IF v_is_batch AND NOT p_requeue THEN
+        UPDATE @schema@.batch SET stop_requested_at = coalesce(stop_requested_at, clock_timestamp()),
+                                  stop_requested_by = coalesce(stop_requested_by, p_stopped_by)
+         WHERE uuid_parent = v_parent;
+    END IF;
+
+    -- Queued children never start: runners skip locked rows and find them stopped after commit. A
+    -- takeover (p_requeue) leaves them queued for the new holder.
+    IF NOT p_requeue THEN
+        WITH s AS (
+            UPDATE @schema@.log_background
+               SET status = 'stopped', end_time_exec = clock_timestamp(), error = p_reason, stopped_by = p_stopped_by,
+                   not_before = NULL
+             WHERE status = 'queued'
+               AND (uuid_parent = uuid_father_or_child OR uuid_child = uuid_father_or_child)
+            RETURNING role_name)
+        SELECT count(*) INTO v_stopped FROM s;
+        IF v_stopped > 0 THEN
+            PERFORM @schema@._count(v_parent, (SELECT role_name FROM @schema@.batch WHERE uuid_parent = v_parent),
+                                    -pg_backend_pid(), -v_stopped, 0, 0, 0, v_stopped, 0, NULL, clock_timestamp());
+        END IF;
+    END IF;
+
+    -- Running children: the row lock taken here keeps the runner on this child (it must update the
+    -- row to leave it) until this transaction ends, so the cancel cannot hit its next child.
+    FOR r IN
+        UPDATE @schema@.log_background c
+           SET stop_requested = true, requeue_on_stop = p_requeue, stopped_by = p_stopped_by
+          FROM (SELECT id, stop_requested AS was_requested FROM @schema@.log_background
+                 WHERE status = 'running'
+                   AND (uuid_parent = uuid_father_or_child OR uuid_child = uuid_father_or_child)
+                 FOR UPDATE) p
+         WHERE c.id = p.id AND c.status = 'running'
+        RETURNING c.uuid_parent, c.uuid_child, c.role_name, c.run_mode, c.pid, c.backend_start, p.was_requested
+    LOOP
+        PERFORM @schema@._signal_child(r.uuid_parent, r.uuid_child, r.role_name, r.run_mode, r.pid, r.backend_start);
+        IF NOT r.was_requested THEN
+            v_stopped := v_stopped + 1;
+        END IF;
+    END LOOP;
+    PERFORM @schema@._notify_if_ended(ARRAY[v_parent]);
+    RETURN v_stopped;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._stop(uuid, text, boolean, text) IS
+    'Stops a batch or one child, recording p_reason on the queued children it stops and p_stopped_by on '
+    'all; with p_requeue (a takeover), running children are cancelled and queued again and queued ones '
+    'stay queued.';
+
+CREATE OR REPLACE FUNCTION @schema@._stop(uuid_father_or_child uuid, p_reason text)
+RETURNS int
+LANGUAGE sql
+RETURN @schema@._stop(uuid_father_or_child, p_reason, false, NULL);
+COMMENT ON FUNCTION @schema@._stop(uuid, text) IS 'The stop of engine 0.1.0 (its fail_fast), kept for its runners.';
+
+CREATE OR REPLACE FUNCTION @schema@.pg_background_stop(uuid_father_or_child uuid)
+RETURNS int
+LANGUAGE sql
+RETURN @schema@._stop(uuid_father_or_child, 'stopped by pg_background_stop() before it started', false, NULL);
+
+CREATE FUNCTION @schema@.pg_background_stop(uuid_father_or_child uuid, p_if_claimed_by text, p_stopped_by text)
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_holder text;
+BEGIN
+    -- The row lock orders this against pg_background_claim(): a newer holder's claim waits for this
+    -- stop, and a stop after the claim sees the new holder and leaves the batch alone.
+    SELECT b.claimed_by INTO v_holder FROM @schema@.batch b
+     WHERE b.uuid_parent = uuid_father_or_child
+        OR b.uuid_parent = (SELECT c.uuid_parent FROM @schema@.log_background c
+                             WHERE c.uuid_child = uuid_father_or_child)
+       FOR UPDATE;
+    IF FOUND AND p_if_claimed_by IS NOT NULL AND v_holder IS DISTINCT FROM p_if_claimed_by THEN
+        RETURN 0;
+    END IF;
+    RETURN @schema@._stop(uuid_father_or_child,
+                          'stopped' || coalesce(' by ' || p_stopped_by, ' by pg_background_stop()') || ' before it started',
+                          false, p_stopped_by);
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_stop(uuid, text, text) IS
+    'pg_background_stop(), only while the batch is still claimed by p_if_claimed_by (unless NULL), '
+    'recording who asked (p_stopped_by, free text); 0 when the batch has another holder.';
+
+CREATE OR REPLACE FUNCTION @schema@.pg_background_claim(uuid_father uuid, p_claimed_by text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    UPDATE @schema@.batch SET claimed_by = p_claimed_by, claimed_at = clock_timestamp()
+     WHERE uuid_parent = uuid_father;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no batch with uuid %', uuid_father USING ERRCODE = 'no_data_found';
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION @schema@.pg_background_retry(uuid_father uuid, p_requested_by text)
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_role name;
+    v_q bigint; v_f bigint; v_s bigint; v_l bigint;
+BEGIN
+    SELECT role_name INTO v_role FROM @schema@.batch WHERE uuid_parent = uuid_father AND role_name = current_user;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no batch with uuid % submitted by %', uuid_father, current_user
+            USING ERRCODE = 'no_data_found', HINT = 'Children run as the role that submitted them; only it can retry.';
+    END IF;
+    -- New runners wait for this transaction, as for the one that queued the batch.
+    UPDATE @schema@.batch SET stop_requested_at = NULL, stop_requested_by = NULL, enqueue_xid = pg_current_xact_id()
+     WHERE uuid_parent = uuid_father;
+    -- done children stay done: a retry runs only what did not succeed. Earlier attempts stay in errors.
+    WITH r AS (
+        UPDATE @schema@.log_background c
+           SET status = 'queued', pid = NULL, backend_start = NULL, result = NULL,
+               start_time_exec = NULL, end_time_exec = NULL, stop_requested = false, requeue_on_stop = false,
+               not_before = NULL, failures = 0, stopped_by = NULL,
+               sqlstate = NULL, error = NULL, error_detail = NULL, error_hint = NULL, error_context = NULL
+          FROM (SELECT id, status AS was FROM @schema@.log_background
+                 WHERE uuid_parent = uuid_father AND status IN ('failed', 'lost', 'stopped') FOR UPDATE) p
+         WHERE c.id = p.id
+        RETURNING p.was)
+    SELECT count(*), count(*) FILTER (WHERE was = 'failed'), count(*) FILTER (WHERE was = 'stopped'),
+           count(*) FILTER (WHERE was = 'lost')
+      INTO v_q, v_f, v_s, v_l FROM r;
+    IF v_q > 0 THEN
+        PERFORM @schema@._count(uuid_father, v_role, -pg_backend_pid(), v_q, 0, 0, -v_f, -v_s, -v_l);
+    END IF;
+    PERFORM @schema@._housekeep(ARRAY[uuid_father]);
+    RETURN v_q;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_retry(uuid, text) IS
+    'Queues again the failed, lost and stopped children of one of the caller''s batches (done children '
+    'are not run again) and starts runners; returns how many were queued. p_requested_by is free text '
+    'for the log.';
+
+CREATE OR REPLACE FUNCTION @schema@.pg_background_retry(uuid_father uuid)
+RETURNS int
+LANGUAGE sql
+RETURN @schema@.pg_background_retry(uuid_father, NULL);
+
+------------------------------------------------------------------------------------------------
+-- pg_background_submit: launch, resume or attach, for a waiter that retries (an Airflow task)
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION @schema@.pg_background_submit(
+    p_querys text[],
+    p_origin text,
+    p_claimed_by text,
+    p_requeue_on_takeover boolean DEFAULT false,
+    p_takeover boolean DEFAULT false,
+    p_max_parallel int DEFAULT NULL,
+    p_label text DEFAULT NULL,
+    p_fail_fast boolean DEFAULT false,
+    p_statement_timeout interval DEFAULT NULL,
+    p_retries int DEFAULT 0,
+    p_retry_delay interval DEFAULT interval '1 second',
+    p_retry_backoff float8 DEFAULT 2,
+    p_retry_lost boolean DEFAULT false)
+RETURNS TABLE (uuid_parent uuid, action text, claimed_at timestamptz, previous_holder text)
+LANGUAGE plpgsql
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_querys text[] := @schema@._validate_batch(p_querys, p_max_parallel, p_statement_timeout);
+    v_prev record;
+    v_parent uuid;
+    v_status @schema@.child_status;
+BEGIN
+    PERFORM @schema@._validate_retries(p_retries, p_retry_delay, p_retry_backoff);
+    IF p_origin IS NULL OR p_claimed_by IS NULL THEN
+        RAISE EXCEPTION 'pg_background_submit() needs p_origin and p_claimed_by'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- One submit per origin at a time: two processes running the same try (a triggerer restart, two
+    -- triggerers) must not both launch.
+    PERFORM pg_advisory_xact_lock(hashtext('@schema@/origin/' || p_origin));
+
+    SELECT b.uuid_parent, b.claimed_by, b.claimed_at, b.requeue_on_takeover INTO v_prev
+      FROM @schema@.batch b
+     WHERE b.origin = p_origin AND b.role_name = current_user
+     ORDER BY b.created_at DESC
+     LIMIT 1;
+
+    IF FOUND AND v_prev.claimed_by = p_claimed_by THEN
+        -- Already this claimant's (a restart of the same try): nothing is launched twice.
+        RETURN QUERY SELECT v_prev.uuid_parent, 'attached'::text, v_prev.claimed_at, v_prev.claimed_by;
+        RETURN;
+    END IF;
+
+    IF FOUND
+       AND (SELECT array_agg(c.query ORDER BY c.seq) FROM @schema@.log_background c
+             WHERE c.uuid_parent = v_prev.uuid_parent) = v_querys THEN
+        v_status := @schema@.batch_status(v_prev.uuid_parent);
+        IF v_status IS DISTINCT FROM 'done' THEN
+            IF NOT p_takeover AND @schema@.pg_background_watched(v_prev.uuid_parent, p_claimed_by) THEN
+                RETURN QUERY SELECT v_prev.uuid_parent, 'waiting'::text, v_prev.claimed_at, v_prev.claimed_by;
+                RETURN;
+            END IF;
+            -- An earlier try's batch that did not succeed: this try owns it from now on.
+            UPDATE @schema@.batch b
+               SET claimed_by = p_claimed_by, claimed_at = clock_timestamp(),
+                   requeue_on_takeover = coalesce(p_requeue_on_takeover, false)
+             WHERE b.uuid_parent = v_prev.uuid_parent;
+            IF v_status IN ('running', 'queued') AND v_prev.requeue_on_takeover THEN
+                -- Its holder waited from where only a person ends a wait: a new try means a clear.
+                -- Running children are cut short and queued again, as the holder's kill would have.
+                PERFORM @schema@._stop(v_prev.uuid_parent, NULL, true, 'takeover by ' || p_claimed_by);
+            END IF;
+            IF v_status IN ('running', 'queued') THEN
+                PERFORM @schema@._housekeep(ARRAY[v_prev.uuid_parent]);
+                RETURN QUERY SELECT v_prev.uuid_parent, 'reconnected'::text, clock_timestamp(), v_prev.claimed_by;
+            ELSE
+                PERFORM @schema@.pg_background_retry(v_prev.uuid_parent, 'resumed by ' || p_claimed_by);
+                RETURN QUERY SELECT v_prev.uuid_parent, 'resumed'::text, clock_timestamp(), v_prev.claimed_by;
+            END IF;
+            RETURN;
+        END IF;
+    END IF;
+
+    v_parent := gen_random_uuid();
+    PERFORM @schema@._enqueue(v_parent, v_querys, coalesce(p_max_parallel, @schema@._global_cap()), p_label,
+                              session_user, inet_client_addr(), current_setting('search_path'),
+                              p_fail_fast, p_statement_timeout, p_origin, p_retries, p_retry_delay, p_retry_backoff,
+                              coalesce(p_retry_lost, false), p_claimed_by, p_requeue_on_takeover);
+    RETURN QUERY SELECT v_parent, 'launched'::text, clock_timestamp(), NULL::text;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_submit(text[], text, text, boolean, boolean, int, text, boolean, interval,
+                                                  int, interval, float8, boolean) IS
+    'Idempotent submit for a waiter identified by p_origin (what asks, e.g. an Airflow task instance) and '
+    'p_claimed_by (which attempt, e.g. its try). Returns the batch and what happened: attached (this claim '
+    'already holds the latest batch of p_origin), waiting (that batch did not succeed and another claim''s '
+    'waiter still watches it; call again, or with p_takeover), reconnected (still running, now claimed; '
+    'if its holder had p_requeue_on_takeover, running children were stopped and queued again), resumed '
+    '(ended without success: failed, lost and stopped children queued again, done ones kept) or launched '
+    '(a new batch; also when the latest one succeeded or holds other statements).';
+
+------------------------------------------------------------------------------------------------
+-- pg_background_summary: the outcome of a batch as one bounded document
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION @schema@._summary_row(c @schema@.log_background)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+RETURN jsonb_build_object(
+    'seq', c.seq, 'uuid_child', c.uuid_child, 'status', c.status, 'attempt', c.attempt,
+    'query', left(c.query, 500), 'command', c.result ->> 'command', 'sqlstate', c.sqlstate,
+    'error', left(c.error, 500),
+    'seconds', extract(epoch FROM c.end_time_exec - c.start_time_exec)::float8,
+    'failed_attempts', coalesce(jsonb_array_length(c.errors), 0));
+COMMENT ON FUNCTION @schema@._summary_row(@schema@.log_background) IS 'One child in a summary, texts cut to 500 characters.';
+CREATE FUNCTION @schema@.pg_background_summary(uuid_father uuid, p_rows int DEFAULT 20, p_problems int DEFAULT 5)
+RETURNS jsonb
+LANGUAGE sql STABLE
+AS $fn$
+    SELECT jsonb_build_object(
+        'uuid_parent', b.uuid_parent,
+        'status', b.status,
+        'children', b.children,
+        'counts', jsonb_build_object('queued', b.queued, 'running', b.running, 'done', b.done,
+                                     'failed', b.failed, 'stopped', b.stopped, 'lost', b.lost),
+        'wall_seconds', extract(epoch FROM b.ended_at - b.started_at)::float8,
+        'retried', (SELECT count(*) FROM @schema@.log_background c
+                     WHERE c.uuid_parent = b.uuid_parent AND c.errors IS NOT NULL),
+        'rows_included', least(p_rows, b.children),
+        'rows', (SELECT coalesce(jsonb_agg(@schema@._summary_row(c) ORDER BY c.seq), '[]'::jsonb)
+                   FROM (SELECT * FROM @schema@.log_background c
+                          WHERE c.uuid_parent = b.uuid_parent ORDER BY c.seq LIMIT p_rows) c),
+        'problems', (SELECT coalesce(jsonb_agg(@schema@._summary_row(c) ORDER BY c.seq), '[]'::jsonb)
+                       FROM (SELECT * FROM @schema@.log_background c
+                              WHERE c.uuid_parent = b.uuid_parent AND c.status IN ('failed', 'lost', 'stopped')
+                              ORDER BY c.seq LIMIT p_problems) c))
+      FROM @schema@.batches b
+     WHERE b.uuid_parent = uuid_father
+$fn$;
+
+COMMENT ON FUNCTION @schema@.pg_background_summary(uuid, int, int) IS
+    'The outcome of a batch as JSON: status, counts, wall time, its first p_rows children and its first '
+    'p_problems failed, lost or stopped ones (texts cut to 500 characters), so its size does not grow with '
+    'the batch. NULL for a batch the caller cannot see.';
+
+------------------------------------------------------------------------------------------------
+-- Privileges
+------------------------------------------------------------------------------------------------
+
+REVOKE ALL ON ALL TABLES IN SCHEMA @schema@ FROM PUBLIC;
+REVOKE ALL ON ALL ROUTINES IN SCHEMA @schema@ FROM PUBLIC;
+GRANT EXECUTE ON ALL ROUTINES IN SCHEMA @schema@ TO pgbg_user;
+GRANT SELECT ON @schema@.batches TO pgbg_user;
+GRANT SELECT, INSERT, UPDATE ON @schema@.batch_progress TO pgbg_user;
+GRANT UPDATE (claimed_at, requeue_on_takeover, stop_requested_by) ON @schema@.batch TO pgbg_user;
+GRANT UPDATE (not_before, failures, errors, requeue_on_stop, stopped_by) ON @schema@.log_background TO pgbg_user;
