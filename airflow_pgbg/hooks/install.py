@@ -29,8 +29,20 @@ class PgBackgroundMissing(EngineInstallError):
     """The server lacks pg_background with the v2 API (extension 1.6 or later)."""
 
 
-def _version_key(version: str) -> tuple[int, ...]:
+class InvalidSchemaName(EngineInstallError, ValueError):
+    """An engine schema name that is not a plain lower-case SQL identifier."""
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """A version string as a tuple that compares like the version."""
     return tuple(int(p) for p in version.split("."))
+
+
+def validate_schema(name: str) -> str:
+    """``name`` if it is a plain lower-case identifier (the engine schema is pasted into SQL as one)."""
+    if not isinstance(name, str) or not _IDENT.match(name):
+        raise InvalidSchemaName(f"engine schema name {name!r} must be a lower-case SQL identifier ([a-z_][a-z0-9_]*)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,7 @@ class SqlScripts:
 
     @property
     def latest(self) -> str:
-        return max(set(self.bases) | {to for to, _ in self.upgrades.values()}, key=_version_key)
+        return max(set(self.bases) | {to for to, _ in self.upgrades.values()}, key=version_key)
 
     def plan(self, installed: str | None, target: str | None = None) -> list[tuple[str, str]]:
         """The scripts to run, as (version reached, sql), to bring ``installed`` to ``target``.
@@ -63,12 +75,12 @@ class SqlScripts:
         target = target or self.latest
         steps: list[tuple[str, str]] = []
         if installed is None:
-            first = min(self.bases, key=_version_key)
+            first = min(self.bases, key=version_key)
             steps.append((first, self.bases[first]))
             current = first
         else:
             current = installed
-        if _version_key(current) > _version_key(target):
+        if version_key(current) > version_key(target):
             raise EngineInstallError(
                 f"the engine installed in the database ({current}) is newer than {target}; "
                 "upgrade airflow-provider-pgbg instead"
@@ -89,13 +101,7 @@ def roles_sql() -> str:
 
 
 def render(sql: str, schema: str, ext_schema: str) -> str:
-    return sql.replace("@schema@", _quote_ident(schema)).replace("@pgbg_ext@", _quote_ident(ext_schema))
-
-
-def _quote_ident(name: str) -> str:
-    if not _IDENT.match(name):
-        raise EngineInstallError(f"schema name {name!r} must be a lower-case SQL identifier")
-    return name
+    return sql.replace("@schema@", validate_schema(schema)).replace("@pgbg_ext@", validate_schema(ext_schema))
 
 
 def _one(cur: Any, sql: str, params: tuple = ()) -> Any:
@@ -133,7 +139,7 @@ def _ensure_pg_background(cur: Any) -> str:
             f"the pg_background extension is not available on this PostgreSQL {major} server; "
             f"install the package {package} on the database host, then run the installer again"
         )
-    if _version_key(available) < (1, 6):
+    if version_key(available) < (1, 6):
         raise PgBackgroundMissing(
             f"pg_background {available} is too old: airflow_pgbg needs 1.6 or later (the v2 API); "
             f"upgrade the package {package}"
@@ -141,7 +147,7 @@ def _ensure_pg_background(cur: Any) -> str:
     installed = _one(cur, "SELECT extversion FROM pg_extension WHERE extname = 'pg_background'")
     if installed is None:
         cur.execute("CREATE EXTENSION pg_background")
-    elif _version_key(installed) < (1, 6):
+    elif version_key(installed) < (1, 6):
         cur.execute("ALTER EXTENSION pg_background UPDATE")
     ext_schema = _one(
         cur,
@@ -165,7 +171,7 @@ def installed_version(cur: Any, schema: str = DEFAULT_SCHEMA) -> str | None:
     """Engine version installed in ``schema``, or None."""
     if _one(cur, "SELECT to_regclass(quote_ident(%s) || '.meta')", (schema,)) is None:
         return None
-    return _one(cur, f"SELECT version FROM {_quote_ident(schema)}.meta")
+    return _one(cur, f"SELECT version FROM {validate_schema(schema)}.meta")
 
 
 def install_engine(conn: Any, schema: str = DEFAULT_SCHEMA, *, target: str | None = None) -> str:
@@ -177,7 +183,7 @@ def install_engine(conn: Any, schema: str = DEFAULT_SCHEMA, *, target: str | Non
     """
     scripts = SqlScripts.load()
     target = target or scripts.latest
-    schema_sql = _quote_ident(schema)
+    schema_sql = validate_schema(schema)
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
         ext_schema = _ensure_pg_background(cur)

@@ -2,40 +2,129 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, closing
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from copy import deepcopy
-from datetime import timedelta
-from typing import Any
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
+import psycopg
 from airflow.exceptions import AirflowNotFoundException
 from airflow.providers.postgres.hooks.postgres import PostgresHook
+from psycopg import sql
+from psycopg.rows import dict_row
 
-from airflow_pgbg.hooks.install import install_engine
+from airflow_pgbg import ENGINE_VERSION
+from airflow_pgbg.hooks.install import install_engine, validate_schema, version_key
+from airflow_pgbg.hooks.outage import Backoff, EngineUnreachable, is_outage
 from airflow_pgbg.status import DEFAULT_SCHEMA, MONITOR_COLUMNS, BatchState
 
-try:  # psycopg 3 also gives the trigger a non-blocking connection
-    import psycopg
-except ImportError:  # pragma: no cover - psycopg 3 is a dependency of this package
-    psycopg = None  # type: ignore[assignment]
+T = TypeVar("T")
 
 
-def _seconds(value: timedelta | float | None) -> float | None:
+def seconds(value: timedelta | float | None) -> float | None:
+    """A duration given as a timedelta or a number of seconds, in seconds."""
     if value is None:
         return None
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
-def trigger_application_name(uuid_parent: str, claim: str | None) -> str:
-    """How a trigger's connection names itself, so a newer try can see it is still alive."""
-    return f"pgbg-trigger:{uuid_parent}:{claim or ''}"
+class EngineTooOld(RuntimeError):
+    """The engine installed in the database predates what this package needs."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What :meth:`PgBackgroundHook.submit` did (see ``pg_background_submit`` in the engine)."""
+
+    uuid_parent: str
+    action: str
+    """launched, attached, reconnected, resumed, or waiting (another claim's waiter still watches)."""
+    claimed_at: datetime | None
+    previous_holder: str | None
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How a batch runs: the engine's launch options, shared by the operator and the trigger."""
+
+    max_parallel: int | None = None
+    label: str | None = None
+    fail_fast: bool = False
+    statement_timeout: float | None = None
+    retries: int = 0
+    retry_delay: float = 1.0
+    retry_backoff: float = 2.0
+    retry_lost: bool = False
+
+    def params(self) -> tuple[Any, ...]:
+        return (
+            self.max_parallel,
+            self.label,
+            self.fail_fast,
+            self.statement_timeout,
+            self.retries,
+            self.retry_delay,
+            self.retry_backoff,
+            self.retry_lost,
+        )
+
+
+class EngineSql:
+    """The engine's statements, composed once for a schema (an identifier, never pasted text)."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = validate_schema(schema)
+        s = sql.Identifier(self.schema)
+
+        def q(text: str) -> sql.Composed:
+            return sql.SQL(text).format(s=s)
+
+        options = (
+            "p_max_parallel => %s, p_label => %s, p_fail_fast => %s, "
+            "p_statement_timeout => make_interval(secs => %s), p_retries => %s, "
+            "p_retry_delay => make_interval(secs => %s), p_retry_backoff => %s, p_retry_lost => %s"
+        )
+        self.version = q("SELECT version FROM {s}.meta")
+        self.launch = q(
+            "SELECT {s}.pg_background_launch_num(%s::text[], p_monitor => false, p_origin => %s, " + options + ")"
+        )
+        self.submit = q(
+            "SELECT * FROM {s}.pg_background_submit(%s::text[], %s, %s, p_requeue_on_takeover => %s, "
+            "p_takeover => %s, " + options + ")"
+        )
+        self.split = q("SELECT {s}.split_statements(%s, %s)")
+        self.poll = q("SELECT * FROM {s}.pg_background_poll(%s::uuid, make_interval(secs => %s))")
+        self.poll_many = q("SELECT * FROM {s}.pg_background_poll_many(%s::uuid[])")
+        self.monitor = q("SELECT * FROM {s}.pg_background_monitor(%s::uuid, %s)")
+        self.children = q(
+            "SELECT * FROM {s}.log_background WHERE uuid_parent = %s::uuid "
+            "AND (%s::text[] IS NULL OR status::text = ANY(%s::text[])) ORDER BY seq LIMIT %s"
+        )
+        self.stop = q("SELECT {s}.pg_background_stop(%s::uuid)")
+        self.stop_claimed = q("SELECT {s}.pg_background_stop(%s::uuid, %s, %s)")
+        self.stop_origin = q(
+            "SELECT coalesce(sum({s}.pg_background_stop(uuid_parent, %s, %s)), 0)::int "
+            "FROM {s}.batch WHERE origin = %s AND claimed_by = %s"
+        )
+        self.claim = q("SELECT {s}.pg_background_claim(%s::uuid, %s)")
+        self.retry = q("SELECT {s}.pg_background_retry(%s::uuid, %s)")
+        self.wait = q("SELECT {s}.pg_background_wait(%s::uuid, make_interval(secs => %s))")
+        self.summary = q("SELECT {s}.pg_background_summary(%s::uuid, %s, %s)")
+        self.watch = q("SELECT {s}.pg_background_watch(%s::uuid[], %s::text[])")
+        self.unwatch = q("SELECT {s}.pg_background_unwatch(%s::uuid[], %s::text[])")
+        self.watched = q("SELECT {s}.pg_background_watched(%s::uuid, %s)")
+        self.channel = q("SELECT {s}.batch_end_channel()")
 
 
 class PgBackgroundHook(PostgresHook):
     """Launch, watch and stop batches of SQL statements run by pg_background workers.
 
-    Works on any Postgres connection whose role is a member of ``pgbg_user``; every call is one
-    autocommit round trip, so the engine (not this process) holds all state.
+    Works on any Postgres connection whose role is a member of ``pgbg_user``. The engine holds all
+    state; this hook keeps at most one open connection (psycopg 3, autocommit), reopened after an
+    outage. The triggerer uses the ``a*`` methods on an async connection of its own.
 
     :param engine_schema: schema the engine is installed in.
     """
@@ -45,24 +134,13 @@ class PgBackgroundHook(PostgresHook):
     def __init__(self, *args: Any, engine_schema: str = DEFAULT_SCHEMA, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.engine_schema = engine_schema
+        self.q = EngineSql(engine_schema)
+        self._pg: psycopg.Connection[Any] | None = None
+        self._watches: set[tuple[str, str]] = set()
 
-    # -- plumbing ---------------------------------------------------------------------------------
+    # -- connections ------------------------------------------------------------------------------
 
-    def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        with closing(self.get_conn()) as conn:
-            conn.autocommit = True
-            with closing(conn.cursor()) as cur:
-                cur.execute(sql.replace("@schema@", self.engine_schema), tuple(params))
-                if cur.description is None:
-                    return []
-                names = [d[0] for d in cur.description]
-                return [dict(zip(names, row)) for row in cur.fetchall()]
-
-    def _value(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        rows = self._fetch(sql, params)
-        return next(iter(rows[0].values())) if rows else None
-
-    def _conn_kwargs(self, connection: Any) -> dict[str, Any]:
+    def conn_kwargs(self, connection: Any) -> dict[str, Any]:
         """libpq parameters of an Airflow connection, as PostgresHook.get_conn() would use them."""
         conn = deepcopy(connection)
         if conn.extra_dejson.get("iam", False):
@@ -81,11 +159,88 @@ class PgBackgroundHook(PostgresHook):
                 kwargs[name] = value
         return {k: v for k, v in kwargs.items() if v not in (None, "")}
 
+    def _engine_conn(self) -> psycopg.Connection[Any]:
+        if self._pg is None or self._pg.closed:
+            params = self.conn_kwargs(self.get_connection(getattr(self, self.conn_name_attr)))
+            conn = psycopg.connect(autocommit=True, **params)
+            try:
+                self._check_engine(conn.execute(self.q.version).fetchone())
+                if self._watches:  # the watch locks died with the previous connection
+                    conn.execute(self.q.watch, ([b for b, _ in self._watches], [c for _, c in self._watches]))
+            except BaseException:
+                conn.close()
+                raise
+            self._pg = conn
+        return self._pg
+
+    def _check_engine(self, row: Any) -> None:
+        installed = row[0] if row else None
+        if installed is None or version_key(installed) < version_key(ENGINE_VERSION):
+            raise EngineTooOld(
+                f"engine {installed or '(none)'} in schema {self.engine_schema} is older than {ENGINE_VERSION}, "
+                "which this version of airflow-provider-pgbg needs: run python -m airflow_pgbg install --dsn ..."
+            )
+
+    def close(self) -> None:
+        """Closes the hook's connection (it reopens on the next call) and ends its watches."""
+        self._watches.clear()
+        self._drop()
+
+    def _drop(self) -> None:
+        if self._pg is not None:
+            self._pg.close()
+            self._pg = None
+
+    @contextmanager
+    def _cursor(self) -> Iterator[psycopg.Cursor[dict[str, Any]]]:
+        conn = self._engine_conn()
+        try:
+            with conn.cursor(row_factory=dict_row) as cur:
+                yield cur
+        except BaseException as exc:
+            if is_outage(exc) or conn.closed:
+                self._drop()  # a broken connection is not reused
+            raise
+
+    def _rows(self, query: sql.Composable, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._cursor() as cur:
+            cur.execute(query, tuple(params))
+            return cur.fetchall() if cur.description is not None else []
+
+    def _value(self, query: sql.Composable, params: Sequence[Any] = ()) -> Any:
+        rows = self._rows(query, params)
+        return next(iter(rows[0].values())) if rows else None
+
+    def through_outages(
+        self,
+        call: Callable[[], T],
+        reconnect_timeout: float,
+        *,
+        on_outage: Callable[[BaseException], None] | None = None,
+    ) -> T:
+        """``call()``, repeated with backoff while the database is unreachable, for up to ``reconnect_timeout``."""
+        backoff = Backoff()
+        since: float | None = None
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                now = time.monotonic()
+                since = since if since is not None else now
+                if now - since >= reconnect_timeout:
+                    raise EngineUnreachable(now - since, exc) from exc
+                if on_outage is not None:
+                    on_outage(exc)
+                time.sleep(min(backoff.next_delay(), max(0.0, since + reconnect_timeout - now)))
+
     # -- engine API (blocking) --------------------------------------------------------------------
 
     def install(self) -> str:
         """Installs or upgrades the engine; needs a role allowed to create extensions and roles."""
-        with closing(self.get_conn()) as conn:
+        params = self.conn_kwargs(self.get_connection(getattr(self, self.conn_name_attr)))
+        with psycopg.connect(**params) as conn:
             return install_engine(conn, self.engine_schema)
 
     def launch(
@@ -97,102 +252,117 @@ class PgBackgroundHook(PostgresHook):
         fail_fast: bool = False,
         statement_timeout: timedelta | float | None = None,
         origin: str | None = None,
+        retries: int = 0,
+        retry_delay: timedelta | float = 1.0,
+        retry_backoff: float = 2.0,
+        retry_lost: bool = False,
     ) -> str:
         """Queues ``statements`` as one batch and returns its parent UUID at once."""
-        return str(
-            self._value(
-                "SELECT @schema@.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => %s, "
-                "p_label => %s, p_fail_fast => %s, p_statement_timeout => make_interval(secs => %s), "
-                "p_origin => %s)",
-                (list(statements), max_parallel, label, fail_fast, _seconds(statement_timeout), origin),
-            )
+        options = BatchOptions(
+            max_parallel,
+            label,
+            fail_fast,
+            seconds(statement_timeout),
+            retries,
+            seconds(retry_delay) or 0.0,
+            retry_backoff,
+            retry_lost,
         )
+        return str(self._value(self.q.launch, (list(statements), origin, *options.params())))
 
-    def launch_text(self, sql: str, delimiter: str, **options: Any) -> str:
-        """Like :meth:`launch` for delimited text, split by the engine (outside quotes and comments)."""
-        return self.launch(self.split(sql, delimiter), **options)
+    def submit(
+        self,
+        statements: Sequence[str],
+        *,
+        origin: str,
+        claimed_by: str,
+        options: BatchOptions,
+        requeue_on_takeover: bool = False,
+        takeover: bool = False,
+    ) -> Submission:
+        """Launches the batch of ``origin``, or resumes or attaches to it (``pg_background_submit``)."""
+        rows = self._rows(
+            self.q.submit, (list(statements), origin, claimed_by, requeue_on_takeover, takeover, *options.params())
+        )
+        return _submission(rows[0])
 
-    def split(self, sql: str, delimiter: str) -> list[str]:
+    def split(self, text: str, delimiter: str) -> list[str]:
         """The engine's own split of delimited text; raises on unterminated quotes or comments."""
-        return list(self._value("SELECT @schema@.split_statements(%s, %s)", (sql, delimiter)))
+        return list(self._value(self.q.split, (text, delimiter)))
 
     def poll(self, uuid_parent: str, wait: float | None = None) -> BatchState | None:
         """Status and counts of a batch, after the engine's housekeeping; None if unknown.
 
         With ``wait`` (seconds), the database first waits up to that long for the batch to end.
         """
-        rows = self._fetch(
-            "SELECT * FROM @schema@.pg_background_poll(%s::uuid, make_interval(secs => %s))", (uuid_parent, wait)
-        )
+        rows = self._rows(self.q.poll, (uuid_parent, wait))
         return BatchState.from_row(rows[0]) if rows else None
+
+    def poll_many(self, uuid_parents: Sequence[str]) -> dict[str, BatchState]:
+        """States of several batches in one round trip; unknown ones are missing."""
+        return {
+            str(r["uuid_parent"]): BatchState.from_row(r) for r in self._rows(self.q.poll_many, (list(uuid_parents),))
+        }
 
     def monitor(self, uuid_parent: str | None = None, *, verbose: bool = True) -> list[dict[str, Any]]:
         """One dict per child (see ``MONITOR_COLUMNS``)."""
-        return self._fetch("SELECT * FROM @schema@.pg_background_monitor(%s::uuid, %s)", (uuid_parent, verbose))
+        return self._rows(self.q.monitor, (uuid_parent, verbose))
 
     def children(
         self, uuid_parent: str, *, statuses: Sequence[str] | None = None, limit: int | None = None
     ) -> list[dict[str, Any]]:
         """Rows of ``log_background`` for a batch in submission order, optionally filtered."""
-        return self._fetch(
-            "SELECT * FROM @schema@.log_background WHERE uuid_parent = %s::uuid "
-            "AND (%s::text[] IS NULL OR status::text = ANY(%s::text[])) ORDER BY seq LIMIT %s",
-            (uuid_parent, statuses and list(statuses), statuses and list(statuses), limit),
-        )
+        wanted = list(statuses) if statuses else None
+        return self._rows(self.q.children, (uuid_parent, wanted, wanted, limit))
 
-    def stop(self, uuid_parent_or_child: str, *, if_claimed_by: str | None = None) -> int:
+    def stop(
+        self, uuid_parent_or_child: str, *, if_claimed_by: str | None = None, stopped_by: str | None = None
+    ) -> int:
         """Stops a batch or one child; returns how many children it stopped.
 
-        With ``if_claimed_by``, only while the batch is still claimed by it (see :meth:`claim`).
+        With ``if_claimed_by``, only while the batch is still claimed by it (see :meth:`claim`);
+        ``stopped_by`` records who asked.
         """
-        if if_claimed_by is None:
-            return int(self._value("SELECT @schema@.pg_background_stop(%s::uuid)", (uuid_parent_or_child,)))
-        return int(
-            self._value("SELECT @schema@.pg_background_stop(%s::uuid, %s)", (uuid_parent_or_child, if_claimed_by))
-        )
+        if if_claimed_by is None and stopped_by is None:
+            return int(self._value(self.q.stop, (uuid_parent_or_child,)))
+        return int(self._value(self.q.stop_claimed, (uuid_parent_or_child, if_claimed_by, stopped_by)))
+
+    def stop_claimed(self, origin: str, claimed_by: str, *, stopped_by: str | None = None) -> int:
+        """Stops whatever batch of ``origin`` is still claimed by ``claimed_by``."""
+        return int(self._value(self.q.stop_origin, (claimed_by, stopped_by, origin, claimed_by)))
 
     def claim(self, uuid_parent: str, claimed_by: str) -> None:
         """Records ``claimed_by`` (e.g. the Airflow try) as the batch's current owner."""
-        self._fetch("SELECT @schema@.pg_background_claim(%s::uuid, %s)", (uuid_parent, claimed_by))
+        self._rows(self.q.claim, (uuid_parent, claimed_by))
 
-    def retry(self, uuid_parent: str) -> int:
+    def retry(self, uuid_parent: str, *, requested_by: str | None = None) -> int:
         """Queues the failed, lost and stopped children again; returns how many."""
-        return int(self._value("SELECT @schema@.pg_background_retry(%s::uuid)", (uuid_parent,)))
+        return int(self._value(self.q.retry, (uuid_parent, requested_by)))
 
     def wait(self, uuid_parent: str, timeout: timedelta | float | None = None) -> str | None:
         """Blocks in the database until the batch ends; its status, or None on timeout."""
-        return self._value(
-            "SELECT @schema@.pg_background_wait(%s::uuid, make_interval(secs => %s))",
-            (uuid_parent, _seconds(timeout)),
-        )
+        return self._value(self.q.wait, (uuid_parent, seconds(timeout)))
 
-    def watchers(self, uuid_parent: str) -> list[str]:
-        """Claims of the triggers currently polling the batch (see :func:`trigger_application_name`)."""
-        rows = self._fetch(
-            "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE %s",
-            (trigger_application_name(uuid_parent, "%"),),
-        )
-        return [r["application_name"].rsplit(":", 1)[1] for r in rows]
+    def summary(self, uuid_parent: str, *, rows: int = 20, problems: int = 5) -> dict[str, Any] | None:
+        """The batch's outcome as JSON (``pg_background_summary``): counts, first rows, first problems."""
+        return self._value(self.q.summary, (uuid_parent, rows, problems))
 
-    def find_batch(self, origin: str, statements: Sequence[str]) -> BatchState | None:
-        """The latest batch recorded for ``origin`` if it holds exactly ``statements``, else None."""
-        rows = self._fetch(
-            "SELECT v.* FROM @schema@.batches v WHERE v.origin = %s "
-            "AND (SELECT array_agg(query ORDER BY seq) FROM @schema@.log_background c "
-            "     WHERE c.uuid_parent = v.uuid_parent) = @schema@._validate_batch(%s::text[], NULL, NULL) "
-            "ORDER BY v.created_at DESC LIMIT 1",
-            (origin, list(statements)),
-        )
-        return BatchState.from_row(rows[0]) if rows else None
+    def watch(self, uuid_parent: str, claimed_by: str) -> None:
+        """Shows, until :meth:`close`, that ``claimed_by`` waits for the batch (a watch lock held by the
+        hook's connection, taken again after a reconnect)."""
+        if (uuid_parent, claimed_by) not in self._watches:
+            self._watches.add((uuid_parent, claimed_by))
+            if self._pg is not None and not self._pg.closed:
+                self._rows(self.q.watch, ([uuid_parent], [claimed_by]))
+
+    def watched_by_others(self, uuid_parent: str, claimed_by: str | None) -> bool:
+        """Whether a live session waits for the batch on behalf of another claim."""
+        return bool(self._value(self.q.watched, (uuid_parent, claimed_by)))
 
     # -- engine API (asyncio, for the triggerer) ----------------------------------------------------
 
-    @asynccontextmanager
-    async def async_connection(self, application_name: str | None = None) -> AsyncIterator[Any]:
-        """A psycopg 3 AsyncConnection in autocommit, so polls never block the event loop."""
-        if psycopg is None:  # pragma: no cover
-            raise RuntimeError("the trigger needs psycopg 3 (pip install 'psycopg[binary]')")
-        # The async lookup: a blocking one would stall every trigger sharing the event loop.
+    async def aconn_kwargs(self) -> dict[str, Any]:
+        """:meth:`conn_kwargs` of the hook's connection, looked up without blocking the event loop."""
         conn_id = getattr(self, self.conn_name_attr)
         try:
             connection = await self.aget_connection(conn_id)
@@ -202,36 +372,120 @@ class PgBackgroundHook(PostgresHook):
             from asgiref.sync import sync_to_async
 
             connection = await sync_to_async(self.get_connection)(conn_id)
-        kwargs = self._conn_kwargs(connection)
-        if application_name:
-            kwargs["application_name"] = application_name
-        conn = await psycopg.AsyncConnection.connect(autocommit=True, **kwargs)
+        return self.conn_kwargs(connection)
+
+    @asynccontextmanager
+    async def async_connection(
+        self, application_name: str | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A psycopg 3 AsyncConnection in autocommit, so calls never block the event loop."""
+        conn = await self.aconnect(application_name)
         try:
             yield conn
         finally:
             await conn.close()
 
-    async def apoll(self, conn: Any, uuid_parent: str, wait: float | None = None) -> BatchState | None:
-        """:meth:`poll` on an async connection from :meth:`async_connection`."""
-        cur = await conn.execute(
-            f"SELECT * FROM {self.engine_schema}.pg_background_poll(%s::uuid, make_interval(secs => %s))",
-            (uuid_parent, wait),
+    async def aconnect(self, application_name: str | None = None) -> psycopg.AsyncConnection[Any]:
+        """A new async connection; the caller closes it. Checks the engine's version."""
+        kwargs = await self.aconn_kwargs()
+        if application_name:
+            kwargs["application_name"] = application_name
+        conn = await psycopg.AsyncConnection.connect(autocommit=True, **kwargs)
+        try:
+            cur = await conn.execute(self.q.version)
+            self._check_engine(await cur.fetchone())
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _arows(
+        self, conn: psycopg.AsyncConnection[Any], query: sql.Composable, params: Sequence[Any] = ()
+    ) -> list[dict[str, Any]]:
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query, tuple(params))
+            return await cur.fetchall() if cur.description is not None else []
+
+    async def _avalue(
+        self, conn: psycopg.AsyncConnection[Any], query: sql.Composable, params: Sequence[Any] = ()
+    ) -> Any:
+        rows = await self._arows(conn, query, params)
+        return next(iter(rows[0].values())) if rows else None
+
+    async def asubmit(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        statements: Sequence[str],
+        *,
+        origin: str,
+        claimed_by: str,
+        options: BatchOptions,
+        requeue_on_takeover: bool = False,
+        takeover: bool = False,
+    ) -> Submission:
+        """:meth:`submit` on an async connection."""
+        rows = await self._arows(
+            conn,
+            self.q.submit,
+            (list(statements), origin, claimed_by, requeue_on_takeover, takeover, *options.params()),
         )
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        return BatchState.from_row(dict(zip([d.name for d in cur.description], row)))
+        return _submission(rows[0])
 
-    async def astop(self, uuid_parent_or_child: str, *, if_claimed_by: str | None = None) -> int:
-        """:meth:`stop` on a connection of its own."""
-        async with self.async_connection() as conn:
-            cur = await conn.execute(
-                f"SELECT {self.engine_schema}.pg_background_stop(%s::uuid, %s)"
-                if if_claimed_by is not None
-                else f"SELECT {self.engine_schema}.pg_background_stop(%s::uuid)",
-                (uuid_parent_or_child, if_claimed_by) if if_claimed_by is not None else (uuid_parent_or_child,),
-            )
-            return int((await cur.fetchone())[0])
+    async def asplit(self, conn: psycopg.AsyncConnection[Any], text: str, delimiter: str) -> list[str]:
+        """:meth:`split` on an async connection."""
+        return list(await self._avalue(conn, self.q.split, (text, delimiter)))
+
+    async def apoll_many(
+        self, conn: psycopg.AsyncConnection[Any], uuid_parents: Sequence[str]
+    ) -> dict[str, BatchState]:
+        """:meth:`poll_many` on an async connection."""
+        rows = await self._arows(conn, self.q.poll_many, (list(uuid_parents),))
+        return {str(r["uuid_parent"]): BatchState.from_row(r) for r in rows}
+
+    async def asummary(
+        self, conn: psycopg.AsyncConnection[Any], uuid_parent: str, *, rows: int = 20, problems: int = 5
+    ) -> dict[str, Any] | None:
+        """:meth:`summary` on an async connection."""
+        return await self._avalue(conn, self.q.summary, (uuid_parent, rows, problems))
+
+    async def astop(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        uuid_parent_or_child: str,
+        *,
+        if_claimed_by: str | None = None,
+        stopped_by: str | None = None,
+    ) -> int:
+        """:meth:`stop` on an async connection."""
+        if if_claimed_by is None and stopped_by is None:
+            return int(await self._avalue(conn, self.q.stop, (uuid_parent_or_child,)))
+        return int(await self._avalue(conn, self.q.stop_claimed, (uuid_parent_or_child, if_claimed_by, stopped_by)))
+
+    async def astop_claimed(
+        self, conn: psycopg.AsyncConnection[Any], origin: str, claimed_by: str, *, stopped_by: str | None = None
+    ) -> int:
+        """:meth:`stop_claimed` on an async connection."""
+        return int(await self._avalue(conn, self.q.stop_origin, (claimed_by, stopped_by, origin, claimed_by)))
+
+    async def awatch(
+        self, conn: psycopg.AsyncConnection[Any], uuid_parents: Sequence[str], claims: Sequence[str]
+    ) -> None:
+        """:meth:`watch` for several (batch, claim) pairs on an async connection."""
+        await self._arows(conn, self.q.watch, (list(uuid_parents), list(claims)))
+
+    async def aunwatch(
+        self, conn: psycopg.AsyncConnection[Any], uuid_parents: Sequence[str], claims: Sequence[str]
+    ) -> None:
+        """Ends :meth:`awatch` for these pairs."""
+        await self._arows(conn, self.q.unwatch, (list(uuid_parents), list(claims)))
+
+    async def achannel(self, conn: psycopg.AsyncConnection[Any]) -> str:
+        """The channel on which the engine announces the end of a batch."""
+        return str(await self._avalue(conn, self.q.channel))
 
 
-__all__ = ["MONITOR_COLUMNS", "PgBackgroundHook"]
+def _submission(row: dict[str, Any]) -> Submission:
+    return Submission(str(row["uuid_parent"]), row["action"], row["claimed_at"], row["previous_holder"])
+
+
+__all__ = ["MONITOR_COLUMNS", "BatchOptions", "EngineTooOld", "PgBackgroundHook", "Submission", "seconds"]

@@ -6,16 +6,16 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from airflow.configuration import conf
-from airflow.sdk import BaseOperatorLink
 from airflow.sdk.bases.xcom import BaseXCom
+
+from airflow_pgbg.compat import BaseOperatorLink
+from airflow_pgbg.identity import XCOM_BATCH_KEY
 
 if TYPE_CHECKING:
     from airflow.models.taskinstancekey import TaskInstanceKey
     from airflow.sdk import BaseOperator
 
 PLUGIN_PREFIX = "/pgbg"
-XCOM_BATCH_KEY = "pgbg_batch"
-"""XCom key under which the operator publishes its batch (parent UUID, connection id), per try."""
 
 
 def batch_page_path(dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> str:

@@ -8,29 +8,47 @@ from datetime import timedelta
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from airflow.configuration import conf
-from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowTaskTimeout
+from airflow.triggers.base import StartTriggerArgs
 
-from airflow_pgbg.hooks.pgbg import PgBackgroundHook
-from airflow_pgbg.links.batch import XCOM_BATCH_KEY, PgBackgroundBatchLink
+from airflow_pgbg.compat import CAN_START_FROM_TRIGGER, AirflowException, AirflowTaskTimeout, BaseOperator, conf
+from airflow_pgbg.hooks.install import validate_schema
+from airflow_pgbg.hooks.outage import DEFAULT_RECONNECT_TIMEOUT, EngineUnreachable
+from airflow_pgbg.hooks.pgbg import BatchOptions, PgBackgroundHook, seconds
+from airflow_pgbg.identity import EARLIER_TRIGGER_GRACE, XCOM_BATCH_KEY, batch_ref, origin_of, try_claim
+from airflow_pgbg.links.batch import PgBackgroundBatchLink
+from airflow_pgbg.outcome import failure_message, succeeded, summary_line
 from airflow_pgbg.splitting import split_statements
-from airflow_pgbg.status import DEFAULT_DELIMITER, DEFAULT_SCHEMA, FINAL_STATUSES, BatchState, ChildStatus
+from airflow_pgbg.status import DEFAULT_DELIMITER, DEFAULT_SCHEMA, ChildStatus
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-_TEXT_LIMIT = 500  # characters of a query or error kept in the summary, per child
-EARLIER_TRIGGER_GRACE = 60.0  # seconds a new try waits for an earlier try's trigger to be cancelled
+TRIGGER_CLASS = f"{PgBackgroundBatchTrigger.__module__}.{PgBackgroundBatchTrigger.__qualname__}"
+
+
+def _positive_seconds(task_id: str, name: str, value: Any, *, allow_zero: bool = False) -> float | None:
+    """A duration argument (timedelta or seconds) validated when the DAG is parsed."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, timedelta)):
+        raise TypeError(f"{task_id}: {name} must be a timedelta or a number of seconds, not {type(value).__name__}")
+    secs = seconds(value)
+    assert secs is not None
+    if secs < 0 or (secs == 0 and not allow_zero):
+        raise ValueError(f"{task_id}: {name} must be {'0 or more' if allow_zero else 'positive'}, got {value!r}")
+    return secs
 
 
 class PgBackgroundBatchOperator(BaseOperator):
     """Runs SQL statements in parallel inside PostgreSQL, at most ``max_parallel`` at a time.
 
     The statements become one batch of the airflow_pgbg engine under a parent UUID; the database
-    queues and starts them, so the task only watches: from the triggerer when deferrable, else
-    from the worker. The task fails if any statement fails, is lost or is stopped.
+    queues and starts them, so the task only watches: from the triggerer when deferrable, else from
+    the worker. The task fails if any statement fails, is lost or is stopped.
+
+    With ``deferrable=True`` on Airflow 3.3 the task needs no worker at all: it starts in the
+    triggerer, which renders ``sql``, launches the batch and ends the task (``start_from_trigger``).
 
     :param sql: a statement, several separated by ``delimiter``, a list of them, or ``.sql`` files
         (templated).
@@ -40,9 +58,19 @@ class PgBackgroundBatchOperator(BaseOperator):
         any other by the engine's scanner (outside quotes, dollar quotes and comments).
     :param max_parallel: statements running at once (default: the engine's global cap).
     :param deferrable: wait in the triggerer (default ``[operators] default_deferrable``).
-    :param poll_interval: seconds between status polls.
-    :param fail_fast: the first failure stops the rest of the batch.
+    :param start_from_trigger: with ``deferrable``, start in the triggerer without a worker (default:
+        where Airflow supports it, 3.3+; mapped tasks start on a worker).
+    :param poll_interval: seconds between status polls (an end is noticed at once when deferred).
+    :param fail_fast: the first (final) failure stops the rest of the batch.
     :param statement_timeout: time limit of each statement (timedelta or seconds).
+    :param statement_retries: automatic retries of a statement that failed transiently (deadlock,
+        serialization failure, lock timeout, connection loss, shutdown, too many connections).
+    :param statement_retry_delay: wait before the first retry (timedelta or seconds).
+    :param statement_retry_backoff: each further retry waits this many times longer.
+    :param retry_lost: also retry statements lost with their worker (server restart, terminated
+        worker); only for statements that are safe to run again.
+    :param reconnect_timeout: how long an outage of the database (restart, failover, dropped
+        connection, too many connections) is waited out before the task fails (default 15 minutes).
     :param batch_label: free text recorded with the batch (its label in the engine).
     :param engine_schema: schema the engine is installed in.
     :param max_result_rows: child rows included in the returned summary (XCom stays small).
@@ -50,7 +78,7 @@ class PgBackgroundBatchOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("sql", "batch_label")
     template_ext: Sequence[str] = (".sql",)
-    template_fields_renderers = {"sql": "sql"}
+    template_fields_renderers = {"sql": "sql"}  # noqa: RUF012 - Airflow's own convention
     ui_color = "#d6e4f0"
     operator_extra_links = (PgBackgroundBatchLink(),)
 
@@ -63,48 +91,121 @@ class PgBackgroundBatchOperator(BaseOperator):
         delimiter: str = DEFAULT_DELIMITER,
         max_parallel: int | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        start_from_trigger: bool | None = None,
         poll_interval: float = 5.0,
         fail_fast: bool = False,
         statement_timeout: timedelta | float | None = None,
+        statement_retries: int = 0,
+        statement_retry_delay: timedelta | float = 1.0,
+        statement_retry_backoff: float = 2.0,
+        retry_lost: bool = False,
+        reconnect_timeout: timedelta | float = DEFAULT_RECONNECT_TIMEOUT,
         batch_label: str | None = None,
         engine_schema: str = DEFAULT_SCHEMA,
         max_result_rows: int = 20,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        tid = self.task_id
         if isinstance(sql, str):
             if not sql.strip():
-                raise ValueError(f"{self.task_id}: sql is empty")
+                raise ValueError(f"{tid}: sql is empty")
         elif isinstance(sql, (list, tuple)):
             if not sql or not all(isinstance(s, str) for s in sql):
-                raise ValueError(f"{self.task_id}: sql must be a non-empty list of strings")
+                raise ValueError(f"{tid}: sql must be a non-empty list of strings")
         else:
-            raise TypeError(f"{self.task_id}: sql must be a string or a list of strings, not {type(sql).__name__}")
+            raise TypeError(f"{tid}: sql must be a string or a list of strings, not {type(sql).__name__}")
         if not isinstance(delimiter, str) or not delimiter:
-            raise ValueError(f"{self.task_id}: delimiter must be a non-empty string")
-        if max_parallel is not None and (not isinstance(max_parallel, int) or max_parallel <= 0):
-            raise ValueError(f"{self.task_id}: max_parallel must be a positive integer, got {max_parallel!r}")
-        if not isinstance(poll_interval, (int, float)) or poll_interval <= 0:
-            raise ValueError(f"{self.task_id}: poll_interval must be a positive number of seconds")
-        timeout_s = statement_timeout.total_seconds() if isinstance(statement_timeout, timedelta) else statement_timeout
-        if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or timeout_s <= 0):
-            raise ValueError(f"{self.task_id}: statement_timeout must be positive, got {statement_timeout!r}")
+            raise ValueError(f"{tid}: delimiter must be a non-empty string")
+        if max_parallel is not None and (
+            isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel <= 0
+        ):
+            raise ValueError(f"{tid}: max_parallel must be a positive integer, got {max_parallel!r}")
+        poll = _positive_seconds(tid, "poll_interval", poll_interval)
+        if isinstance(poll_interval, timedelta) or poll is None:
+            raise ValueError(f"{tid}: poll_interval must be a positive number of seconds")
+        if isinstance(statement_retries, bool) or not isinstance(statement_retries, int) or statement_retries < 0:
+            raise ValueError(f"{tid}: statement_retries must be an integer >= 0, got {statement_retries!r}")
+        if (
+            isinstance(statement_retry_backoff, bool)
+            or not isinstance(statement_retry_backoff, (int, float))
+            or statement_retry_backoff < 1
+        ):
+            raise ValueError(f"{tid}: statement_retry_backoff must be a number >= 1, got {statement_retry_backoff!r}")
         if not isinstance(max_result_rows, int) or max_result_rows < 0:
-            raise ValueError(f"{self.task_id}: max_result_rows must be >= 0")
+            raise ValueError(f"{tid}: max_result_rows must be >= 0")
+        try:
+            validate_schema(engine_schema)
+        except ValueError as exc:
+            raise ValueError(f"{tid}: {exc}") from None
         self.sql = sql
         self.postgres_conn_id = postgres_conn_id
         self.database = database
         self.delimiter = delimiter
         self.max_parallel = max_parallel
         self.deferrable = deferrable
-        self.poll_interval = float(poll_interval)
+        self.poll_interval = poll
         self.fail_fast = fail_fast
-        self.statement_timeout = statement_timeout
+        self.statement_timeout = _positive_seconds(tid, "statement_timeout", statement_timeout)
+        self.statement_retries = statement_retries
+        self.statement_retry_delay = _positive_seconds(
+            tid, "statement_retry_delay", statement_retry_delay, allow_zero=True
+        )
+        self.statement_retry_backoff = float(statement_retry_backoff)
+        self.retry_lost = retry_lost
+        self.reconnect_timeout = _positive_seconds(tid, "reconnect_timeout", reconnect_timeout)
         self.batch_label = batch_label
         self.engine_schema = engine_schema
         self.max_result_rows = max_result_rows
         self.uuid_parent: str | None = None
         self.claim: str | None = None
+        if deferrable and CAN_START_FROM_TRIGGER and start_from_trigger is not False:
+            self.start_from_trigger = True
+            self.start_trigger_args = StartTriggerArgs(
+                trigger_cls=TRIGGER_CLASS,
+                trigger_kwargs=self._launch_trigger_kwargs(),
+                next_method="execute_complete",
+                next_kwargs=None,
+                timeout=None,
+            )
+        elif start_from_trigger:
+            raise ValueError(f"{tid}: start_from_trigger needs deferrable=True and Airflow 3.3 or later")
+
+    def _launch_trigger_kwargs(self) -> dict[str, Any]:
+        """What the trigger needs to launch the batch itself; ``sql`` and ``batch_label`` are rendered
+        by the triggerer (they are template fields of both)."""
+        return {
+            "uuid_parent": None,
+            "postgres_conn_id": self.postgres_conn_id,
+            "database": self.database,
+            "engine_schema": self.engine_schema,
+            "poll_interval": self.poll_interval,
+            "reconnect_timeout": self.reconnect_timeout,
+            "sql": self.sql,
+            "delimiter": self.delimiter,
+            "batch_label": self.batch_label,
+            **self._option_kwargs(),
+            "execution_timeout": self.execution_timeout.total_seconds() if self.execution_timeout else None,
+            "max_result_rows": self.max_result_rows,
+        }
+
+    def _option_kwargs(self) -> dict[str, Any]:
+        return {
+            "max_parallel": self.max_parallel,
+            "fail_fast": self.fail_fast,
+            "statement_timeout": self.statement_timeout,
+            "retries": self.statement_retries,
+            "retry_delay": self.statement_retry_delay,
+            "retry_backoff": self.statement_retry_backoff,
+            "retry_lost": self.retry_lost,
+        }
+
+    def resolve_template_files(self) -> None:
+        # The DAG processor reads .sql files into ``sql`` here; the triggerer renders what the trigger
+        # was given, so it must be given the file's text, not its name.
+        super().resolve_template_files()
+        if getattr(self, "start_trigger_args", None) and self.start_trigger_args.trigger_kwargs is not None:
+            self.start_trigger_args.trigger_kwargs["sql"] = self.sql
 
     @cached_property
     def hook(self) -> PgBackgroundHook:
@@ -112,12 +213,26 @@ class PgBackgroundBatchOperator(BaseOperator):
             postgres_conn_id=self.postgres_conn_id, database=self.database, engine_schema=self.engine_schema
         )
 
+    @property
+    def options(self) -> BatchOptions:
+        o = self._option_kwargs()
+        return BatchOptions(
+            o["max_parallel"],
+            self.batch_label,
+            o["fail_fast"],
+            o["statement_timeout"],
+            o["retries"],
+            o["retry_delay"],
+            o["retry_backoff"],
+            o["retry_lost"],
+        )
+
     def statements(self) -> list[str]:
         """The rendered ``sql`` split into statements."""
         parts = [self.sql] if isinstance(self.sql, str) else list(self.sql)
         out: list[str] = []
         for part in parts:
-            if self.delimiter == ";":
+            if self.delimiter == DEFAULT_DELIMITER:
                 out.extend(split_statements(part))
             else:
                 out.extend(self.hook.split(part, self.delimiter))
@@ -125,56 +240,57 @@ class PgBackgroundBatchOperator(BaseOperator):
             raise AirflowException(f"{self.task_id}: no SQL statement to run (only blanks or comments)")
         return out
 
+    def _through_outages(self, call: Any) -> Any:
+        return self.hook.through_outages(
+            call,
+            self.reconnect_timeout or DEFAULT_RECONNECT_TIMEOUT,
+            on_outage=lambda exc: self.log.warning("Database unreachable, retrying: %s", exc),
+        )
+
     # -- submit -----------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:
-        statements = self.statements()
+        statements = self._through_outages(self.statements)
         ti = context["ti"]
-        # A new try of this task instance finds the batch of an earlier try in the database itself:
-        # recorded in the same transaction as the batch, so no crash window can lose it.
-        origin = f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}"
-        previous = self.hook.find_batch(origin, statements)
+        origin = origin_of(ti)
         # Kills of an earlier try arrive late (its trigger is cancelled after this try started):
         # they stop the batch only while it is still claimed by that try.
-        self.claim = f"try {ti.try_number}"
-        if previous is not None and previous.status is not ChildStatus.DONE:
-            self.uuid_parent = previous.uuid_parent
-            self._let_earlier_trigger_go(self.uuid_parent)
-            self.hook.claim(self.uuid_parent, self.claim)
-            state = self.hook.poll(self.uuid_parent)  # after the claim: an earlier stop shows here
-            if state is not None and state.is_final and state.status is not ChildStatus.DONE:
-                requeued = self.hook.retry(self.uuid_parent)
-                self.log.info(
-                    "Resuming batch %s of an earlier try: %d children queued again, done ones kept",
-                    self.uuid_parent,
-                    requeued,
+        self.claim = try_claim(ti.try_number, deferred=self.deferrable)
+        grace_ends = time.monotonic() + EARLIER_TRIGGER_GRACE
+        while True:
+            takeover = time.monotonic() >= grace_ends
+            submission = self._through_outages(
+                lambda: self.hook.submit(
+                    statements,
+                    origin=origin,
+                    claimed_by=self.claim,
+                    options=self.options,
+                    requeue_on_takeover=self.deferrable,
+                    takeover=takeover,
                 )
-            else:
-                self.log.info("Reconnecting to batch %s of an earlier try", self.uuid_parent)
-        else:
-            self.uuid_parent = self.hook.launch(
-                statements,
-                max_parallel=self.max_parallel,
-                label=self.batch_label,
-                fail_fast=self.fail_fast,
-                statement_timeout=self.statement_timeout,
-                origin=origin,
             )
-            self.hook.claim(self.uuid_parent, self.claim)
+            if submission.action != "waiting":
+                break
+            # A cleared deferred task starts its new try before the triggerer cancels the old trigger,
+            # whose kill then stops the batch: wait for it to go, then resume only what is unfinished.
             self.log.info(
-                "Launched batch %s: %d statements, max_parallel=%s",
-                self.uuid_parent,
-                len(statements),
-                self.max_parallel or "engine default",
+                "Waiting for the trigger of %s to end before resuming batch %s",
+                submission.previous_holder,
+                submission.uuid_parent,
             )
+            time.sleep(1)
+        self.uuid_parent = submission.uuid_parent
+        self.log.info(
+            "Batch %s %s: %d statements, max_parallel=%s, %s",
+            self.uuid_parent,
+            submission.action,
+            len(statements),
+            self.max_parallel or "engine default",
+            self.claim,
+        )
         ti.xcom_push(
             key=XCOM_BATCH_KEY,
-            value={
-                "uuid_parent": self.uuid_parent,
-                "postgres_conn_id": self.postgres_conn_id,
-                "database": self.database,
-                "engine_schema": self.engine_schema,
-            },
+            value=batch_ref(self.uuid_parent, self.postgres_conn_id, self.database, self.engine_schema, self.claim),
         )
 
         deadline = time.time() + self.execution_timeout.total_seconds() if self.execution_timeout else None
@@ -188,111 +304,98 @@ class PgBackgroundBatchOperator(BaseOperator):
                     poll_interval=self.poll_interval,
                     deadline=deadline,
                     claim=self.claim,
+                    reconnect_timeout=self.reconnect_timeout or DEFAULT_RECONNECT_TIMEOUT,
+                    max_result_rows=self.max_result_rows,
                 ),
                 method_name="execute_complete",
             )
         return self._poll_until_done()
 
-    def _let_earlier_trigger_go(self, uuid_parent: str) -> None:
-        """Waits while a trigger of an earlier try still polls the batch.
-
-        When a deferred task is cleared, Airflow starts the new try before the triggerer cancels the
-        old trigger, whose on_kill() then stops the batch. Waiting for it to go makes a clear stop the
-        running children and resume only the unfinished ones; a try that died (no trigger left, as
-        after a worker crash) reconnects at once.
-        """
-        deadline = time.monotonic() + EARLIER_TRIGGER_GRACE
-        while others := [c for c in self.hook.watchers(uuid_parent) if c != self.claim]:
-            if time.monotonic() > deadline:
-                self.log.warning("Trigger of %s still polls batch %s; taking it over", others, uuid_parent)
-                return
-            self.log.info("Waiting for the trigger of %s to end before resuming batch %s", others, uuid_parent)
-            time.sleep(1)
-
     def _poll_until_done(self) -> dict[str, Any]:
-        assert self.uuid_parent is not None
+        assert self.uuid_parent is not None and self.claim is not None
+        uuid_parent, claim = self.uuid_parent, self.claim
+
+        def poll() -> Any:
+            # The watch lock tells a newer try that this one is alive; it lives with the connection.
+            self.hook.watch(uuid_parent, claim)
+            return self.hook.poll(uuid_parent, wait=self.poll_interval)
+
         try:
             while True:
-                state = self.hook.poll(self.uuid_parent, wait=self.poll_interval)
+                state = self._through_outages(poll)
                 if state is None:
-                    raise AirflowException(f"batch {self.uuid_parent} not found")
+                    raise AirflowException(f"batch {uuid_parent} not found")
                 if state.is_final:
-                    return self._finish(state)
+                    return self._finish()
         except BaseException:
             # execution_timeout, SIGTERM from a kill, a crash of this loop: take the batch down too.
             # (After a batch has ended this stops nothing.)
             self._stop_batch()
             raise
+        finally:
+            self.hook.close()
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        self.uuid_parent = event["uuid_parent"]
-        if event["status"] == "timeout":
-            raise AirflowTaskTimeout(
-                f"execution_timeout reached: batch {self.uuid_parent} stopped ({event['stopped']} children)"
-            )
-        if event["status"] == "error":
-            raise AirflowException(event["message"])
-        state = self.hook.poll(self.uuid_parent)
-        if state is None:
-            raise AirflowException(f"batch {self.uuid_parent} not found")
-        return self._finish(state)
+    def execute_complete(self, context: Context, event: Any) -> dict[str, Any]:
+        """Resumes after the trigger where it did not end the task itself (``dag.test()``, or an event of
+        airflow-provider-pgbg 0.1.0 that was waiting when the package was upgraded)."""
+        if isinstance(event, dict):
+            self.uuid_parent = event.get("uuid_parent") or self.uuid_parent
+            if event["status"] == "timeout":
+                raise AirflowTaskTimeout(
+                    f"execution_timeout reached: batch {self.uuid_parent} stopped ({event['stopped']} children)"
+                )
+            if event["status"] == "error":
+                raise AirflowException(event["message"])
+        else:  # "success" / "failed": the state a TaskSuccessEvent / TaskFailedEvent carried
+            ref = context["ti"].xcom_pull(task_ids=self.task_id, key=XCOM_BATCH_KEY) or {}
+            self.uuid_parent = ref.get("uuid_parent") or self.uuid_parent
+            if self.uuid_parent is None:
+                raise AirflowException(f"the trigger ended the task {event!r} before launching a batch")
+        try:
+            return self._finish(trigger_failed=event == "failed")
+        finally:
+            self.hook.close()
 
     # -- outcome ----------------------------------------------------------------------------------
 
-    def _finish(self, state: BatchState) -> dict[str, Any]:
-        summary = self._summary(state)
-        self.log.info("Batch %s ended %s: %s", state.uuid_parent, state.status.value, summary["counts"])
-        if state.status is not ChildStatus.DONE:
-            bad = self.hook.children(
-                state.uuid_parent, statuses=[s.value for s in FINAL_STATUSES - {ChildStatus.DONE}], limit=5
-            )
-            described = "; ".join(
-                f"#{r['seq']} {r['status']} [{r['sqlstate'] or '-'}] {(r['error'] or '')[:200]} :: {r['query'][:120]}"
-                for r in bad
-            )
-            not_done = state.children - state.counts[ChildStatus.DONE]
-            raise AirflowException(
-                f"batch {state.uuid_parent}: {not_done} of {state.children} statements did not succeed; "
-                f"first: {described}"
-            )
+    def _finish(self, *, trigger_failed: bool = False) -> dict[str, Any]:
+        assert self.uuid_parent is not None
+        uuid_parent = self.uuid_parent
+        summary = self._through_outages(lambda: self.hook.summary(uuid_parent, rows=self.max_result_rows))
+        if summary is None:
+            raise AirflowException(f"batch {uuid_parent} not found")
+        self.log.info(summary_line(summary))
+        if not succeeded(summary):
+            if summary["status"] == ChildStatus.STOPPED.value and trigger_failed and self.execution_timeout:
+                raise AirflowTaskTimeout(failure_message(summary))
+            raise AirflowException(failure_message(summary))
+        if trigger_failed:
+            raise AirflowException(f"the trigger failed the task although batch {uuid_parent} succeeded; see its log")
         return summary
-
-    def _summary(self, state: BatchState) -> dict[str, Any]:
-        wall = (state.ended_at - state.started_at).total_seconds() if state.started_at and state.ended_at else None
-        rows = self.hook.children(state.uuid_parent, limit=self.max_result_rows) if self.max_result_rows else []
-        return {
-            "uuid_parent": state.uuid_parent,
-            "status": state.status.value,
-            "children": state.children,
-            "counts": state.counts_json(),
-            "wall_seconds": wall,
-            "rows_included": len(rows),
-            "rows": [
-                {
-                    "seq": r["seq"],
-                    "uuid_child": str(r["uuid_child"]),
-                    "status": r["status"],
-                    "query": r["query"][:_TEXT_LIMIT],
-                    "command": (r["result"] or {}).get("command"),
-                    "sqlstate": r["sqlstate"],
-                    "error": r["error"] and r["error"][:_TEXT_LIMIT],
-                    "seconds": (r["end_time_exec"] - r["start_time_exec"]).total_seconds()
-                    if r["start_time_exec"] and r["end_time_exec"]
-                    else None,
-                }
-                for r in rows
-            ],
-        }
 
     # -- kill -------------------------------------------------------------------------------------
 
     def _stop_batch(self) -> None:
-        if self.uuid_parent:
-            try:
-                stopped = self.hook.stop(self.uuid_parent, if_claimed_by=self.claim)
-                self.log.info("Stopped batch %s (%d children)", self.uuid_parent, stopped)
-            except Exception:
-                self.log.exception("Could not stop batch %s", self.uuid_parent)
+        if not self.uuid_parent:
+            return
+        uuid_parent, claim = self.uuid_parent, self.claim
+        # A connection of its own: on_kill() runs in a signal handler, maybe while the poll holds the
+        # hook's connection in this very thread.
+        hook = PgBackgroundHook(
+            postgres_conn_id=self.postgres_conn_id, database=self.database, engine_schema=self.engine_schema
+        )
+        try:
+            stopped = hook.through_outages(
+                lambda: hook.stop(uuid_parent, if_claimed_by=claim),
+                min(self.reconnect_timeout or DEFAULT_RECONNECT_TIMEOUT, 60.0),
+            )
+            self.log.info("Stopped batch %s (%d children)", uuid_parent, stopped)
+        except EngineUnreachable as exc:
+            self.log.error("Could not stop batch %s: %s", uuid_parent, exc)
+        except Exception:
+            self.log.exception("Could not stop batch %s", uuid_parent)
+        finally:
+            hook.close()
 
     def on_kill(self) -> None:
         self._stop_batch()

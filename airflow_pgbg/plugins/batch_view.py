@@ -22,7 +22,8 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from airflow_pgbg.hooks.pgbg import PgBackgroundHook
-from airflow_pgbg.links.batch import PLUGIN_PREFIX, XCOM_BATCH_KEY, PgBackgroundBatchLink
+from airflow_pgbg.identity import XCOM_BATCH_KEY
+from airflow_pgbg.links.batch import PLUGIN_PREFIX, PgBackgroundBatchLink
 from airflow_pgbg.plugins.page import render_batch, render_message
 
 MAX_CHILDREN = 2000

@@ -1,39 +1,65 @@
-"""PgBackgroundBatchTrigger: waits in the triggerer until every child of a batch has ended."""
+"""PgBackgroundBatchTrigger: waits in the triggerer until a batch has ended, then ends the task there.
+
+The engine refills its own slots, so a trigger only observes; all triggers of a triggerer process
+that wait on one database share a :class:`~airflow_pgbg.hooks.watcher.BatchWatcher` (two connections
+in all, one poll per interval for every batch, an end notification from the engine). A triggerer
+restart, shutdown or redistribution leaves the batch running; a user's kill, clear or mark stops it.
+
+Started from the triggerer (``start_from_trigger``, Airflow 3.3), the trigger also launches the
+batch: ``sql`` is rendered there from the serialized DAG, split, validated and submitted, keyed by
+the try so that no restart launches it twice.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
 
-from airflow_pgbg.hooks.pgbg import PgBackgroundHook, trigger_application_name
-from airflow_pgbg.status import DEFAULT_SCHEMA
+from airflow_pgbg.compat import TASK_FAILED_EVENT_RETRIES, TRIGGER_HAS_ON_KILL
+from airflow_pgbg.hooks.outage import DEFAULT_RECONNECT_TIMEOUT, describe
+from airflow_pgbg.hooks.pgbg import BatchOptions, PgBackgroundHook
+from airflow_pgbg.hooks.watcher import BatchWatcher, wait_at_most
+from airflow_pgbg.identity import EARLIER_TRIGGER_GRACE, XCOM_BATCH_KEY, batch_ref, origin_of, try_claim
+from airflow_pgbg.outcome import failure_message, succeeded, summary_line
+from airflow_pgbg.splitting import split_statements
+from airflow_pgbg.status import DEFAULT_DELIMITER, DEFAULT_SCHEMA
 
-# Airflow 3.3 calls BaseTrigger.on_kill() only when a user marks the task failed/success or clears
-# it; earlier versions have no such hook and only call cleanup(), on user action and restart alike.
-HAS_TRIGGER_ON_KILL = "on_kill" in BaseTrigger.__dict__
+T = TypeVar("T")
+
+# Work that outlives the coroutine that started it: stops still retried through an outage after
+# on_kill() returned (Airflow gives it 30 s), XCom pushes.
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+class _TaskFails(Exception):
+    """Ends the task as failed; the message goes to the task's log."""
+
+    def __init__(self, message: str, *, timeout_stopped: int | None = None) -> None:
+        super().__init__(message)
+        self.timeout_stopped = timeout_stopped
 
 
 class PgBackgroundBatchTrigger(BaseTrigger):
-    """Polls the engine until the batch has ended: one round trip per ``poll_interval``, in which the
-    database itself waits for the end, so the event fires within milliseconds of it.
+    """Waits for a batch to end and ends its task: success, or failure naming the failed children.
 
-    The engine refills its own slots, so polling only observes. A triggerer restart, shutdown or
-    redistribution leaves the batch running; a user's kill, clear or mark stops it.
-
-    :param uuid_parent: the batch.
+    :param uuid_parent: the batch; None when the trigger launches it (started from the triggerer).
     :param postgres_conn_id: Airflow connection of the role that submitted it.
-    :param poll_interval: seconds between polls.
+    :param poll_interval: seconds between polls (an end is noticed at once through a notification).
     :param deadline: epoch seconds after which the batch is stopped (the task's execution_timeout).
     :param claim: the try's claim on the batch; a kill stops the batch only while it still holds.
+    :param reconnect_timeout: seconds an outage of the database is waited out before the task fails.
+    :param sql: the statements to launch (with the options below) when ``uuid_parent`` is None.
+    :param execution_timeout: seconds from the launch to stop the batch at, when launching.
+    :param max_result_rows: children included in the summary the task returns.
     """
 
     def __init__(
         self,
-        uuid_parent: str,
+        uuid_parent: str | None,
         postgres_conn_id: str,
         *,
         database: str | None = None,
@@ -41,8 +67,23 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         poll_interval: float = 5.0,
         deadline: float | None = None,
         claim: str | None = None,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        sql: str | list[str] | None = None,
+        delimiter: str = DEFAULT_DELIMITER,
+        batch_label: str | None = None,
+        max_parallel: int | None = None,
+        fail_fast: bool = False,
+        statement_timeout: float | None = None,
+        retries: int = 0,
+        retry_delay: float = 1.0,
+        retry_backoff: float = 2.0,
+        retry_lost: bool = False,
+        execution_timeout: float | None = None,
+        max_result_rows: int = 20,
     ) -> None:
         super().__init__()
+        if uuid_parent is None and sql is None:
+            raise ValueError("PgBackgroundBatchTrigger needs a batch (uuid_parent) or statements to launch (sql)")
         self.uuid_parent = uuid_parent
         self.postgres_conn_id = postgres_conn_id
         self.database = database
@@ -50,6 +91,19 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         self.poll_interval = poll_interval
         self.deadline = deadline
         self.claim = claim
+        self.reconnect_timeout = reconnect_timeout
+        self.sql = sql
+        self.delimiter = delimiter
+        self.batch_label = batch_label
+        self.max_parallel = max_parallel
+        self.fail_fast = fail_fast
+        self.statement_timeout = statement_timeout
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.retry_backoff = retry_backoff
+        self.retry_lost = retry_lost
+        self.execution_timeout = execution_timeout
+        self.max_result_rows = max_result_rows
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -62,6 +116,19 @@ class PgBackgroundBatchTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "deadline": self.deadline,
                 "claim": self.claim,
+                "reconnect_timeout": self.reconnect_timeout,
+                "sql": self.sql,
+                "delimiter": self.delimiter,
+                "batch_label": self.batch_label,
+                "max_parallel": self.max_parallel,
+                "fail_fast": self.fail_fast,
+                "statement_timeout": self.statement_timeout,
+                "retries": self.retries,
+                "retry_delay": self.retry_delay,
+                "retry_backoff": self.retry_backoff,
+                "retry_lost": self.retry_lost,
+                "execution_timeout": self.execution_timeout,
+                "max_result_rows": self.max_result_rows,
             },
         )
 
@@ -70,53 +137,216 @@ class PgBackgroundBatchTrigger(BaseTrigger):
             postgres_conn_id=self.postgres_conn_id, database=self.database, engine_schema=self.engine_schema
         )
 
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        hook = self._hook()
-        event = {"uuid_parent": self.uuid_parent}
+    def _watcher(self) -> BatchWatcher:
+        return BatchWatcher.for_hook(self._hook())
+
+    async def _call(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """``fn(connection)`` through the watcher, shielded so that a cancellation reaches run() as
+        sent: the triggerer tells a user's kill from a shutdown by the CancelledError's message."""
+        task = asyncio.ensure_future(self._watcher().call(fn, self.reconnect_timeout))
         try:
-            async with hook.async_connection(trigger_application_name(self.uuid_parent, self.claim)) as conn:
-                while True:
-                    # The database waits up to poll_interval and answers as soon as the batch ends.
-                    poll = asyncio.ensure_future(hook.apoll(conn, self.uuid_parent, wait=self.poll_interval))
-                    try:
-                        # Shielded, so a cancellation reaches run() as sent: the triggerer tells a
-                        # user's kill from a shutdown by its message, which psycopg would not keep.
-                        state = await asyncio.shield(poll)
-                    except asyncio.CancelledError:
-                        poll.cancel()
-                        raise
-                    if state is None:
-                        yield TriggerEvent(
-                            {**event, "status": "error", "message": f"batch {self.uuid_parent} not found"}
-                        )
-                        return
-                    if state.is_final:
-                        yield TriggerEvent(
-                            {
-                                **event,
-                                "status": "ended",
-                                "batch_status": state.status.value,
-                                "counts": state.counts_json(),
-                            }
-                        )
-                        return
-                    if self.deadline is not None and time.time() >= self.deadline:
-                        stopped = await hook.astop(self.uuid_parent, if_claimed_by=self.claim)
-                        yield TriggerEvent({**event, "status": "timeout", "stopped": stopped})
-                        return
-                    self.log.debug("batch %s: %s %s", self.uuid_parent, state.status.value, state.counts_json())
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+
+    # -- run --------------------------------------------------------------------------------------
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            if self.uuid_parent is None:
+                await self._launch()
+            assert self.uuid_parent is not None
+            await self._wait_for_end()
+            hook = self._hook()
+            uuid_parent = self.uuid_parent
+            summary = await self._call(lambda conn: hook.asummary(conn, uuid_parent, rows=self.max_result_rows))
+            if summary is None:
+                raise _TaskFails(f"batch {uuid_parent} is no longer in the database")
+            self.log.info(summary_line(summary))
+            if not succeeded(summary):
+                raise _TaskFails(failure_message(summary))
+            event: TriggerEvent = TaskSuccessEvent(xcoms={"return_value": summary, **self._batch_xcom()})
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a database error becomes a task failure with its message
-            yield TriggerEvent({**event, "status": "error", "message": f"{type(exc).__name__}: {exc}"})
+        except _TaskFails as exc:
+            event = self._failure(str(exc), timeout_stopped=exc.timeout_stopped)
+        except Exception as exc:  # the database's answer, or the outage that outlasted reconnect_timeout
+            event = self._failure(f"batch {self.uuid_parent or '(not launched)'}: {describe(exc)}")
+        yield event
+
+    def _failure(self, message: str, *, timeout_stopped: int | None = None) -> TriggerEvent:
+        self.log.error("%s", message)
+        if TASK_FAILED_EVENT_RETRIES:
+            return TaskFailedEvent(xcoms=self._batch_xcom())
+        # Airflow < 3.3 would fail a TaskFailedEvent for good: resume on a worker, which raises, so
+        # the task's retries and failure callbacks apply.
+        if timeout_stopped is not None:
+            return TriggerEvent({"uuid_parent": self.uuid_parent, "status": "timeout", "stopped": timeout_stopped})
+        return TriggerEvent({"uuid_parent": self.uuid_parent, "status": "error", "message": message})
+
+    def _batch_xcom(self) -> dict[str, Any]:
+        if self.uuid_parent is None:
+            return {}
+        return {
+            XCOM_BATCH_KEY: batch_ref(
+                self.uuid_parent, self.postgres_conn_id, self.database, self.engine_schema, self.claim
+            )
+        }
+
+    async def _wait_for_end(self) -> None:
+        assert self.uuid_parent is not None
+        wait: Coroutine[Any, Any, Any] = self._watcher().wait(
+            self.uuid_parent,
+            claim=self.claim,
+            poll_interval=self.poll_interval,
+            reconnect_timeout=self.reconnect_timeout,
+        )
+        if self.deadline is None:
+            await wait
+            return
+        ended, _ = await wait_at_most(wait, max(0.0, self.deadline - time.time()))
+        if not ended:
+            stopped = await self._stop_batch("execution_timeout")
+            raise _TaskFails(
+                f"execution_timeout reached: batch {self.uuid_parent} stopped ({stopped} children)",
+                timeout_stopped=stopped,
+            )
+
+    # -- launch (started from the triggerer) -------------------------------------------------------
+
+    async def _launch(self) -> None:
+        """Splits, validates and submits the rendered statements; a new try resumes an earlier one's batch."""
+        ti = self.task_instance
+        if ti is None:
+            raise _TaskFails("the trigger can launch a batch only for a task instance")
+        hook = self._hook()
+        origin = origin_of(ti)
+        self.claim = try_claim(ti.try_number, deferred=True)
+        statements = await self._statements(hook)
+        options = BatchOptions(
+            self.max_parallel,
+            self.batch_label,
+            self.fail_fast,
+            self.statement_timeout,
+            self.retries,
+            self.retry_delay,
+            self.retry_backoff,
+            self.retry_lost,
+        )
+        loop = asyncio.get_running_loop()
+        grace_ends = loop.time() + EARLIER_TRIGGER_GRACE
+        claim = self.claim
+        while True:
+            takeover = loop.time() >= grace_ends
+            submission = await self._call(
+                lambda conn: hook.asubmit(
+                    conn,
+                    statements,
+                    origin=origin,
+                    claimed_by=claim,
+                    options=options,
+                    requeue_on_takeover=True,
+                    takeover=takeover,
+                )
+            )
+            if submission.action != "waiting":
+                break
+            self.log.info(
+                "Waiting for the trigger of %s to end before resuming batch %s",
+                submission.previous_holder,
+                submission.uuid_parent,
+            )
+            await asyncio.sleep(1.0)
+        self.uuid_parent = submission.uuid_parent
+        self.log.info(
+            "Batch %s %s (%d statements, %s)", submission.uuid_parent, submission.action, len(statements), claim
+        )
+        if self.execution_timeout is not None and submission.claimed_at is not None:
+            self.deadline = submission.claimed_at.timestamp() + self.execution_timeout
+        # Not awaited: the supervisor may take seconds to store it, and the wait starts now.
+        push = asyncio.ensure_future(self._push_batch_xcom(ti))
+        _BACKGROUND.add(push)
+        push.add_done_callback(_BACKGROUND.discard)
+
+    async def _statements(self, hook: PgBackgroundHook) -> list[str]:
+        parts = [self.sql] if isinstance(self.sql, str) else list(self.sql or [])
+        if not parts or not all(isinstance(p, str) for p in parts) or not any(p.strip() for p in parts):
+            raise _TaskFails("sql is empty: no SQL statement to run")
+        out: list[str] = []
+        for part in parts:
+            if self.delimiter == DEFAULT_DELIMITER:
+                out.extend(split_statements(part))
+            else:
+                delimiter = self.delimiter
+                out.extend(await self._call(lambda conn, part=part: hook.asplit(conn, part, delimiter)))
+        if not out:
+            raise _TaskFails("no SQL statement to run (only blanks or comments)")
+        return out
+
+    async def _push_batch_xcom(self, ti: Any) -> None:
+        """Publishes the batch at once, so the batch page and the extra link work while it runs.
+
+        Sent on the event loop to the triggerer's supervisor (a blocking SDK call would stall every
+        trigger of the process); the task's end pushes it again anyway.
+        """
+        try:
+            from airflow.sdk.bases.xcom import BaseXCom
+            from airflow.sdk.execution_time import task_runner
+            from airflow.sdk.execution_time.comms import SetXCom
+
+            value = BaseXCom.serialize_value(self._batch_xcom()[XCOM_BATCH_KEY])
+            started = time.monotonic()
+            await task_runner.SUPERVISOR_COMMS.asend(
+                SetXCom(
+                    key=XCOM_BATCH_KEY,
+                    value=value,
+                    dag_id=ti.dag_id,
+                    run_id=ti.run_id,
+                    task_id=ti.task_id,
+                    map_index=ti.map_index,
+                )
+            )
+            self.log.debug("Batch published to XCom in %.3f s", time.monotonic() - started)
+        except Exception as exc:
+            self.log.warning("Could not publish the batch to XCom before its end: %s", exc)
+
+    # -- kill -------------------------------------------------------------------------------------
+
+    async def _stop_batch(self, why: str) -> int:
+        """Stops the batch while this try still holds it, retrying through an outage.
+
+        The stop goes on in the background if the caller is cancelled (Airflow allows on_kill 30 s).
+        """
+        hook = self._hook()
+        claim = self.claim
+        if self.uuid_parent is not None:
+            uuid_parent = self.uuid_parent
+
+            async def stop(conn: Any) -> int:
+                return await hook.astop(conn, uuid_parent, if_claimed_by=claim)
+        elif self.sql is not None and self.task_instance is not None:
+            # Cancelled while launching: stop whatever this try's submit may have committed.
+            origin = origin_of(self.task_instance)
+            claim = try_claim(self.task_instance.try_number, deferred=True)
+
+            async def stop(conn: Any) -> int:
+                return await hook.astop_claimed(conn, origin, claim)
+        else:
+            return 0
+        task = asyncio.ensure_future(self._watcher().call(stop, self.reconnect_timeout))
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+        stopped = await asyncio.shield(task)
+        self.log.info("Stopped batch %s (%d children): %s", self.uuid_parent or "(being launched)", stopped, why)
+        return stopped
 
     async def on_kill(self) -> None:
         """A user marked the deferred task failed or success, or cleared it: stop the batch."""
-        stopped = await self._hook().astop(self.uuid_parent, if_claimed_by=self.claim)
-        self.log.info("Stopped batch %s (%d children) on user request", self.uuid_parent, stopped)
+        await self._stop_batch("the task was marked or cleared")
 
     async def cleanup(self) -> None:
-        if HAS_TRIGGER_ON_KILL:
+        if TRIGGER_HAS_ON_KILL:
             return  # on_kill() handles user actions; a restart must not stop anything
         if await self._task_left_deferral():
             await self.on_kill()

@@ -13,7 +13,8 @@ import pytest
 from airflow.sdk.exceptions import AirflowException
 
 from airflow_pgbg.hooks.pgbg import PgBackgroundHook
-from airflow_pgbg.operators.batch import XCOM_BATCH_KEY, PgBackgroundBatchOperator
+from airflow_pgbg.identity import XCOM_BATCH_KEY
+from airflow_pgbg.operators.batch import PgBackgroundBatchOperator
 from tests.helpers import monitor, poll_until, statuses
 
 
@@ -41,7 +42,14 @@ def test_success_deferrable_and_blocking(
     parent = _batch_of(user, f"pgbg_{dag_id}")
     assert statuses(monitor(user, parent)) == ["done"] * (4 if dag_id == "ok_deferrable" else 3)
     xcom = ti.xcom_pull(task_ids="batch", key=XCOM_BATCH_KEY)
-    assert xcom == {"uuid_parent": parent, "postgres_conn_id": "pgbg_test", "database": None, "engine_schema": "pgbg"}
+    claim = "try 1 deferred" if dag_id == "ok_deferrable" else "try 1"
+    assert xcom == {
+        "uuid_parent": parent,
+        "postgres_conn_id": "pgbg_test",
+        "database": None,
+        "engine_schema": "pgbg",
+        "claim": claim,
+    }
     summary = ti.xcom_pull(task_ids="batch")
     assert summary["uuid_parent"] == parent and summary["status"] == "done"
     assert summary["counts"]["done"] == summary["children"]
@@ -56,8 +64,9 @@ def test_a_failing_child_fails_the_task_with_its_sqlstate(
     assert statuses(monitor(user, parent)) == ["done", "failed", "failed"]
     # The message the task failed with names the children, their SQLSTATE and error.
     op = PgBackgroundBatchOperator(task_id="t", sql="select 1", postgres_conn_id="pgbg_test")
+    op.uuid_parent = parent
     with pytest.raises(AirflowException) as failure:
-        op._finish(op.hook.poll(parent))
+        op._finish()
     message = str(failure.value)
     assert "2 of 3 statements did not succeed" in message
     assert "[22012] division by zero" in message and "[42P01]" in message
@@ -153,7 +162,8 @@ def test_summary_stays_small_for_ten_thousand_children(pgbg_conn: str, user: psy
     op = PgBackgroundBatchOperator(task_id="t", sql=["select 1"] * 10_000, postgres_conn_id="pgbg_test", max_parallel=4)
     parent = op.hook.launch(op.statements(), max_parallel=4)
     assert op.hook.wait(parent, 120) == "done"
-    summary = op._finish(op.hook.poll(parent))
+    op.uuid_parent = parent
+    summary = op._finish()
     assert summary["children"] == 10_000 and summary["counts"]["done"] == 10_000
     assert len(json.dumps(summary)) < 64 * 1024
 

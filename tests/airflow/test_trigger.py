@@ -8,6 +8,9 @@ import time
 
 import psycopg
 
+from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent
+
+from airflow_pgbg.identity import XCOM_BATCH_KEY
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
 from tests.helpers import launch, monitor, statuses, wait
 
@@ -32,16 +35,23 @@ def test_serialization_round_trip() -> None:
     assert again.serialize() == (path, kwargs)
 
 
-def test_the_trigger_fires_when_the_batch_ends(pgbg_conn: str, user: psycopg.Connection) -> None:
-    parent = launch(user, ["select pg_sleep(0.3)", "select 1/0"])
+def test_the_trigger_ends_the_task_when_the_batch_ends(pgbg_conn: str, user: psycopg.Connection) -> None:
+    ok = launch(user, ["select pg_sleep(0.3)", "select 42 as answer"])
+    bad = launch(user, ["select pg_sleep(0.3)", "select 1/0"])
 
-    async def first_event():
+    async def first_event(parent: str):
         async for event in _trigger(parent).run():
-            return event.payload
+            return event
 
-    payload = asyncio.run(first_event())
-    assert payload["status"] == "ended" and payload["batch_status"] == "failed"
-    assert payload["counts"]["done"] == 1 and payload["counts"]["failed"] == 1
+    success = asyncio.run(first_event(ok))
+    assert isinstance(success, TaskSuccessEvent)
+    summary = success.xcoms["return_value"]
+    assert summary["status"] == "done" and summary["counts"]["done"] == 2
+    assert summary["rows"][1]["command"] == "SELECT 1"
+    assert success.xcoms[XCOM_BATCH_KEY]["uuid_parent"] == ok
+    failure = asyncio.run(first_event(bad))
+    assert isinstance(failure, TaskFailedEvent)
+    assert "return_value" not in (failure.xcoms or {})
 
 
 def test_user_kill_stops_the_batch(pgbg_conn: str, user: psycopg.Connection) -> None:

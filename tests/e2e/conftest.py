@@ -143,19 +143,10 @@ class Deployment:
     def workers(self, parent: str) -> int:
         return self.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", f"pgbg:{parent}")[0][0]
 
-    def polling(self) -> bool:
-        """The DAGs' role is waiting in pg_background_poll() (the trigger, or the task on a worker).
-
-        Its parameters are bound, so the batch is not in the text: scenarios run one at a time.
-        """
-        return (
-            self.sql(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND state = 'active' "
-                "AND query LIKE '%%pg_background_poll%%'",
-                ROLE,
-            )[0][0]
-            > 0
-        )
+    def watched(self, parent: str) -> bool:
+        """Someone waits for the batch: a trigger (through its triggerer's watcher) or the task on its
+        worker holds a watch lock on it."""
+        return self.sql("SELECT pgbg.pg_background_watched(%s)", parent)[0][0]
 
     def marks(self, run_id: str) -> list[int]:
         return [r[0] for r in self.sql("SELECT n FROM pgbg_e2e.marks WHERE run_id = %s ORDER BY n", run_id)]

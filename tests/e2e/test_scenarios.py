@@ -26,7 +26,7 @@ def _running_batch(d: Deployment, dag_id: str, run_id: str, ti_state: str, runni
             batches
             and d.ti(dag_id, run_id)["state"] == ti_state
             and d.statuses(batches[-1]).count("running") >= running
-            and d.polling()
+            and d.watched(batches[-1])
         ):
             return batches[-1]
         return None
