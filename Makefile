@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 db:
 	@bash scripts/db.sh
 
+# With PGBG_TEST_DSN set to a server of your own, tests that need more local servers are skipped.
 test: venv
 	@bash scripts/browser.sh >/dev/null
-	@dsn=$$(bash scripts/db.sh | tail -n 1) && \
-	PGBG_TEST_DSN=$$dsn $(PY) -m pytest $(PYTEST_ARGS)
+	@ext=$${PGBG_TEST_DSN:+1}; dsn=$$(bash scripts/db.sh | tail -n 1) && \
+	PGBG_EXTERNAL_SERVER=$$ext PGBG_TEST_DSN=$$dsn $(PY) -m pytest $(PYTEST_ARGS)
 
 test-engine: venv
 	@dsn=$$(bash scripts/db.sh | tail -n 1) && \

@@ -14,6 +14,7 @@ from airflow.providers.common.compat.sdk import (
     BaseOperator,
     BaseOperatorLink,
     conf,
+    hookimpl,
 )
 from airflow.triggers.base import BaseTrigger
 from packaging.version import Version
@@ -46,4 +47,5 @@ __all__ = [
     "BaseOperator",
     "BaseOperatorLink",
     "conf",
+    "hookimpl",
 ]

@@ -37,7 +37,8 @@ def is_outage(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException) -> str:
-    """One line naming an outage, without connection parameters (psycopg puts the host in some)."""
+    """The first line of an error: its type, SQLSTATE and message (libpq names host and port, never the
+    password)."""
     sqlstate = getattr(exc, "sqlstate", None)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"{type(exc).__name__}{f' [{sqlstate}]' if sqlstate else ''}: {text}"

@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from airflow_pgbg.hooks.pgbg import PgBackgroundHook
 from airflow_pgbg.identity import XCOM_BATCH_KEY
 from airflow_pgbg.links.batch import PLUGIN_PREFIX, PgBackgroundBatchLink
+from airflow_pgbg.plugins import listener
 from airflow_pgbg.plugins.page import render_batch, render_message
 
 MAX_CHILDREN = 2000
@@ -195,4 +196,5 @@ class PgBackgroundPlugin(AirflowPlugin):
             "url_route": "pgbg",
         }
     ]
-    operator_extra_links = [PgBackgroundBatchLink()]
+    operator_extra_links = [PgBackgroundBatchLink()]  # noqa: RUF012 - AirflowPlugin's own convention
+    listeners = [listener]  # noqa: RUF012

@@ -238,6 +238,11 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         grace_ends = loop.time() + EARLIER_TRIGGER_GRACE
         claim = self.claim
         while True:
+            # A person may have marked or cleared the task before its trigger ran (Airflow may still
+            # start such a trigger): then nothing is launched for this try.
+            state = await self._ti_state()
+            if state not in (None, "deferred"):
+                raise _TaskFails(f"the task instance is {state}, no longer deferred: nothing launched")
             takeover = loop.time() >= grace_ends
             submission = await self._call(
                 lambda conn: hook.asubmit(
@@ -353,17 +358,29 @@ class PgBackgroundBatchTrigger(BaseTrigger):
 
     async def _task_left_deferral(self) -> bool:
         """Airflow < 3.3: the task instance is no longer deferred, so a user acted on it."""
+        state = await self._ti_state()
+        return state is not None and state != "deferred"
+
+    async def _ti_state(self) -> str | None:
+        """The state of this trigger's task instance, asked of the triggerer's supervisor without
+        blocking the event loop; None when unknown (no task instance, or not in a triggerer)."""
         ti = self.task_instance
         if ti is None:
-            return False
-        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-        from asgiref.sync import sync_to_async
+            return None
+        try:
+            from airflow.sdk.execution_time import task_runner
+            from airflow.sdk.execution_time.comms import GetTaskStates
 
-        states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
-            dag_id=ti.dag_id,
-            task_ids=[ti.task_id],
-            run_ids=[ti.run_id],
-            map_index=None if ti.map_index < 0 else ti.map_index,
-        )
-        found = [state for run in states.values() for state in run.values()]
-        return bool(found) and all(state != "deferred" for state in found)
+            result = await task_runner.SUPERVISOR_COMMS.asend(
+                GetTaskStates(
+                    dag_id=ti.dag_id,
+                    task_ids=[ti.task_id],
+                    run_ids=[ti.run_id],
+                    map_index=None if ti.map_index < 0 else ti.map_index,
+                )
+            )
+        except Exception as exc:
+            self.log.debug("Could not read the state of %s: %s", ti, exc)
+            return None
+        found = [state for run in result.task_states.values() for state in run.values()]
+        return found[0] if len(found) == 1 else None

@@ -7,6 +7,7 @@ API (the calls the UI makes) and look at the batches in the engine's tables.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -20,11 +21,14 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import psutil
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
+from airflow_pgbg.hooks.install import install_engine_dsn
 from tests.helpers import poll_until
+from tests.servers import FLEET
 
 DAGS = Path(__file__).parent / "dags"
 META_DB = "pgbg_e2e_airflow"
@@ -44,11 +48,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 class Deployment:
     """The running services, an authenticated REST client, and the engine's view of the batches."""
 
-    def __init__(self, home: Path, env: dict[str, str], url: str, admin_dsn: str) -> None:
+    def __init__(self, home: Path, env: dict[str, str], url: str, admin_dsn: str, fleet_dsn: str | None) -> None:
         self.home = home
         self.env = env
         self.url = url
         self.admin_dsn = admin_dsn
+        self.fleet_dsn = fleet_dsn
+        """Superuser DSN of the restartable server (tests.servers.FLEET), or None when not available."""
         self.procs: dict[str, subprocess.Popen] = {}
         self._client: httpx.Client | None = None
 
@@ -65,12 +71,23 @@ class Deployment:
         )
 
     def kill(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Signals the service and every process it started (a supervisor may put its children in
+        sessions of their own), and waits for all of them to be gone."""
         proc = self.procs.pop(name)
         try:
-            os.killpg(proc.pid, sig)
-            proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(sig)
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
 
     def logs(self) -> str:
         return "\n".join(f"==== {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.home.glob("*.log")))
@@ -115,41 +132,56 @@ class Deployment:
     def run_state(self, dag_id: str, run_id: str) -> str:
         return self.api.get(f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}").json()["state"]
 
-    # -- the engine's view ----------------------------------------------------------------------
+    # -- the engine's view (the main server, or dsn=self.fleet_dsn) ------------------------------------
 
-    def sql(self, query: str, *params: Any) -> list[tuple]:
-        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+    def sql(self, query: str, *params: Any, dsn: str | None = None) -> list[tuple]:
+        with psycopg.connect(dsn or self.admin_dsn, autocommit=True) as conn:
             return conn.execute(query, params).fetchall()
 
-    def batches(self, dag_id: str, run_id: str) -> list[str]:
-        return [
-            str(r[0])
-            for r in self.sql(
-                "SELECT uuid_parent FROM pgbg.batch WHERE origin LIKE %s ORDER BY created_at", f"{dag_id}/{run_id}/%"
-            )
-        ]
+    def batches(self, dag_id: str, run_id: str, dsn: str | None = None) -> list[str]:
+        rows = self.sql(
+            "SELECT uuid_parent FROM pgbg.batch WHERE origin LIKE %s ORDER BY created_at",
+            f"{dag_id}/{run_id}/%",
+            dsn=dsn,
+        )
+        return [str(r[0]) for r in rows]
 
-    def children(self, parent: str) -> list[dict[str, Any]]:
+    def children(self, parent: str, dsn: str | None = None) -> list[dict[str, Any]]:
         rows = self.sql(
             "SELECT seq, status::text, start_time_exec, end_time_exec, attempt "
             "FROM pgbg.log_background WHERE uuid_parent = %s ORDER BY seq",
             parent,
+            dsn=dsn,
         )
-        return [dict(zip(("seq", "status", "start", "end", "attempt"), r)) for r in rows]
+        return [dict(zip(("seq", "status", "start", "end", "attempt"), r, strict=True)) for r in rows]
 
-    def statuses(self, parent: str) -> list[str]:
-        return [c["status"] for c in self.children(parent)]
+    def statuses(self, parent: str, dsn: str | None = None) -> list[str]:
+        return [c["status"] for c in self.children(parent, dsn)]
 
-    def workers(self, parent: str) -> int:
-        return self.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", f"pgbg:{parent}")[0][0]
+    def workers(self, parent: str, dsn: str | None = None) -> int:
+        return self.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", f"pgbg:{parent}", dsn=dsn)[
+            0
+        ][0]
 
-    def watched(self, parent: str) -> bool:
+    def watched(self, parent: str, dsn: str | None = None) -> bool:
         """Someone waits for the batch: a trigger (through its triggerer's watcher) or the task on its
         worker holds a watch lock on it."""
-        return self.sql("SELECT pgbg.pg_background_watched(%s)", parent)[0][0]
+        return self.sql("SELECT pgbg.pg_background_watched(%s)", parent, dsn=dsn)[0][0]
 
-    def marks(self, run_id: str) -> list[int]:
-        return [r[0] for r in self.sql("SELECT n FROM pgbg_e2e.marks WHERE run_id = %s ORDER BY n", run_id)]
+    def marks(self, run_id: str, dsn: str | None = None) -> list[int]:
+        return [r[0] for r in self.sql("SELECT n FROM pgbg_e2e.marks WHERE run_id = %s ORDER BY n", run_id, dsn=dsn)]
+
+
+def _role_and_tables(dsn: str, role_password: str) -> None:
+    """The DAGs' role (a member of pgbg_user) and the table their children write, on one server."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS pgbg_e2e CASCADE")
+        conn.execute(f"DELETE FROM pgbg.batch WHERE role_name = '{ROLE}'")
+        conn.execute(f"DROP ROLE IF EXISTS {ROLE}")
+        conn.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{role_password}' IN ROLE pgbg_user")
+        conn.execute(f"CREATE SCHEMA pgbg_e2e AUTHORIZATION {ROLE}")
+        conn.execute("CREATE TABLE pgbg_e2e.marks (run_id text, n int)")
+        conn.execute(f"ALTER TABLE pgbg_e2e.marks OWNER TO {ROLE}")
 
 
 @pytest.fixture(scope="session")
@@ -160,13 +192,12 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {META_DB} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {META_DB}")
-        conn.execute("DROP SCHEMA IF EXISTS pgbg_e2e CASCADE")
-        conn.execute(f"DELETE FROM pgbg.batch WHERE role_name = '{ROLE}'")
-        conn.execute(f"DROP ROLE IF EXISTS {ROLE}")
-        conn.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{role_password}' IN ROLE pgbg_user")
-        conn.execute(f"CREATE SCHEMA pgbg_e2e AUTHORIZATION {ROLE}")
-        conn.execute("CREATE TABLE pgbg_e2e.marks (run_id text, n int)")
-        conn.execute(f"ALTER TABLE pgbg_e2e.marks OWNER TO {ROLE}")
+    _role_and_tables(dsn, role_password)
+    fleet_dsn = None
+    if not os.environ.get("PGBG_EXTERNAL_SERVER"):
+        fleet_dsn = FLEET.start()
+        install_engine_dsn(fleet_dsn)
+        _role_and_tables(fleet_dsn, role_password)
     host, port = params.get("host", "127.0.0.1"), params.get("port", "5432")
     meta_user = params.get("user", "postgres")
     meta_password = quote(params.get("password", ""), safe="")
@@ -201,7 +232,12 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
     }
     for key in [k for k in env if k.startswith("AIRFLOW_CONN_") and k != "AIRFLOW_CONN_PGBG_E2E"]:
         env.pop(key)
-    d = Deployment(home, env, url, dsn)
+    if fleet_dsn:
+        f = conninfo_to_dict(fleet_dsn)
+        env["AIRFLOW_CONN_PGBG_E2E_FLEET"] = (
+            f"postgresql://{ROLE}:{quote(role_password, safe='')}@{f['host']}:{f['port']}/{f.get('dbname', 'postgres')}"
+        )
+    d = Deployment(home, env, url, dsn, fleet_dsn)
     try:
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
         d.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1")
@@ -221,7 +257,7 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
 
         wait_for(healthy, 120, "all services healthy", 0.5)
         wait_for(
-            lambda: d.api.get("/dags", params={"dag_id_pattern": "e2e_"}).json()["total_entries"] >= 6,
+            lambda: d.api.get("/dags", params={"dag_id_pattern": "e2e_"}).json()["total_entries"] >= 10,
             120,
             "the e2e DAGs parsed",
             0.5,

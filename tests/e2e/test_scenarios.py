@@ -6,8 +6,11 @@ import signal
 import time
 
 import psutil
+import pytest
 
+from airflow_pgbg.compat import CAN_START_FROM_TRIGGER
 from tests.e2e.conftest import Deployment, wait_for
+from tests.servers import FLEET
 
 FINAL = {"done", "failed", "stopped", "lost"}
 
@@ -161,3 +164,95 @@ def test_6_killed_worker_retry_reconnects_to_the_running_batch(deployment: Deplo
     assert d.statuses(parent) == ["done"] * 4
     assert [c["attempt"] for c in d.children(parent)] == [1] * 4  # no child ran twice
     assert d.marks(run) == [1, 2, 3, 4]
+
+
+def test_7_database_restart_while_deferred_is_waited_out(deployment: Deployment, record) -> None:
+    d = deployment
+    if d.fleet_dsn is None:
+        pytest.skip("needs the restartable local server (tests.servers.FLEET)")
+    dag_id, fleet = "e2e_db_restart", d.fleet_dsn
+    run = d.trigger(dag_id)
+    parent = wait_for(
+        lambda: (
+            (b := d.batches(dag_id, run, fleet))
+            and d.statuses(b[-1], fleet).count("running") == 2
+            and d.watched(b[-1], fleet)
+            and b[-1]
+        ),
+        90,
+        "two children running and the trigger watching",
+        0.2,
+    )
+    restarted = time.monotonic()
+    FLEET.restart()
+    wait_for(lambda: d.run_state(dag_id, run) in ("success", "failed"), 120, "the run to end")
+    record("success after a restart of the database", time.monotonic() - restarted, 60)
+    # The task ended with the batch's own outcome: its lost children ran again and all succeeded.
+    assert d.run_state(dag_id, run) == "success", d.logs()
+    assert d.statuses(parent, fleet) == ["done"] * 4
+    assert d.marks(run, fleet) == [1, 2, 3, 4]
+    assert sorted(c["attempt"] for c in d.children(parent, fleet)) == [1, 1, 2, 2]
+
+
+def _triggerer_down(d: Deployment) -> None:
+    d.kill("triggerer", signal.SIGKILL)
+
+
+def test_8_mark_failed_before_the_trigger_runs_stops_the_batch(deployment: Deployment, record) -> None:
+    d = deployment
+    dag_id = "e2e_early_mark"
+    _triggerer_down(d)  # nobody can pick the trigger up: a user is faster than the triggerer
+    try:
+        run = d.trigger(dag_id)
+        parent = wait_for(
+            lambda: (b := d.batches(dag_id, run)) and d.ti(dag_id, run)["state"] == "deferred" and b[-1],
+            90,
+            "the task deferred after launching on a worker",
+            0.2,
+        )
+        assert not d.watched(parent)
+        marked = time.monotonic()
+        d.mark(dag_id, run, "failed")
+        # Stopped from the API server's listener, with no trigger ever running.
+        wait_for(
+            lambda: set(d.statuses(parent)) <= {"stopped"} and d.workers(parent) == 0, 30, "the batch to stop", 0.2
+        )
+        record("batch stopped after a mark before pick-up", time.monotonic() - marked, 30)
+        assert d.sql("SELECT stop_requested_by FROM pgbg.batch WHERE uuid_parent = %s", parent)[0][0] == (
+            "airflow: task instance marked failed"
+        )
+    finally:
+        d.start("triggerer", "triggerer")
+
+
+def test_9_mark_failed_before_a_triggerer_start_launches_nothing(deployment: Deployment) -> None:
+    d = deployment
+    if not CAN_START_FROM_TRIGGER:
+        pytest.skip("tasks start in the triggerer from Airflow 3.3")
+    dag_id = "e2e_early_mark_in_triggerer"
+    _triggerer_down(d)
+    try:
+        run = d.trigger(dag_id)
+        wait_for(lambda: d.ti(dag_id, run)["state"] == "deferred", 90, "the task deferred without a worker", 0.2)
+        d.mark(dag_id, run, "failed")
+    finally:
+        d.start("triggerer", "triggerer")
+    time.sleep(8)  # the restarted triggerer has had time to pick up whatever it would
+    assert d.batches(dag_id, run) == []
+    assert d.ti(dag_id, run)["state"] == "failed"
+
+
+def test_10_triggerer_killed_while_launching_launches_once(deployment: Deployment, record) -> None:
+    d = deployment
+    dag_id = "e2e_triggerer_killed_at_launch"
+    run = d.trigger(dag_id)
+    # SIGKILL as soon as the batch exists: the trigger that launched it dies with its triggerer.
+    parent = wait_for(lambda: (b := d.batches(dag_id, run)) and b[-1], 90, "the batch to be launched", 0.05)
+    d.kill("triggerer", signal.SIGKILL)
+    killed = time.monotonic()
+    d.start("triggerer", "triggerer")
+    wait_for(lambda: d.run_state(dag_id, run) == "success", 120, "the run to succeed")
+    record("success after a triggerer SIGKILL at launch", time.monotonic() - killed, 60)
+    assert d.batches(dag_id, run) == [parent]  # the restarted trigger attached, it did not launch again
+    assert d.marks(run) == [1, 2, 3, 4]
+    assert [c["attempt"] for c in d.children(parent)] == [1] * 4

@@ -9,14 +9,14 @@ from airflow.sdk import DAG
 from airflow_pgbg.operators.batch import PgBackgroundBatchOperator
 
 
-def _dag(dag_id: str, children: int, seconds: float, **kwargs) -> DAG:
+def _dag(dag_id: str, children: int, seconds: float, conn: str = "pgbg_e2e", **kwargs) -> DAG:
     # The run id in each row lets a test count one run's effects.
     sql = [
         f"insert into pgbg_e2e.marks select '{{{{ run_id }}}}', {i} from pg_sleep({seconds})"
         for i in range(1, children + 1)
     ]
     with DAG(dag_id, schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as dag:
-        PgBackgroundBatchOperator(task_id="batch", postgres_conn_id="pgbg_e2e", sql=sql, **kwargs)
+        PgBackgroundBatchOperator(task_id="batch", postgres_conn_id=conn, sql=sql, **kwargs)
     return dag
 
 
@@ -35,3 +35,21 @@ worker_killed = _dag(
     retries=1,
     retry_delay=timedelta(seconds=1),
 )
+# On the fleet server, which the scenario restarts; its children are safe to run again.
+restart = _dag(
+    "e2e_db_restart",
+    4,
+    3,
+    conn="pgbg_e2e_fleet",
+    max_parallel=2,
+    deferrable=True,
+    poll_interval=1,
+    retry_lost=True,
+    statement_retries=2,
+    statement_retry_delay=0.5,
+)
+# Launched on a worker, then deferred: a mark before the trigger runs is stopped by the API server.
+early_mark = _dag("e2e_early_mark", 6, 30, max_parallel=2, deferrable=True, start_from_trigger=False)
+# Started in the triggerer (Airflow 3.3): a mark before the trigger runs means nothing is launched.
+early_mark_in_triggerer = _dag("e2e_early_mark_in_triggerer", 6, 30, max_parallel=2, deferrable=True)
+relaunch = _dag("e2e_triggerer_killed_at_launch", 4, 3, max_parallel=2, deferrable=True, poll_interval=1)

@@ -1,0 +1,55 @@
+"""More PostgreSQL servers than the suite's main one, for tests that restart or starve a server.
+
+Each is an instance of ``scripts/db.sh`` (same sid root, its own data directory and port), so a test
+may restart it, fill its connection table or stop it without disturbing the main server, which the
+Airflow metadata of the end-to-end suite lives on.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A server started by ``scripts/db.sh --instance``."""
+
+    name: str
+    port: int
+    settings: tuple[str, ...] = ()
+
+    def _db(self, action: str) -> str:
+        args = ["bash", str(REPO / "scripts" / "db.sh"), action, "--instance", self.name, "--port", str(self.port)]
+        for setting in self.settings:
+            args += ["-c", setting]
+        out = subprocess.run(args, check=True, capture_output=True, text=True)
+        return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+
+    def start(self) -> str:
+        """Starts the server if it is not running; its superuser DSN."""
+        return self._db("start")
+
+    def restart(self) -> None:
+        self._db("restart")
+
+    def stop(self) -> None:
+        self._db("stop")
+
+
+def local_servers_or_skip() -> None:
+    """Instances need this machine's sid root (scripts/db.sh); `make test` against a server of your own
+    (PGBG_TEST_DSN) sets PGBG_EXTERNAL_SERVER and these tests are skipped."""
+    if os.environ.get("PGBG_EXTERNAL_SERVER"):
+        pytest.skip("needs the local servers of scripts/db.sh (testing against PGBG_TEST_DSN)")
+    if os.geteuid() != 0:
+        pytest.skip("starting more servers needs root (scripts/db.sh)")
+
+
+FLEET = Instance("fleet", 54319, ("max_connections=100",))
+"""A stock-sized server (max_connections 100) that tests may restart."""
