@@ -31,6 +31,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from airflow_pgbg.hooks.install import install_engine_dsn  # noqa: E402
+from fleet import w5  # noqa: E402
+from worker_free import w8  # noqa: E402
 
 SEED_POLL = 1.0  # seconds between polls of the seed-style baseline, as a trigger would poll
 
@@ -199,6 +201,107 @@ def w4(dsn: str) -> tuple[float, float]:
         return result["warm"], result["cold"]
 
 
+# -- W6, W7 (engine 0.2.0) -------------------------------------------------------------------------
+
+
+def _median_poll_ms(conn: psycopg.Connection, parent: str, query: str, n: int = 50) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        conn.execute(query, (parent,)).fetchall()
+        times.append(time.perf_counter() - t)
+        time.sleep(0.005)
+    return statistics.median(times) * 1000
+
+
+def w6(dsn: str) -> dict[str, float]:
+    """A poll of a batch of 100 and of 100,000 children (one running, the rest queued), on engine 0.2.0
+    and, for the record, on 0.1.0 in a database of its own."""
+    old = make_conninfo(dsn, dbname="pgbg_bench_010")
+    with psycopg.connect(make_conninfo(dsn, dbname="postgres"), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS pgbg_bench_010 WITH (FORCE)")
+        conn.execute("CREATE DATABASE pgbg_bench_010")
+    install_engine_dsn(old, target="0.1.0")
+    out: dict[str, float] = {}
+    for label, target in (("", dsn), ("_0_1_0", old)):
+        with psycopg.connect(target, autocommit=True) as conn:
+            for n in (100, 100_000):
+                parent = str(
+                    conn.execute(
+                        "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 1)",
+                        (["select pg_sleep(60)"] * n,),
+                    ).fetchone()[0]
+                )
+                while (
+                    conn.execute(
+                        "SELECT count(*) FROM pgbg.log_background WHERE uuid_parent = %s AND status = 'running'",
+                        (parent,),
+                    ).fetchone()[0]
+                    == 0
+                ):
+                    time.sleep(0.01)
+                conn.execute("ANALYZE pgbg.log_background")
+                out[f"w6_poll_{n}{label}_ms"] = _median_poll_ms(
+                    conn, parent, "SELECT * FROM pgbg.pg_background_poll(%s)"
+                )
+                conn.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
+    print(
+        f"  W6 poll: {out['w6_poll_100_ms']:.2f} ms at 100 children, {out['w6_poll_100000_ms']:.2f} ms at "
+        f"100,000 (engine 0.1.0: {out['w6_poll_100_0_1_0_ms']:.2f} / {out['w6_poll_100000_0_1_0_ms']:.2f} ms)"
+    )
+    return out
+
+
+def w7(dsn: str) -> dict[str, object]:
+    """200 children at cap 8, of which a fifth deadlock pairwise: every child ends done through automatic
+    retries of the deadlock victims (deadlock_timeout 100 ms in the bench database)."""
+    pairs, sleep, cap = 20, 0.05, 8
+    with psycopg.connect(make_conninfo(dsn, dbname="postgres"), autocommit=True) as conn:
+        conn.execute("ALTER DATABASE pgbg_bench SET deadlock_timeout = '100ms'")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS w7_acct")
+        conn.execute("CREATE TABLE w7_acct (id int PRIMARY KEY, v int NOT NULL DEFAULT 0)")
+        conn.execute("INSERT INTO w7_acct (id) SELECT g FROM generate_series(1, %s) g", (2 * pairs,))
+
+        def crossing(first: int, second: int) -> str:
+            return (
+                f"with a as (update w7_acct set v = v + 1 where id = {first} returning 1), "
+                f"s as (select pg_sleep({sleep}) from a) "
+                f"update w7_acct set v = v + 1 where id = {second} and exists (select 1 from s)"
+            )
+
+        statements: list[str] = []
+        for k in range(pairs):
+            a, b = 2 * k + 1, 2 * k + 2
+            statements += [crossing(a, b), crossing(b, a)] + [f"select pg_sleep({sleep})"] * 8
+        parent = conn.execute(
+            "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => %s, "
+            "p_retries => 5, p_retry_delay => '0.05 s')",
+            (statements, cap),
+        ).fetchone()[0]
+        status = conn.execute("SELECT pgbg.pg_background_wait(%s)", (parent,)).fetchone()[0]
+        makespan, retried = conn.execute(
+            "SELECT extract(epoch FROM max(c.end_time_exec) - b.created_at)::float8, "
+            "count(*) FILTER (WHERE c.errors IS NOT NULL) "
+            "FROM pgbg.batch b JOIN pgbg.log_background c USING (uuid_parent) WHERE b.uuid_parent = %s "
+            "GROUP BY b.created_at",
+            (parent,),
+        ).fetchone()
+        total = conn.execute("SELECT sum(v) FROM w7_acct").fetchone()[0]
+    out = {
+        "w7_status": status,
+        "w7_children_retried": retried,
+        "w7_makespan": makespan,
+        "w7_ideal": len(statements) * sleep / cap,
+        "w7_effects_exactly_once": total == 4 * pairs,
+    }
+    print(
+        f"  W7 {len(statements)} children, {2 * pairs} crossing pairwise: {status} in {makespan:.2f} s "
+        f"(ideal {out['w7_ideal']:.2f} s), {retried} deadlock victims retried"
+    )
+    return out
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -238,6 +341,11 @@ def main() -> None:
     r["w4_poll_interval"] = 1.0
     r["w4_task_wall"], r["w4_task_wall_cold"] = w4(dsn)
     print("  W4 task_wall is the second dag.test run in one interpreter; the first (cold) one is w4_task_wall_cold")
+
+    r.update(w5())
+    r.update(w6(dsn))
+    r.update(w7(dsn))
+    r.update(w8(dsn))
 
     r["machine"] = machine(dsn)
     r["when"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

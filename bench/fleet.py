@@ -70,9 +70,20 @@ print("W5RESULT " + json.dumps({"ended": ended, "lags": lags}), flush=True)
 
 def _server() -> str:
     out = subprocess.run(
-        ["bash", str(REPO / "scripts" / "db.sh"), "start", "--instance", "bench", "--port", "54320",
-         "-c", "max_connections=100"],
-        check=True, capture_output=True, text=True,
+        [
+            "bash",
+            str(REPO / "scripts" / "db.sh"),
+            "start",
+            "--instance",
+            "bench",
+            "--port",
+            "54320",
+            "-c",
+            "max_connections=100",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return out.stdout.strip().splitlines()[-1]
 
@@ -99,20 +110,31 @@ def w5() -> dict[str, Any]:
         statements = [f"select pg_advisory_xact_lock_shared({GATE}), pg_sleep(0.02)"] * CHILDREN
         with psycopg.connect(user, autocommit=True) as conn:
             parents = [
-                str(conn.execute(
-                    "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 2)",
-                    (statements,),
-                ).fetchone()[0])
+                str(
+                    conn.execute(
+                        "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 2)",
+                        (statements,),
+                    ).fetchone()[0]
+                )
                 for _ in range(BATCHES)
             ]
         p = conninfo_to_dict(user)
         with tempfile.TemporaryDirectory(prefix="pgbg-w5-") as home:
             env = {
-                **os.environ, "AIRFLOW_HOME": home, "AIRFLOW__LOGGING__LOGGING_LEVEL": "ERROR",
+                **os.environ,
+                "AIRFLOW_HOME": home,
+                "AIRFLOW__LOGGING__LOGGING_LEVEL": "ERROR",
                 "AIRFLOW_CONN_PGBG_W5": f"postgresql://{role}:{password}@{p['host']}:{p['port']}/{p['dbname']}",
             }
-            proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(TRIGGERER)], env=env, cwd=REPO,
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(TRIGGERER)],
+                env=env,
+                cwd=REPO,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             assert proc.stdin and proc.stdout
             proc.stdin.write(json.dumps(parents))
             proc.stdin.close()
@@ -125,7 +147,8 @@ def w5() -> dict[str, Any]:
                     while not sampling.is_set():
                         n = conn.execute(
                             "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND backend_type = "
-                            "'client backend' AND application_name LIKE %s", (role, WATCHER_APPLICATION_NAME + "%"),
+                            "'client backend' AND application_name LIKE %s",
+                            (role, WATCHER_APPLICATION_NAME + "%"),
                         ).fetchone()[0]
                         peak = max(peak, n)
                         time.sleep(0.02)
@@ -136,7 +159,9 @@ def w5() -> dict[str, Any]:
             if not line.startswith("SUBSCRIBED"):
                 raise RuntimeError(f"W5 trigger process failed: {line}{proc.stderr.read()[-3000:]}")
             gate.execute("SELECT pg_advisory_unlock(%s)", (GATE,))  # every batch may run from now
-            out, err = proc.communicate(timeout=600)
+            out = proc.stdout.read()
+            err = proc.stderr.read() if proc.stderr else ""
+            proc.wait(600)
             sampling.set()
             sampler.join()
         result_line = next((x for x in out.splitlines() if x.startswith("W5RESULT ")), None)
@@ -144,9 +169,13 @@ def w5() -> dict[str, Any]:
             raise RuntimeError(f"W5 trigger process failed:\n{out[-2000:]}\n{err[-3000:]}")
         result = json.loads(result_line.removeprefix("W5RESULT "))
         with psycopg.connect(admin, autocommit=True) as conn:
-            ends = {str(r[0]): r[1] for r in conn.execute(
-                "SELECT uuid_parent, extract(epoch FROM max(end_time_exec)) FROM pgbg.log_background "
-                "GROUP BY uuid_parent").fetchall()}
+            ends = {
+                str(r[0]): r[1]
+                for r in conn.execute(
+                    "SELECT uuid_parent, extract(epoch FROM max(end_time_exec)) FROM pgbg.log_background "
+                    "GROUP BY uuid_parent"
+                ).fetchall()
+            }
     finally:
         gate.close()
     latencies = [result["ended"][p][0] - float(ends[p]) for p in parents if p in result["ended"]]
@@ -160,9 +189,11 @@ def w5() -> dict[str, Any]:
         "w5_end_latency_p95_ms": _percentile(latencies, 95) * 1000,
         "w5_loop_lag_p99_ms": _percentile(result["lags"], 99) * 1000,
     }
-    print(f"  W5 {BATCHES} triggers on one loop: {peak} connections at peak, {failed} failed, "
-          f"end latency p50 {figures['w5_end_latency_p50_ms']:.0f} ms p95 {figures['w5_end_latency_p95_ms']:.0f} ms, "
-          f"loop lag p99 {figures['w5_loop_lag_p99_ms']:.1f} ms")
+    print(
+        f"  W5 {BATCHES} triggers on one loop: {peak} connections at peak, {failed} failed, "
+        f"end latency p50 {figures['w5_end_latency_p50_ms']:.0f} ms p95 {figures['w5_end_latency_p95_ms']:.0f} ms, "
+        f"loop lag p99 {figures['w5_loop_lag_p99_ms']:.1f} ms"
+    )
     return figures
 
 

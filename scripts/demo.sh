@@ -14,20 +14,7 @@ echo "== engine"
 $PY -m airflow_pgbg install --dsn "$DSN"
 
 echo "== demo role pgbg_demo (member of pgbg_user) and its tables"
-psql "$DSN" -qX -v ON_ERROR_STOP=1 <<'SQL'
-DO $$ BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgbg_demo') THEN
-        CREATE ROLE pgbg_demo LOGIN;
-    END IF;
-END $$;
-GRANT pgbg_user TO pgbg_demo;
-CREATE SCHEMA IF NOT EXISTS pgbg_demo AUTHORIZATION pgbg_demo;
-ALTER ROLE pgbg_demo SET search_path = pgbg_demo;
-SET ROLE pgbg_demo;
-SET search_path = pgbg_demo;
-CREATE TABLE IF NOT EXISTS pgbg_demo_numbers (n int);
-CREATE TABLE IF NOT EXISTS pgbg_demo_events (id bigint GENERATED ALWAYS AS IDENTITY, at timestamptz, payload text);
-SQL
+psql "$DSN" -qX -v ON_ERROR_STOP=1 -f scripts/demo_setup.sql
 # An ordinary Airflow connection: the role is all the engine needs (the server trusts loopback here).
 DEMO_URI=$($PY - "$DSN" <<'PY'
 import sys

@@ -110,9 +110,13 @@ class EngineSql:
             "FROM {s}.batch WHERE origin = %s AND claimed_by = %s"
         )
         self.claim = q("SELECT {s}.pg_background_claim(%s::uuid, %s)")
+        self.claimed = q(
+            "SELECT uuid_parent FROM {s}.batch WHERE origin = %s AND claimed_by = %s ORDER BY created_at DESC LIMIT 1"
+        )
         self.retry = q("SELECT {s}.pg_background_retry(%s::uuid, %s)")
         self.wait = q("SELECT {s}.pg_background_wait(%s::uuid, make_interval(secs => %s))")
         self.summary = q("SELECT {s}.pg_background_summary(%s::uuid, %s, %s)")
+        self.summaries = q("SELECT * FROM {s}.pg_background_summaries(%s::uuid[], %s, %s)")
         self.watch = q("SELECT {s}.pg_background_watch(%s::uuid[], %s::text[])")
         self.unwatch = q("SELECT {s}.pg_background_unwatch(%s::uuid[], %s::text[])")
         self.watched = q("SELECT {s}.pg_background_watched(%s::uuid, %s)")
@@ -331,6 +335,11 @@ class PgBackgroundHook(PostgresHook):
         """Stops whatever batch of ``origin`` is still claimed by ``claimed_by``."""
         return int(self._value(self.q.stop_origin, (claimed_by, stopped_by, origin, claimed_by)))
 
+    def claimed_batch(self, origin: str, claimed_by: str) -> str | None:
+        """The latest batch of ``origin`` that ``claimed_by`` holds, if any."""
+        value = self._value(self.q.claimed, (origin, claimed_by))
+        return None if value is None else str(value)
+
     def claim(self, uuid_parent: str, claimed_by: str) -> None:
         """Records ``claimed_by`` (e.g. the Airflow try) as the batch's current owner."""
         self._rows(self.q.claim, (uuid_parent, claimed_by))
@@ -447,6 +456,13 @@ class PgBackgroundHook(PostgresHook):
     ) -> dict[str, Any] | None:
         """:meth:`summary` on an async connection."""
         return await self._avalue(conn, self.q.summary, (uuid_parent, rows, problems))
+
+    async def asummaries(
+        self, conn: psycopg.AsyncConnection[Any], uuid_parents: Sequence[str], *, rows: int = 20, problems: int = 5
+    ) -> dict[str, dict[str, Any]]:
+        """:meth:`summary` of several batches in one round trip; unknown ones are missing."""
+        found = await self._arows(conn, self.q.summaries, (list(uuid_parents), rows, problems))
+        return {str(r["uuid_parent"]): r["summary"] for r in found}
 
     async def astop(
         self,

@@ -63,13 +63,22 @@ class BatchNotFound(LookupError):
     """The batch does not exist, or the connection's role may not see it."""
 
 
+@dataclass(frozen=True)
+class BatchEnd:
+    """A batch that has ended: its final state and, when asked for, its summary."""
+
+    state: BatchState
+    summary: dict[str, Any] | None = None
+
+
 @dataclass(eq=False)
 class _Waiter:
     uuid_parent: str
     claim: str | None
     poll_interval: float
     reconnect_timeout: float
-    future: asyncio.Future[BatchState]
+    summary_rows: int | None
+    future: asyncio.Future[BatchEnd]
     outage_since: float | None = None
     state: BatchState | None = field(default=None)
 
@@ -120,16 +129,29 @@ class BatchWatcher:
     # -- public -----------------------------------------------------------------------------------
 
     async def wait(
-        self, uuid_parent: str, *, claim: str | None, poll_interval: float, reconnect_timeout: float
-    ) -> BatchState:
-        """The batch's state once it has ended.
+        self,
+        uuid_parent: str,
+        *,
+        claim: str | None,
+        poll_interval: float,
+        reconnect_timeout: float,
+        summary_rows: int | None = None,
+    ) -> BatchEnd:
+        """The batch's final state once it has ended, and its summary (``pg_background_summary`` with
+        ``summary_rows`` rows) when asked for: fetched in the same round for every batch that ended
+        together, so a thousand ends cost a few round trips, not a thousand.
 
         Raises :class:`BatchNotFound`, :class:`EngineUnreachable` after an outage longer than
         ``reconnect_timeout``, or what the database answered that is not an outage. While waiting,
         ``claim`` holds a watch lock on the batch (see ``pg_background_watch``).
         """
         waiter = _Waiter(
-            uuid_parent, claim, poll_interval, reconnect_timeout, asyncio.get_running_loop().create_future()
+            uuid_parent,
+            claim,
+            poll_interval,
+            reconnect_timeout,
+            summary_rows,
+            asyncio.get_running_loop().create_future(),
         )
         wid = next(self._ids)
         self._waiters[wid] = waiter
@@ -250,6 +272,20 @@ class BatchWatcher:
                 return
             states = await self.hook.apoll_many(conn, sorted(due))
             self.polls += 1
+            # Summaries of the batches that ended, one round trip per summary size asked for.
+            wanted_rows: dict[int, set[str]] = {}
+            for waiter in self._waiters.values():
+                state = states.get(waiter.uuid_parent)
+                if (
+                    waiter.uuid_parent in due
+                    and state is not None
+                    and state.is_final
+                    and waiter.summary_rows is not None
+                ):
+                    wanted_rows.setdefault(waiter.summary_rows, set()).add(waiter.uuid_parent)
+            summaries = {
+                rows: await self.hook.asummaries(conn, sorted(uuids), rows=rows) for rows, uuids in wanted_rows.items()
+            }
         for waiter in list(self._waiters.values()):
             if waiter.uuid_parent not in due or waiter.future.done():
                 continue
@@ -259,7 +295,10 @@ class BatchWatcher:
                     BatchNotFound(f"batch {waiter.uuid_parent} not found (or not visible to this connection's role)")
                 )
             elif state.is_final:
-                waiter.future.set_result(state)
+                summary = None
+                if waiter.summary_rows is not None:
+                    summary = summaries[waiter.summary_rows].get(waiter.uuid_parent)
+                waiter.future.set_result(BatchEnd(state, summary))
             else:
                 waiter.state = state
 

@@ -308,6 +308,7 @@ class PgBackgroundBatchOperator(BaseOperator):
                     max_result_rows=self.max_result_rows,
                 ),
                 method_name="execute_complete",
+                kwargs={"uuid_parent": self.uuid_parent, "claim": self.claim},
             )
         return self._poll_until_done()
 
@@ -335,11 +336,14 @@ class PgBackgroundBatchOperator(BaseOperator):
         finally:
             self.hook.close()
 
-    def execute_complete(self, context: Context, event: Any) -> dict[str, Any]:
+    def execute_complete(
+        self, context: Context, event: Any, uuid_parent: str | None = None, claim: str | None = None
+    ) -> dict[str, Any]:
         """Resumes after the trigger where it did not end the task itself (``dag.test()``, or an event of
         airflow-provider-pgbg 0.1.0 that was waiting when the package was upgraded)."""
+        self.claim = claim or self.claim
         if isinstance(event, dict):
-            self.uuid_parent = event.get("uuid_parent") or self.uuid_parent
+            self.uuid_parent = event.get("uuid_parent") or uuid_parent or self.uuid_parent
             if event["status"] == "timeout":
                 raise AirflowTaskTimeout(
                     f"execution_timeout reached: batch {self.uuid_parent} stopped ({event['stopped']} children)"
@@ -347,8 +351,10 @@ class PgBackgroundBatchOperator(BaseOperator):
             if event["status"] == "error":
                 raise AirflowException(event["message"])
         else:  # "success" / "failed": the state a TaskSuccessEvent / TaskFailedEvent carried
-            ref = context["ti"].xcom_pull(task_ids=self.task_id, key=XCOM_BATCH_KEY) or {}
-            self.uuid_parent = ref.get("uuid_parent") or self.uuid_parent
+            ti = context["ti"]
+            self.claim = self.claim or try_claim(ti.try_number, deferred=True)
+            claimed = self._through_outages(lambda: self.hook.claimed_batch(origin_of(ti), self.claim))
+            self.uuid_parent = uuid_parent or self.uuid_parent or claimed
             if self.uuid_parent is None:
                 raise AirflowException(f"the trigger ended the task {event!r} before launching a batch")
         try:

@@ -94,9 +94,13 @@ COMMENT ON TABLE @schema@.batch_progress IS
     'shard 0: the enqueue; shard n > 0: the runner holding global slot n; shard -pid: any other writer.';
 ALTER TABLE @schema@.batch_progress ENABLE ROW LEVEL SECURITY;
 -- role_name is the batch's role, whoever writes the row: pgbg_admin's stops count for the owner too.
+-- A row must name its batch's own role, and only that role or pgbg_admin may write it, so nobody can
+-- put counts on another role's batch (the batch lookup is itself limited to the batches one may see).
 CREATE POLICY owner_or_admin ON @schema@.batch_progress
     USING (role_name = current_user OR pg_has_role(current_user, 'pgbg_admin', 'MEMBER'))
-    WITH CHECK (role_name = current_user OR pg_has_role(current_user, 'pgbg_admin', 'MEMBER'));
+    WITH CHECK ((role_name = current_user OR pg_has_role(current_user, 'pgbg_admin', 'MEMBER'))
+                AND EXISTS (SELECT 1 FROM @schema@.batch b
+                             WHERE b.uuid_parent = batch_progress.uuid_parent AND b.role_name = batch_progress.role_name));
 
 -- Counters of every existing batch, while no runner can change a child (ALTER TABLE above holds
 -- log_background). Batches still running keep being counted row by row: 0.1.0 runners finish them.
@@ -541,7 +545,9 @@ BEGIN
                                      WHEN v_batch.retry_lost AND c.failures < v_batch.retries THEN 'queued'
                                      ELSE 'lost' END::@schema@.child_status,
                        sqlstate = v_state,
-                       error = CASE WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
+                       error = CASE WHEN c.stop_requested AND c.requeue_on_stop
+                                    THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
+                                    WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
                                     WHEN v_msg LIKE '%statement timeout%' THEN v_msg
                                     ELSE 'worker process was cancelled or terminated from outside: ' || v_msg END,
                        end_time_exec = clock_timestamp(),
@@ -624,7 +630,9 @@ BEGIN
                                  WHEN bt.retry_lost AND c.failures < bt.retries THEN 'queued'
                                  ELSE 'lost' END::@schema@.child_status,
                    end_time_exec = clock_timestamp(),
-                   error = CASE WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
+                   error = CASE WHEN c.stop_requested AND c.requeue_on_stop
+                                THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
+                                WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
                                 ELSE 'worker process ended without recording an outcome '
                                      '(terminated, crashed or server restarted)' END,
                    failures = c.failures + (NOT c.stop_requested)::int,
@@ -995,42 +1003,26 @@ $fn$;
 ------------------------------------------------------------------------------------------------
 
 DROP FUNCTION @schema@._signal_child(uuid, text, int, timestamptz);
-CREATE FUNCTION @schema@._signal_child(p_parent uuid, p_child uuid, p_role name, p_run_mode text, p_pid int,
-                                      p_backend_start timestamptz)
-RETURNS boolean
-LANGUAGE plpgsql
+CREATE FUNCTION @schema@._signal(p_parent uuid, p_role name, p_children uuid[], p_pids int[], p_whole_batch boolean)
+RETURNS int
+LANGUAGE sql
 AS $fn$
-DECLARE
-    v_role oid := (SELECT oid FROM pg_roles WHERE rolname = p_role);
-    v_pid int;
-BEGIN
-    PERFORM pg_stat_clear_snapshot();
-    -- Only a process that says by itself that it runs this child is signalled: a pg_background
-    -- worker of the batch's role named after the child (a nested worker) or after its batch (the
-    -- runner that claimed it). The pid in the row only picks among the batch's runners; no other
-    -- process can be reached through it. A top-level child's nested worker is cancelled first, the
-    -- runner then records the outcome.
-    IF p_run_mode = 'worker' THEN
-        SELECT a.pid INTO v_pid FROM pg_stat_activity a
-         WHERE a.application_name = 'pgbg-child:' || p_child AND a.backend_type = 'pg_background'
-           AND a.usesysid = v_role;
-        IF FOUND THEN
-            RETURN pg_cancel_backend(v_pid);
-        END IF;
-    END IF;
-    SELECT a.pid INTO v_pid FROM pg_stat_activity a
-     WHERE a.pid = p_pid AND a.backend_type = 'pg_background' AND a.usesysid = v_role
-       AND a.application_name = 'pgbg:' || p_parent
-       AND a.backend_start = p_backend_start;
-    IF FOUND THEN
-        RETURN pg_cancel_backend(v_pid);
-    END IF;
-    RETURN false;
-END
+    -- Only processes that say by themselves that they work for this batch are signalled: pg_background
+    -- workers of the batch's role named after one of its children (a nested worker) or after the batch
+    -- (a runner). pid and backend_start in log_background are columns the role may write: they only
+    -- choose among the batch's own runners, and a stop of the whole batch does not need them.
+    SELECT count(*) FILTER (WHERE pg_cancel_backend(a.pid))::int
+      FROM pg_stat_activity a
+     WHERE a.backend_type = 'pg_background'
+       AND a.pid <> pg_backend_pid()  -- a runner stopping its batch (fail_fast) goes on to record it
+       AND a.usesysid = (SELECT oid FROM pg_roles WHERE rolname = p_role)
+       AND (a.application_name = ANY (SELECT 'pgbg-child:' || c FROM unnest(p_children) c)
+            OR (a.application_name = 'pgbg:' || p_parent AND (p_whole_batch OR a.pid = ANY (p_pids))))
 $fn$;
-COMMENT ON FUNCTION @schema@._signal_child(uuid, uuid, name, text, int, timestamptz) IS
-    'Cancels the engine process executing a running child, identified by what the process reports about '
-    'itself (backend type, role, name), never by a pid alone.';
+COMMENT ON FUNCTION @schema@._signal(uuid, name, uuid[], int[], boolean) IS
+    'Cancels the engine processes executing running children of a batch, identified by what each process '
+    'reports about itself (backend type, role, name), never by a pid alone; every runner of the batch '
+    'when the whole batch stops.';
 
 CREATE FUNCTION @schema@._stop(uuid_father_or_child uuid, p_reason text, p_requeue boolean, p_stopped_by text)
 RETURNS int
@@ -1040,7 +1032,10 @@ DECLARE
     v_stopped int := 0;
     v_parent uuid;
     v_is_batch boolean;
-    r record;
+    v_workers uuid[];
+    v_pids int[];
+    v_role name;
+    v_new int;
 BEGIN
     SELECT b.uuid_parent INTO v_parent FROM @schema@.batch b WHERE b.uuid_parent = uuid_father_or_child;
     v_is_batch := FOUND;
@@ -1074,9 +1069,9 @@ BEGIN
         END IF;
     END IF;
 
-    -- Running children: the row lock taken here keeps the runner on this child (it must update the
+    -- Running children: the row lock taken here keeps a runner on its child (it must update the
     -- row to leave it) until this transaction ends, so the cancel cannot hit its next child.
-    FOR r IN
+    WITH s AS (
         UPDATE @schema@.log_background c
            SET stop_requested = true, requeue_on_stop = p_requeue, stopped_by = p_stopped_by
           FROM (SELECT id, stop_requested AS was_requested FROM @schema@.log_background
@@ -1084,13 +1079,15 @@ BEGIN
                    AND (uuid_parent = uuid_father_or_child OR uuid_child = uuid_father_or_child)
                  FOR UPDATE) p
          WHERE c.id = p.id AND c.status = 'running'
-        RETURNING c.uuid_parent, c.uuid_child, c.role_name, c.run_mode, c.pid, c.backend_start, p.was_requested
-    LOOP
-        PERFORM @schema@._signal_child(r.uuid_parent, r.uuid_child, r.role_name, r.run_mode, r.pid, r.backend_start);
-        IF NOT r.was_requested THEN
-            v_stopped := v_stopped + 1;
-        END IF;
-    END LOOP;
+        RETURNING c.uuid_child, c.run_mode, c.pid, c.role_name, p.was_requested)
+    SELECT coalesce(array_agg(uuid_child) FILTER (WHERE run_mode = 'worker'), '{}'),
+           coalesce(array_agg(pid), '{}'), min(role_name), count(*) FILTER (WHERE NOT was_requested)
+      INTO v_workers, v_pids, v_role, v_new FROM s;
+    IF v_role IS NOT NULL THEN
+        PERFORM pg_stat_clear_snapshot();
+        PERFORM @schema@._signal(v_parent, v_role, v_workers, v_pids, v_is_batch);
+        v_stopped := v_stopped + v_new;
+    END IF;
     PERFORM @schema@._notify_if_ended(ARRAY[v_parent]);
     RETURN v_stopped;
 END
@@ -1337,6 +1334,18 @@ COMMENT ON FUNCTION @schema@.pg_background_summary(uuid, int, int) IS
     'The outcome of a batch as JSON: status, counts, wall time, its first p_rows children and its first '
     'p_problems failed, lost or stopped ones (texts cut to 500 characters), so its size does not grow with '
     'the batch. NULL for a batch the caller cannot see.';
+
+CREATE FUNCTION @schema@.pg_background_summaries(uuid_fathers uuid[], p_rows int DEFAULT 20, p_problems int DEFAULT 5)
+RETURNS TABLE (uuid_parent uuid, summary jsonb)
+LANGUAGE sql STABLE
+AS $fn$
+    SELECT u, x.summary
+      FROM unnest(uuid_fathers) AS u
+     CROSS JOIN LATERAL (SELECT @schema@.pg_background_summary(u, p_rows, p_problems) AS summary) x
+     WHERE x.summary IS NOT NULL
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_summaries(uuid[], int, int) IS
+    'pg_background_summary() of several batches in one round trip (a watcher''s batches that just ended).';
 
 ------------------------------------------------------------------------------------------------
 -- Privileges

@@ -22,7 +22,7 @@ from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent
 from airflow_pgbg.compat import TASK_FAILED_EVENT_RETRIES, TRIGGER_HAS_ON_KILL
 from airflow_pgbg.hooks.outage import DEFAULT_RECONNECT_TIMEOUT, describe
 from airflow_pgbg.hooks.pgbg import BatchOptions, PgBackgroundHook
-from airflow_pgbg.hooks.watcher import BatchWatcher, wait_at_most
+from airflow_pgbg.hooks.watcher import BatchEnd, BatchWatcher, wait_at_most
 from airflow_pgbg.identity import EARLIER_TRIGGER_GRACE, XCOM_BATCH_KEY, batch_ref, origin_of, try_claim
 from airflow_pgbg.outcome import failure_message, succeeded, summary_line
 from airflow_pgbg.splitting import split_statements
@@ -157,12 +157,10 @@ class PgBackgroundBatchTrigger(BaseTrigger):
             if self.uuid_parent is None:
                 await self._launch()
             assert self.uuid_parent is not None
-            await self._wait_for_end()
-            hook = self._hook()
-            uuid_parent = self.uuid_parent
-            summary = await self._call(lambda conn: hook.asummary(conn, uuid_parent, rows=self.max_result_rows))
+            end = await self._wait_for_end()
+            summary = end.summary
             if summary is None:
-                raise _TaskFails(f"batch {uuid_parent} is no longer in the database")
+                raise _TaskFails(f"batch {self.uuid_parent} is no longer in the database")
             self.log.info(summary_line(summary))
             if not succeeded(summary):
                 raise _TaskFails(failure_message(summary))
@@ -194,24 +192,26 @@ class PgBackgroundBatchTrigger(BaseTrigger):
             )
         }
 
-    async def _wait_for_end(self) -> None:
+    async def _wait_for_end(self) -> BatchEnd:
         assert self.uuid_parent is not None
-        wait: Coroutine[Any, Any, Any] = self._watcher().wait(
+        wait: Coroutine[Any, Any, BatchEnd] = self._watcher().wait(
             self.uuid_parent,
             claim=self.claim,
             poll_interval=self.poll_interval,
             reconnect_timeout=self.reconnect_timeout,
+            summary_rows=self.max_result_rows,
         )
         if self.deadline is None:
-            await wait
-            return
-        ended, _ = await wait_at_most(wait, max(0.0, self.deadline - time.time()))
-        if not ended:
-            stopped = await self._stop_batch("execution_timeout")
-            raise _TaskFails(
-                f"execution_timeout reached: batch {self.uuid_parent} stopped ({stopped} children)",
-                timeout_stopped=stopped,
-            )
+            return await wait
+        ended, end = await wait_at_most(wait, max(0.0, self.deadline - time.time()))
+        if ended:
+            assert end is not None
+            return end
+        stopped = await self._stop_batch("execution_timeout")
+        raise _TaskFails(
+            f"execution_timeout reached: batch {self.uuid_parent} stopped ({stopped} children)",
+            timeout_stopped=stopped,
+        )
 
     # -- launch (started from the triggerer) -------------------------------------------------------
 
@@ -281,7 +281,10 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         out: list[str] = []
         for part in parts:
             if self.delimiter == DEFAULT_DELIMITER:
-                out.extend(split_statements(part))
+                # In a thread: a long script takes seconds to parse, and the loop serves every trigger.
+                out.extend(
+                    await asyncio.to_thread(split_statements, part) if len(part) > 10_000 else split_statements(part)
+                )
             else:
                 delimiter = self.delimiter
                 out.extend(await self._call(lambda conn, part=part: hook.asplit(conn, part, delimiter)))

@@ -22,10 +22,17 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 DAGS = Path(__file__).parent / "dags"
+EXAMPLES = Path(__file__).resolve().parents[2] / "example_dags"
 _HOME = Path(tempfile.mkdtemp(prefix="pgbg-airflow-home-"))
+# dag.test() runs a DAG of the DAGs folder: the test DAGs and the example DAGs, side by side.
+DAGS_FOLDER = _HOME / "dags"
+DAGS_FOLDER.mkdir()
+for _source in [*DAGS.iterdir(), *EXAMPLES.iterdir()]:
+    if _source.suffix in (".py", ".sql"):
+        (DAGS_FOLDER / _source.name).symlink_to(_source)
 os.environ.update(
     AIRFLOW_HOME=str(_HOME),
-    AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
+    AIRFLOW__CORE__DAGS_FOLDER=str(DAGS_FOLDER),
     AIRFLOW__CORE__LOAD_EXAMPLES="False",
     AIRFLOW__LOGGING__LOGGING_LEVEL="WARNING",
 )
@@ -50,7 +57,7 @@ def pgbg_conn(airflow_db: Path, user_dsn: str) -> Iterator[str]:
 
 
 def _load_dags() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pgbg_test_dags", DAGS / "pgbg_test_dags.py")
+    spec = importlib.util.spec_from_file_location("pgbg_test_dags", DAGS_FOLDER / "pgbg_test_dags.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -256,3 +256,29 @@ def test_10_triggerer_killed_while_launching_launches_once(deployment: Deploymen
     assert d.batches(dag_id, run) == [parent]  # the restarted trigger attached, it did not launch again
     assert d.marks(run) == [1, 2, 3, 4]
     assert [c["attempt"] for c in d.children(parent)] == [1] * 4
+
+
+def test_11_the_example_dags_run_through_the_triggerer(deployment: Deployment) -> None:
+    d = deployment
+    expected = {
+        "example_pgbg_basic": "success",
+        "example_pgbg_sql_file": "success",  # a .sql file with {{ params.days }}, rendered in the triggerer
+        "example_pgbg_seed_demo": "success",
+        "example_pgbg_mapped": "success",
+        "example_pgbg_fail_fast": "failed",
+    }
+    runs = {dag_id: d.trigger(dag_id) for dag_id in expected}
+    wait_for(
+        lambda: all(d.run_state(dag_id, run) in ("success", "failed") for dag_id, run in runs.items()),
+        180,
+        "the example runs to end",
+        1,
+    )
+    assert {dag_id: d.run_state(dag_id, run) for dag_id, run in runs.items()} == expected
+    for dag_id, run in runs.items():
+        assert d.batches(dag_id, run), f"{dag_id} launched no batch"
+    if CAN_START_FROM_TRIGGER:
+        # Deferrable and not mapped: started and ended in the triggerer, no worker process at all.
+        for dag_id in ("example_pgbg_basic", "example_pgbg_sql_file", "example_pgbg_seed_demo"):
+            assert d.worker_runs(dag_id) == 0, dag_id
+        assert d.worker_runs("example_pgbg_mapped") == 3  # mapped tasks launch on a worker

@@ -14,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from airflow_pgbg import ENGINE_VERSION
 from airflow_pgbg.hooks.install import EngineInstallError, PgBackgroundMissing, SqlScripts, install_engine_dsn
 from tests.conftest import REPO
+from tests.helpers import poll_until
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -88,3 +89,56 @@ def test_sql_command_prints_a_reviewable_script() -> None:
     assert result.returncode == 0
     assert "CREATE FUNCTION pgbg.pg_background_launch_num" in result.stdout
     assert "@schema@" not in result.stdout and "@pgbg_ext@" not in result.stdout
+
+
+def test_upgrade_while_a_batch_runs(fresh_db: str) -> None:
+    """0.1.0 installed and running a batch; the upgrade lands mid-batch. The running batch ends right
+    (its 0.1.0 runners finish it), a batch launched right after is run by 0.2.0 runners only, and the
+    new features work."""
+    assert install_engine_dsn(fresh_db, target="0.1.0") == "0.1.0"
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        old = str(
+            conn.execute(
+                "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 2)",
+                (["select pg_sleep(0.7)"] * 6,),
+            ).fetchone()[0]
+        )
+        poll_until(
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM pgbg.log_background WHERE uuid_parent = %s AND status = 'running'", (old,)
+                ).fetchone()[0]
+                == 2
+            ),
+            20,
+        )
+        assert install_engine_dsn(fresh_db) == ENGINE_VERSION
+        assert conn.execute("SELECT counted FROM pgbg.batch WHERE uuid_parent = %s", (old,)).fetchone()[0] is False
+        new = str(
+            conn.execute(
+                "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 2)",
+                (["select pg_sleep(0.2)"] * 6,),
+            ).fetchone()[0]
+        )
+        for parent in (old, new):
+            assert conn.execute("SELECT pgbg.pg_background_wait(%s, '30 s')", (parent,)).fetchone()[0] == "done"
+            row = conn.execute(
+                "SELECT children, done, queued, running FROM pgbg.batches WHERE uuid_parent = %s", (parent,)
+            ).fetchone()
+            assert row == (6, 6, 0, 0), (parent, row)
+        # What 0.2.0 adds works on the upgraded engine.
+        retried = str(
+            conn.execute(
+                "SELECT pgbg.pg_background_launch_num(ARRAY['select 1/0'], p_monitor => false, p_retries => 1, "
+                "p_retry_delay => '0 s')"
+            ).fetchone()[0]
+        )
+        assert conn.execute("SELECT pgbg.pg_background_wait(%s, '30 s')", (retried,)).fetchone()[0] == "failed"
+        assert (
+            conn.execute("SELECT attempt FROM pgbg.log_background WHERE uuid_parent = %s", (retried,)).fetchone()[0]
+            == 1
+        )  # 22012 is not transient
+        polled = conn.execute(
+            "SELECT count(*) FROM pgbg.pg_background_poll_many(%s::uuid[])", ([old, new, retried],)
+        ).fetchone()[0]
+        assert polled == 3

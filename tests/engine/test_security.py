@@ -7,7 +7,7 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from tests.helpers import launch, monitor, stop, wait
+from tests.helpers import launch, monitor, poll_until, stop, wait
 
 
 def test_children_run_as_the_submitting_role(user_dsn: str, user: psycopg.Connection) -> None:
@@ -88,3 +88,72 @@ def test_a_role_without_pgbg_user_cannot_use_the_engine(make_role: Callable[...,
     with psycopg.connect(make_role("pg_monitor"), autocommit=True) as outsider:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             launch(outsider, ["select 1"])
+
+
+def test_a_stop_signals_only_the_engines_own_processes(make_role: Callable[..., str]) -> None:
+    """pid and backend_start of a child are columns its role may write: pointing them at another process
+    (another role's session, or a plain session of the same role) must not get that process cancelled."""
+    alice_dsn, bob_dsn, carol_dsn = make_role(), make_role(), make_role("pgbg_admin")
+    with (
+        psycopg.connect(alice_dsn, autocommit=True) as alice,
+        psycopg.connect(alice_dsn, autocommit=True) as alice_elsewhere,
+        psycopg.connect(bob_dsn, autocommit=True) as bob,
+        psycopg.connect(carol_dsn, autocommit=True) as carol,
+    ):
+        victims = {}
+        for name, conn in (("bob", bob), ("alice_elsewhere", alice_elsewhere)):
+            conn.execute("SET application_name = 'victim'")
+            victims[name] = conn.execute(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            ).fetchone()
+        # Both victims run a long query meanwhile, in threads of their own.
+        import threading
+
+        outcomes: dict[str, str] = {}
+
+        def sleep(name: str, conn: psycopg.Connection) -> None:
+            try:
+                conn.execute("SELECT pg_sleep(4)")
+                outcomes[name] = "finished"
+            except psycopg.errors.QueryCanceled:
+                outcomes[name] = "cancelled"
+
+        threads = [
+            threading.Thread(target=sleep, args=(n, c)) for n, c in (("bob", bob), ("alice_elsewhere", alice_elsewhere))
+        ]
+        for t in threads:
+            t.start()
+        for victim in ("bob", "alice_elsewhere"):
+            parent = launch(alice, ["select pg_sleep(30)"])
+            poll_until(lambda parent=parent: monitor(alice, parent)[0]["status"] == "running", 20)
+            pid, backend_start = victims[victim]
+            # Forged: the running child now names the victim's backend.
+            alice.execute(
+                "UPDATE pgbg.log_background SET pid = %s, backend_start = %s WHERE uuid_parent = %s",
+                (pid, backend_start, parent),
+            )
+            assert stop(carol, parent) == 1  # pgbg_admin holds pg_signal_backend
+            assert wait(alice, parent, "20s") == "stopped"  # recorded, and found dead by the next poll
+        for t in threads:
+            t.join()
+        assert outcomes == {"bob": "finished", "alice_elsewhere": "finished"}
+
+
+def test_nobody_can_put_counts_on_another_roles_batch(make_role: Callable[..., str]) -> None:
+    alice_dsn, bob_dsn, carol_dsn = make_role(), make_role(), make_role("pgbg_admin")
+    with (
+        psycopg.connect(alice_dsn, autocommit=True) as alice,
+        psycopg.connect(bob_dsn, autocommit=True) as bob,
+        psycopg.connect(carol_dsn, autocommit=True) as carol,
+    ):
+        parent = launch(alice, ["select 1"])
+        assert wait(alice, parent) == "done"
+        for role in (bob.info.user, alice.info.user):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                bob.execute(
+                    "INSERT INTO pgbg.batch_progress (uuid_parent, shard, role_name, failed) VALUES (%s, -1, %s, 1000)",
+                    (parent, role),
+                )
+        assert carol.execute(
+            "SELECT status::text, failed FROM pgbg.batches WHERE uuid_parent = %s", (parent,)
+        ).fetchone() == ("done", 0)

@@ -1,0 +1,177 @@
+"""Automatic retries of transient failures and of lost children (engine 0.2.0)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.helpers import monitor, poll_until, statuses, wait
+
+
+def _launch(conn: psycopg.Connection, statements: list[str], **options: Any) -> str:
+    names = ", ".join(f"p_{k} => %({k})s" for k in options)
+    return str(
+        conn.execute(
+            f"SELECT pgbg.pg_background_launch_num(%(q)s::text[], p_monitor => false{', ' + names if names else ''})",
+            {"q": statements, **options},
+        ).fetchone()[0]
+    )
+
+
+@pytest.fixture
+def flaky(user: psycopg.Connection, scratch: str) -> str:
+    """``{scratch}.flaky(key, n, sqlstate)``: raises ``sqlstate`` on the first ``n`` calls of the test."""
+    # The count must survive the failed attempt's rollback: a sequence does.
+    user.execute(f"CREATE SEQUENCE {scratch}.attempts")
+    user.execute(f"""
+        CREATE FUNCTION {scratch}.flaky(p_key text, p_failures int, p_sqlstate text) RETURNS int
+        LANGUAGE plpgsql AS $$
+        DECLARE v int := nextval('{scratch}.attempts');
+        BEGIN
+            IF v <= p_failures THEN
+                RAISE EXCEPTION 'flaky % call %', p_key, v USING ERRCODE = p_sqlstate;
+            END IF;
+            RETURN v;
+        END $$""")
+    return scratch
+
+
+def test_a_transient_failure_is_retried_until_it_succeeds(user: psycopg.Connection, flaky: str) -> None:
+    parent = _launch(user, [f"select {flaky}.flaky('a', 2, '40001')"], retries=3, retry_delay="0.1 s")
+    assert wait(user, parent) == "done"
+    (row,) = monitor(user, parent)
+    assert (row["status"], row["attempt"], row["sqlstate"], row["error"]) == ("done", 3, None, None)
+    assert [(e["attempt"], e["status"], e["sqlstate"]) for e in row["errors"]] == [
+        (1, "failed", "40001"),
+        (2, "failed", "40001"),
+    ]
+
+
+def test_retries_are_used_up_then_the_child_fails(user: psycopg.Connection, flaky: str) -> None:
+    parent = _launch(user, [f"select {flaky}.flaky('b', 9, '40P01')"], retries=2, retry_delay="0 s")
+    assert wait(user, parent) == "failed"
+    (row,) = monitor(user, parent)
+    assert (row["attempt"], row["sqlstate"]) == (3, "40P01")
+    assert len(row["errors"]) == 3
+    summary = user.execute("SELECT pgbg.pg_background_summary(%s)", (parent,)).fetchone()[0]
+    assert summary["problems"][0]["failed_attempts"] == 3 and summary["retried"] == 1
+
+
+def test_other_failures_are_not_retried(user: psycopg.Connection, flaky: str) -> None:
+    parent = _launch(user, [f"select {flaky}.flaky('c', 1, '22012')"], retries=5, retry_delay="0 s")
+    assert wait(user, parent) == "failed"
+    (row,) = monitor(user, parent)
+    assert (row["attempt"], row["sqlstate"], len(row["errors"])) == (1, "22012", 1)
+
+
+def test_the_delay_grows_by_the_backoff(user: psycopg.Connection, flaky: str) -> None:
+    parent = _launch(user, [f"select {flaky}.flaky('d', 2, '55P03')"], retries=2, retry_delay="0.3 s", retry_backoff=2)
+    assert wait(user, parent) == "done"
+    (row,) = monitor(user, parent)
+    first, second = (e["at"] for e in row["errors"])
+    gaps = user.execute(
+        "SELECT extract(epoch FROM %s::timestamptz - %s::timestamptz), extract(epoch FROM %s - %s::timestamptz)",
+        (second, first, row["start_time_exec"], second),
+    ).fetchone()
+    assert gaps[0] >= 0.3 and gaps[1] >= 0.6, gaps  # 0.3 s, then 0.3 * 2
+
+
+def test_fail_fast_acts_only_on_a_final_failure(user: psycopg.Connection, flaky: str) -> None:
+    parent = _launch(
+        user,
+        [f"select {flaky}.flaky('e', 1, '40001')", "select pg_sleep(0.5)", "select 1"],
+        retries=1,
+        retry_delay="0 s",
+        fail_fast=True,
+        max_parallel=1,
+    )
+    assert wait(user, parent) == "done"
+    assert statuses(monitor(user, parent)) == ["done"] * 3
+
+
+def test_counts_follow_every_transition(user: psycopg.Connection, flaky: str) -> None:
+    # One runner in seq order; the retried first child goes back in the queue behind the others.
+    parent = _launch(
+        user,
+        [f"select {flaky}.flaky('f', 1, '40001')", "select 1/0", "select pg_sleep(2)", "select 2"],
+        retries=1,
+        retry_delay="0 s",
+        max_parallel=1,
+    )
+    poll_until(lambda: monitor(user, parent)[2]["status"] == "running", 20)
+    user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
+    assert wait(user, parent) == "failed"
+
+    def counts() -> dict[str, int]:
+        row = user.execute(
+            "SELECT queued, running, done, failed, stopped, lost, children FROM pgbg.batches WHERE uuid_parent = %s",
+            (parent,),
+        ).fetchone()
+        return dict(zip(("queued", "running", "done", "failed", "stopped", "lost", "children"), row, strict=True))
+
+    actual = {
+        s: statuses(monitor(user, parent)).count(s) for s in ("queued", "running", "done", "failed", "stopped", "lost")
+    }
+    assert (
+        counts()
+        == {**actual, "children": 4}
+        == {"queued": 0, "running": 0, "done": 0, "failed": 1, "stopped": 3, "lost": 0, "children": 4}
+    )
+    assert user.execute("SELECT pgbg.pg_background_retry(%s)", (parent,)).fetchone()[0] == 4
+    assert wait(user, parent) == "failed"  # 1/0 again
+    assert counts() == {"queued": 0, "running": 0, "done": 3, "failed": 1, "stopped": 0, "lost": 0, "children": 4}
+
+
+def test_a_lost_child_is_retried_only_when_the_batch_allows_it(
+    admin: psycopg.Connection, user: psycopg.Connection
+) -> None:
+    def lose_one(retry_lost: bool) -> list[dict[str, Any]]:
+        parent = _launch(user, ["select pg_sleep(1)"], retries=1, retry_delay="0 s", retry_lost=retry_lost)
+        poll_until(lambda: statuses(monitor(user, parent)) == ["running"], 20)
+        # The runner dies hard: nobody records the outcome, the next poll finds the child's worker gone.
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (f"pgbg:{parent}",)
+        )
+        wait(user, parent)
+        return monitor(user, parent)
+
+    (kept,) = lose_one(retry_lost=False)
+    assert (kept["status"], kept["attempt"]) == ("lost", 1)
+    (again,) = lose_one(retry_lost=True)
+    assert (again["status"], again["attempt"]) == ("done", 2)
+    assert [e["status"] for e in again["errors"]] == ["lost"]
+
+
+def test_deadlock_victims_are_retried(admin: psycopg.Connection, user: psycopg.Connection, scratch: str) -> None:
+    user.execute(f"CREATE TABLE {scratch}.acct (id int PRIMARY KEY, v int)")
+    user.execute(f"INSERT INTO {scratch}.acct SELECT g, 0 FROM generate_series(1, 2) g")
+    admin.execute(f"ALTER ROLE {user.info.user} SET deadlock_timeout = '100ms'")  # runners take it up
+    pair = [
+        f"with a as (update {scratch}.acct set v = v + 1 where id = 1 returning 1), "
+        f"s as (select pg_sleep(0.3) from a) update {scratch}.acct set v = v + 1 where id = 2 and exists (select 1 from s)",
+        f"with a as (update {scratch}.acct set v = v + 1 where id = 2 returning 1), "
+        f"s as (select pg_sleep(0.3) from a) update {scratch}.acct set v = v + 1 where id = 1 and exists (select 1 from s)",
+    ]
+    parent = _launch(user, pair, retries=3, retry_delay="0.05 s", max_parallel=2)
+    assert wait(user, parent) == "done"
+    rows = monitor(user, parent)
+    assert any(e["sqlstate"] == "40P01" for r in rows for e in (r["errors"] or []))
+    assert user.execute(f"SELECT sum(v) FROM {scratch}.acct").fetchone()[0] == 4  # both ran once in the end
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"retries": -1}, "p_retries must be 0 or more"),
+        ({"retries": 2, "retry_delay": None}, "p_retry_delay must be 0 or more"),
+        ({"retries": 2, "retry_delay": "-1 s"}, "p_retry_delay must be 0 or more"),
+        ({"retry_backoff": 0.5}, "p_retry_backoff must be 1 or more"),
+    ],
+)
+def test_bad_retry_options_record_nothing(user: psycopg.Connection, options: dict[str, Any], message: str) -> None:
+    before = user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0]
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=message):
+        _launch(user, ["select 1"], **options)
+    assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == before

@@ -1,0 +1,137 @@
+"""What waiters use (engine 0.2.0): submit, watch locks, polls of many batches, end notifications."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.helpers import launch, monitor, poll_until, statuses, wait
+
+
+def submit(conn: psycopg.Connection, statements: list[str], origin: str, claim: str, **options: Any) -> dict:
+    names = "".join(f", p_{k} => %({k})s" for k in options)
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return cur.execute(
+            f"SELECT * FROM pgbg.pg_background_submit(%(q)s::text[], %(origin)s, %(claim)s{names})",
+            {"q": statements, "origin": origin, "claim": claim, **options},
+        ).fetchone()
+
+
+def test_submit_launches_once_per_claim_and_resumes_for_a_new_one(user: psycopg.Connection, scratch: str) -> None:
+    user.execute(f"CREATE TABLE {scratch}.effects (n int)")
+    statements = [
+        f"insert into {scratch}.effects values (1)",
+        "select 1/0",
+        f"insert into {scratch}.effects values (3)",
+    ]
+    first = submit(user, statements, "dag/run/task/-1", "try 1")
+    assert first["action"] == "launched"
+    again = submit(user, statements, "dag/run/task/-1", "try 1")  # the same try, restarted
+    assert (again["action"], again["uuid_parent"]) == ("attached", first["uuid_parent"])
+    parent = str(first["uuid_parent"])
+    assert wait(user, parent) == "failed"
+    second = submit(user, statements, "dag/run/task/-1", "try 2")
+    assert (second["action"], str(second["uuid_parent"]), second["previous_holder"]) == ("resumed", parent, "try 1")
+    assert wait(user, parent) == "failed"  # 1/0 again, the inserts did not run twice
+    assert sorted(r[0] for r in user.execute(f"SELECT n FROM {scratch}.effects").fetchall()) == [1, 3]
+    assert [r["attempt"] for r in monitor(user, parent)] == [1, 2, 1]
+    # Other statements, or an earlier batch that succeeded, give a new batch.
+    assert submit(user, ["select 2"], "dag/run/task/-1", "try 3")["action"] == "launched"
+    done = submit(user, ["select 2"], "dag/run/task/-1", "try 3")
+    assert wait(user, str(done["uuid_parent"])) == "done"
+    assert submit(user, ["select 2"], "dag/run/task/-1", "try 4")["action"] == "launched"
+
+
+def test_a_watched_batch_waits_for_its_watcher_then_is_taken_over(user_dsn: str, user: psycopg.Connection) -> None:
+    origin = "dag/run/watched/-1"
+    first = submit(
+        user, ["select pg_sleep(30)"] * 2, origin, "try 1 deferred", requeue_on_takeover=True, max_parallel=1
+    )
+    parent = str(first["uuid_parent"])
+    poll_until(lambda: "running" in statuses(monitor(user, parent)), 20)
+    with psycopg.connect(user_dsn, autocommit=True) as watcher:
+        assert (
+            watcher.execute(
+                "SELECT pgbg.pg_background_watch(%s::uuid[], %s::text[])", ([parent], ["try 1 deferred"])
+            ).fetchone()[0]
+            == 1
+        )
+        assert user.execute("SELECT pgbg.pg_background_watched(%s, 'try 2 deferred')", (parent,)).fetchone()[0]
+        assert not user.execute("SELECT pgbg.pg_background_watched(%s, 'try 1 deferred')", (parent,)).fetchone()[0]
+        assert submit(user, ["select pg_sleep(30)"] * 2, origin, "try 2 deferred")["action"] == "waiting"
+    # The watcher's connection is gone: the new try takes over. Its holder waited from the triggerer,
+    # so the running child is stopped and queued again, as that holder's kill would have done.
+    assert not user.execute("SELECT pgbg.pg_background_watched(%s, 'try 2 deferred')", (parent,)).fetchone()[0]
+    second = submit(user, ["select pg_sleep(30)"] * 2, origin, "try 2 deferred", requeue_on_takeover=True)
+    assert second["action"] == "reconnected"
+    # The cut-short child waits behind the rest; the runner goes on with the next one.
+    poll_until(lambda: statuses(monitor(user, parent)) == ["queued", "running"], 20)
+    assert monitor(user, parent)[0]["error"] == "cut short and queued again: takeover by try 2 deferred"
+    assert user.execute("SELECT claimed_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] == (
+        "try 2 deferred"
+    )
+    # A late kill of the first try does nothing now.
+    assert user.execute("SELECT pgbg.pg_background_stop(%s, 'try 1 deferred')", (parent,)).fetchone()[0] == 0
+    user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
+
+
+def test_a_worker_claim_is_reconnected_not_requeued(user: psycopg.Connection) -> None:
+    first = submit(user, ["select pg_sleep(1)"], "dag/run/worker/-1", "try 1")
+    parent = str(first["uuid_parent"])
+    poll_until(lambda: statuses(monitor(user, parent)) == ["running"], 20)
+    # The worker of try 1 died (it holds no watch lock); try 2 waits for the running child, not reruns it.
+    assert submit(user, ["select pg_sleep(1)"], "dag/run/worker/-1", "try 2")["action"] == "reconnected"
+    assert wait(user, parent) == "done"
+    assert monitor(user, parent)[0]["attempt"] == 1
+
+
+def test_poll_many_and_the_end_notification(user_dsn: str, user: psycopg.Connection) -> None:
+    with psycopg.connect(user_dsn, autocommit=True) as listener:
+        channel = listener.execute("SELECT pgbg.batch_end_channel()").fetchone()[0]
+        listener.execute(f'LISTEN "{channel}"')
+        quick = launch(user, ["select 1"])
+        slow = launch(user, ["select pg_sleep(0.5)"])
+        gone = "00000000-0000-4000-8000-00000000dead"
+        rows = user.execute(
+            "SELECT uuid_parent, status::text, children FROM pgbg.pg_background_poll_many(%s::uuid[])",
+            ([quick, slow, gone],),
+        ).fetchall()
+        assert {str(r[0]) for r in rows} == {quick, slow}  # unknown batches have no row
+        ended = set()
+        deadline = time.monotonic() + 10
+        for notify in listener.notifies(timeout=10):
+            ended.add(notify.payload)
+            if ended >= {quick, slow} or time.monotonic() > deadline:
+                break
+        assert ended >= {quick, slow}
+        states = dict(
+            user.execute(
+                "SELECT uuid_parent::text, status::text FROM pgbg.pg_background_poll_many(%s::uuid[])", ([quick, slow],)
+            ).fetchall()
+        )
+        assert states == {quick: "done", slow: "done"}
+
+
+def test_a_summary_is_bounded(user: psycopg.Connection) -> None:
+    parent = launch(user, ["select 1/0"] * 30 + [f"select repeat('x', 2000) as t, {i} as n" for i in range(30)])
+    assert wait(user, parent) == "failed"
+    summary = user.execute("SELECT pgbg.pg_background_summary(%s, 5, 3)", (parent,)).fetchone()[0]
+    assert summary["children"] == 60 and summary["counts"]["failed"] == 30
+    assert len(summary["rows"]) == 5 and len(summary["problems"]) == 3
+    assert [p["sqlstate"] for p in summary["problems"]] == ["22012"] * 3
+    many = user.execute(
+        "SELECT uuid_parent::text, summary FROM pgbg.pg_background_summaries(%s::uuid[], 1, 1)", ([parent],)
+    ).fetchall()
+    assert many[0][0] == parent and len(many[0][1]["rows"]) == 1
+
+
+@pytest.mark.parametrize("claim", [None, ""])
+def test_submit_needs_an_origin_and_a_claim(user: psycopg.Connection, claim: str | None) -> None:
+    if claim is None:
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            submit(user, ["select 1"], "o", None)  # type: ignore[arg-type]
+    else:
+        assert submit(user, ["select 1"], "o", claim)["action"] == "launched"
