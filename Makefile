@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv db test test-engine demo bench ui clean
+.PHONY: venv db test test-engine demo bench ui clean lint matrix dist-check ci
 
 venv: $(STAMP)
 
@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,dev]'
 	touch $@
 
 # Provisions (cached) and starts PostgreSQL 18 with pg_background; prints the DSN last.
@@ -30,7 +30,24 @@ test-engine: venv
 	PGBG_TEST_DSN=$$dsn $(PY) -m pytest tests/engine $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-airflow-* .matrix-logs .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+
+# Lint, format and type checks (ruff, mypy; versions pinned in the dev extra).
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# Every Airflow minor the package claims (constraints-X.Y.txt), and Pythons 3.10, 3.12, 3.13.
+matrix: venv
+	@bash scripts/matrix.sh
+
+# The release build: sdist and wheel, twine check, the wheel in a clean virtualenv.
+dist-check: venv
+	@bash scripts/dist_check.sh
+
+# What .ci/run does.
+ci: lint test dist-check matrix
 
 # The main job: example_pgbg_basic end to end (DAG=<id> for another example DAG).
 demo: venv

@@ -20,8 +20,8 @@ from airflow.triggers.base import BaseTrigger
 from packaging.version import Version
 
 AIRFLOW_VERSION = Version(Version(_airflow_version).base_version)
-AIRFLOW_V_3_2_PLUS = AIRFLOW_VERSION >= Version("3.2.0")
-AIRFLOW_V_3_3_PLUS = AIRFLOW_VERSION >= Version("3.3.0")
+AIRFLOW_V_3_2_PLUS = Version("3.2.0") <= AIRFLOW_VERSION
+AIRFLOW_V_3_3_PLUS = Version("3.3.0") <= AIRFLOW_VERSION
 
 TRIGGER_HAS_ON_KILL = "on_kill" in BaseTrigger.__dict__
 """Airflow 3.3 calls ``BaseTrigger.on_kill()`` when a user marks a deferred task or clears it; before,

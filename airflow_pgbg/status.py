@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 DEFAULT_SCHEMA = "pgbg"
@@ -19,7 +19,7 @@ DEFAULT_SCHEMA = "pgbg"
 DEFAULT_DELIMITER = ";"
 
 
-class ChildStatus(str, Enum):
+class ChildStatus(StrEnum):
     """Status of one child statement, and of a batch as a whole (see ``batch_status()``)."""
 
     QUEUED = "queued"
@@ -28,9 +28,6 @@ class ChildStatus(str, Enum):
     FAILED = "failed"
     STOPPED = "stopped"
     LOST = "lost"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def is_final(self) -> bool:

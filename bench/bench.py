@@ -22,7 +22,7 @@ import tempfile
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -30,9 +30,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from airflow_pgbg.hooks.install import install_engine_dsn  # noqa: E402
 from fleet import w5  # noqa: E402
 from worker_free import w8  # noqa: E402
+
+from airflow_pgbg.hooks.install import install_engine_dsn  # noqa: E402
 
 SEED_POLL = 1.0  # seconds between polls of the seed-style baseline, as a trigger would poll
 
@@ -194,7 +195,7 @@ def w4(dsn: str) -> tuple[float, float]:
         out = subprocess.run(
             [sys.executable, "-c", W4_RUN, str(dags / "bench_w4.py")], env=env, capture_output=True, text=True
         )
-        line = next((l for l in out.stdout.splitlines() if l.startswith("W4RESULT ")), None)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("W4RESULT ")), None)
         if line is None:
             raise RuntimeError(f"W4 failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
         result = json.loads(line.removeprefix("W4RESULT "))
@@ -348,7 +349,7 @@ def main() -> None:
     r.update(w8(dsn))
 
     r["machine"] = machine(dsn)
-    r["when"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    r["when"] = datetime.now(UTC).isoformat(timespec="seconds")
     for key, value in r.items():
         print(f"{key:28} {value:.3f}" if isinstance(value, float) else f"{key:28} {value}")
     (REPO / "bench" / "results.json").write_text(json.dumps(r, indent=2) + "\n")

@@ -135,7 +135,8 @@ def w5() -> dict[str, Any]:
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            assert proc.stdin and proc.stdout
+            assert proc.stdin
+            assert proc.stdout
             proc.stdin.write(json.dumps(parents))
             proc.stdin.close()
             peak = 0

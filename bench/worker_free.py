@@ -13,7 +13,6 @@ import os
 import sys
 import tempfile
 import textwrap
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any

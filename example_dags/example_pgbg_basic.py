@@ -23,7 +23,8 @@ with DAG(
         task_id="build_summaries",
         postgres_conn_id="pgbg_demo",
         sql="""
-            create table if not exists pgbg_demo_squares as select g, g::bigint * g as sq from generate_series(1, 50000) g;
+            create table if not exists pgbg_demo_squares as
+                select g, g::bigint * g as sq from generate_series(1, 50000) g;
             insert into pgbg_demo_numbers select g from generate_series(1, 100000) g;
             select count(*) as rows, sum(n) as total from pgbg_demo_numbers;
             select pg_sleep(1), 'a slow one' as note;

@@ -54,3 +54,15 @@ def poll_until(
 
 def statuses(rows: list[dict[str, Any]]) -> list[str]:
     return [r["status"] for r in rows]
+
+
+def ends_task_in_failure(event: Any) -> bool:
+    """A trigger event that fails its task: TaskFailedEvent on Airflow 3.3, where it is retried; on 3.1
+    and 3.2 an event that resumes the task on a worker, which raises (so that retries apply)."""
+    from airflow.triggers.base import TaskFailedEvent
+
+    from airflow_pgbg.compat import TASK_FAILED_EVENT_RETRIES
+
+    if TASK_FAILED_EVENT_RETRIES:
+        return isinstance(event, TaskFailedEvent)
+    return isinstance(event.payload, dict) and event.payload.get("status") in ("error", "timeout")

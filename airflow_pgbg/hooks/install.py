@@ -97,7 +97,7 @@ class SqlScripts:
 
 
 def roles_sql() -> str:
-    return resources.files("airflow_pgbg").joinpath("sql", "roles.sql").read_text(encoding="utf-8")
+    return resources.files("airflow_pgbg").joinpath("sql").joinpath("roles.sql").read_text(encoding="utf-8")
 
 
 def render(sql: str, schema: str, ext_schema: str) -> str:

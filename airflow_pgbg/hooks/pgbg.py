@@ -206,12 +206,12 @@ class PgBackgroundHook(PostgresHook):
                 self._drop()  # a broken connection is not reused
             raise
 
-    def _rows(self, query: sql.Composable, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    def _rows(self, query: sql.Composed, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._cursor() as cur:
             cur.execute(query, tuple(params))
             return cur.fetchall() if cur.description is not None else []
 
-    def _value(self, query: sql.Composable, params: Sequence[Any] = ()) -> Any:
+    def _value(self, query: sql.Composed, params: Sequence[Any] = ()) -> Any:
         rows = self._rows(query, params)
         return next(iter(rows[0].values())) if rows else None
 
@@ -409,15 +409,13 @@ class PgBackgroundHook(PostgresHook):
         return conn
 
     async def _arows(
-        self, conn: psycopg.AsyncConnection[Any], query: sql.Composable, params: Sequence[Any] = ()
+        self, conn: psycopg.AsyncConnection[Any], query: sql.Composed, params: Sequence[Any] = ()
     ) -> list[dict[str, Any]]:
         async with conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(query, tuple(params))
             return await cur.fetchall() if cur.description is not None else []
 
-    async def _avalue(
-        self, conn: psycopg.AsyncConnection[Any], query: sql.Composable, params: Sequence[Any] = ()
-    ) -> Any:
+    async def _avalue(self, conn: psycopg.AsyncConnection[Any], query: sql.Composed, params: Sequence[Any] = ()) -> Any:
         rows = await self._arows(conn, query, params)
         return next(iter(rows[0].values())) if rows else None
 

@@ -41,13 +41,13 @@ WATCHER_APPLICATION_NAME = "pgbg-watcher"
 """application_name of a watcher's connections (the listening one adds ``:listen``)."""
 
 
-async def wait_at_most(awaitable: Awaitable[T], timeout: float | None) -> tuple[bool, T | None]:
-    """(True, result) if ``awaitable`` finished within ``timeout`` seconds, else (False, None) after
+async def wait_at_most(awaitable: Awaitable[T], seconds: float | None) -> tuple[bool, T | None]:
+    """(True, result) if ``awaitable`` finished within ``seconds``, else (False, None) after
     cancelling it. Unlike ``asyncio.wait_for`` on Python < 3.12, never swallows a cancellation of the
     caller that coincides with the awaitable finishing, and keeps the cancellation's message."""
     task = asyncio.ensure_future(awaitable)
     try:
-        done, _ = await asyncio.wait({task}, timeout=timeout)
+        done, _ = await asyncio.wait({task}, timeout=seconds)
     except asyncio.CancelledError:
         task.cancel()
         raise

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 from urllib.parse import quote, urlsplit
 
 from airflow.configuration import conf
@@ -12,8 +12,9 @@ from airflow_pgbg.compat import BaseOperatorLink
 from airflow_pgbg.identity import XCOM_BATCH_KEY
 
 if TYPE_CHECKING:
-    from airflow.models.taskinstancekey import TaskInstanceKey
     from airflow.sdk import BaseOperator
+    from airflow.sdk.bases.xcom import TIKeyProtocol
+    from airflow.sdk.types import TaskInstanceKey
 
 PLUGIN_PREFIX = "/pgbg"
 
@@ -27,13 +28,14 @@ def batch_page_path(dag_id: str, run_id: str, task_id: str, map_index: int = -1)
 
 
 class PgBackgroundBatchLink(BaseOperatorLink):
-    """ "PG Background batch": the live log_background of the batch this try launched."""
+    """The "PG Background batch" link: the live log_background of the batch this try launched."""
 
     name = "PG Background batch"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
         # Only a try that launched a batch has one to show.
-        if not BaseXCom.get_value(ti_key=ti_key, key=XCOM_BATCH_KEY):
+        # Airflow's TaskInstanceKey has every field of the protocol get_value() declares.
+        if not BaseXCom.get_value(ti_key=cast("TIKeyProtocol", ti_key), key=XCOM_BATCH_KEY):
             return ""
         # Relative to the server, under the path prefix the API server may be deployed at.
         prefix = urlsplit(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")

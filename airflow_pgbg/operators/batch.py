@@ -204,8 +204,9 @@ class PgBackgroundBatchOperator(BaseOperator):
         # The DAG processor reads .sql files into ``sql`` here; the triggerer renders what the trigger
         # was given, so it must be given the file's text, not its name.
         super().resolve_template_files()
-        if getattr(self, "start_trigger_args", None) and self.start_trigger_args.trigger_kwargs is not None:
-            self.start_trigger_args.trigger_kwargs["sql"] = self.sql
+        args = getattr(self, "start_trigger_args", None)
+        if args is not None and args.trigger_kwargs is not None:
+            args.trigger_kwargs["sql"] = self.sql
 
     @cached_property
     def hook(self) -> PgBackgroundHook:
@@ -260,7 +261,7 @@ class PgBackgroundBatchOperator(BaseOperator):
         while True:
             takeover = time.monotonic() >= grace_ends
             submission = self._through_outages(
-                lambda: self.hook.submit(
+                lambda takeover=takeover: self.hook.submit(
                     statements,
                     origin=origin,
                     claimed_by=self.claim,
@@ -313,7 +314,8 @@ class PgBackgroundBatchOperator(BaseOperator):
         return self._poll_until_done()
 
     def _poll_until_done(self) -> dict[str, Any]:
-        assert self.uuid_parent is not None and self.claim is not None
+        assert self.uuid_parent is not None
+        assert self.claim is not None
         uuid_parent, claim = self.uuid_parent, self.claim
 
         def poll() -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
@@ -79,7 +79,7 @@ def _load(session: Any, dag_id: str, run_id: str, task_id: str, map_index: int) 
     if state is None:
         raise BatchNotFound(f"Batch {ref['uuid_parent']} is no longer in the database (purged?).")
     children = hook.children(state.uuid_parent, limit=MAX_CHILDREN)
-    end = state.ended_at or datetime.now(timezone.utc)
+    end = state.ended_at or datetime.now(UTC)
     return {
         "task_instance": {"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index},
         "batch": {
@@ -132,8 +132,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     message = f"Could not read the batch: {type(exc).__name__}"
     if isinstance(exc, AirflowNotFoundException):  # e.g. the connection is not defined here
         message += f": {exc}"
-    if getattr(exc, "sqlstate", None):
-        message += f" (SQLSTATE {exc.sqlstate})"
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate:
+        message += f" (SQLSTATE {sqlstate})"
     if request.url.path.endswith((".json", ".csv")):
         return JSONResponse({"detail": message}, status_code=502)
     return HTMLResponse(render_message("Batch unavailable", message), status_code=502)
@@ -185,8 +186,9 @@ class PgBackgroundPlugin(AirflowPlugin):
     """Registered through the ``airflow.plugins`` entry point of airflow-provider-pgbg."""
 
     name = "airflow_pgbg"
-    fastapi_apps = [{"app": app, "url_prefix": PLUGIN_PREFIX, "name": "PG Background batches"}]
-    external_views = [
+    # Plain class attributes: the shape AirflowPlugin reads (and its subclasses are not instantiated).
+    fastapi_apps = [{"app": app, "url_prefix": PLUGIN_PREFIX, "name": "PG Background batches"}]  # noqa: RUF012
+    external_views = [  # noqa: RUF012
         {
             "name": "PG Background",
             "href": PLUGIN_PREFIX

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from typing import Any
 
 from airflow_pgbg.compat import hookimpl
@@ -73,7 +74,7 @@ def _stop(refs: list[dict[str, Any]], why: str) -> None:
         )
         try:
             stopped = hook.through_outages(
-                lambda hook=hook, ref=ref: hook.stop(ref["uuid_parent"], if_claimed_by=ref["claim"], stopped_by=why),
+                partial(hook.stop, ref["uuid_parent"], if_claimed_by=ref["claim"], stopped_by=why),
                 DEFAULT_RECONNECT_TIMEOUT,
             )
             log.info("airflow_pgbg: stopped batch %s (%d children): %s", ref["uuid_parent"], stopped, why)

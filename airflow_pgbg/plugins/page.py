@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from jinja2 import Environment
@@ -65,7 +65,7 @@ _MESSAGE = _env.from_string("""<!doctype html>
 
 
 def _clock(value: datetime | None) -> str | None:
-    return value.astimezone(timezone.utc).strftime("%H:%M:%S.%f")[:-3] if value else None
+    return value.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3] if value else None
 
 
 def render_message(title: str, message: str) -> str:
@@ -77,7 +77,7 @@ def render_batch(
 ) -> str:
     import json
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     starts = [c["start_time_exec"] for c in children if c["start_time_exec"]]
     origin = min(starts) if starts else None
     end = max((c["end_time_exec"] or now for c in children if c["start_time_exec"]), default=origin)

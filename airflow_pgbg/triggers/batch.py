@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any, TypeVar
 
 from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent, TriggerEvent
@@ -245,9 +246,9 @@ class PgBackgroundBatchTrigger(BaseTrigger):
                 raise _TaskFails(f"the task instance is {state}, no longer deferred: nothing launched")
             takeover = loop.time() >= grace_ends
             submission = await self._call(
-                lambda conn: hook.asubmit(
-                    conn,
-                    statements,
+                partial(
+                    hook.asubmit,
+                    statements=statements,
                     origin=origin,
                     claimed_by=claim,
                     options=options,
@@ -286,8 +287,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
                     await asyncio.to_thread(split_statements, part) if len(part) > 10_000 else split_statements(part)
                 )
             else:
-                delimiter = self.delimiter
-                out.extend(await self._call(lambda conn, part=part: hook.asplit(conn, part, delimiter)))
+                out.extend(await self._call(partial(hook.asplit, text=part, delimiter=self.delimiter)))
         if not out:
             raise _TaskFails("no SQL statement to run (only blanks or comments)")
         return out
@@ -385,5 +385,6 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         except Exception as exc:
             self.log.debug("Could not read the state of %s: %s", ti, exc)
             return None
-        found = [state for run in result.task_states.values() for state in run.values()]
+        states = getattr(result, "task_states", None) or {}
+        found = [state for run in states.values() for state in run.values()]
         return found[0] if len(found) == 1 else None

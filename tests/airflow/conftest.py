@@ -58,7 +58,8 @@ def pgbg_conn(airflow_db: Path, user_dsn: str) -> Iterator[str]:
 
 def _load_dags() -> ModuleType:
     spec = importlib.util.spec_from_file_location("pgbg_test_dags", DAGS_FOLDER / "pgbg_test_dags.py")
-    assert spec and spec.loader
+    assert spec
+    assert spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -41,7 +41,8 @@ def demo_conn(airflow_db: Any, dsn: str) -> Iterator[str]:
 
 def _dag(path: Path) -> Any:
     spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec and spec.loader
+    assert spec
+    assert spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.dag

@@ -17,13 +17,13 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from airflow.triggers.base import TaskFailedEvent, TaskSuccessEvent
+from airflow.triggers.base import TaskSuccessEvent
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from airflow_pgbg.hooks.install import install_engine_dsn
 from airflow_pgbg.hooks.watcher import WATCHER_APPLICATION_NAME
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
-from tests.helpers import launch, monitor, poll_until, statuses, wait
+from tests.helpers import ends_task_in_failure, launch, monitor, poll_until, statuses, wait
 from tests.servers import FLEET, local_servers_or_skip
 
 CONN_ID = "pgbg_fleet"
@@ -204,7 +204,7 @@ def test_an_outage_longer_than_reconnect_timeout_fails_clearly(
     finally:
         FLEET.start()
     log = capfd.readouterr()
-    assert isinstance(event, TaskFailedEvent)
+    assert ends_task_in_failure(event)
     assert 1.5 <= waited < 10  # from the end of the shutdown, which began the outage earlier
     # The task's log (Airflow's structured logging writes it to the process output here) names the outage.
     assert "unreachable for 2 s (reconnect_timeout)" in log.out + log.err

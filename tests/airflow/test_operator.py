@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -51,7 +51,8 @@ def test_success_deferrable_and_blocking(
         "claim": claim,
     }
     summary = ti.xcom_pull(task_ids="batch")
-    assert summary["uuid_parent"] == parent and summary["status"] == "done"
+    assert summary["uuid_parent"] == parent
+    assert summary["status"] == "done"
     assert summary["counts"]["done"] == summary["children"]
 
 
@@ -69,7 +70,8 @@ def test_a_failing_child_fails_the_task_with_its_sqlstate(
         op._finish()
     message = str(failure.value)
     assert "2 of 3 statements did not succeed" in message
-    assert "[22012] division by zero" in message and "[42P01]" in message
+    assert "[22012] division by zero" in message
+    assert "[42P01]" in message
 
 
 def test_fail_fast_stops_the_rest(run_dag: Callable[..., Any], user: psycopg.Connection) -> None:
@@ -117,7 +119,7 @@ def test_a_new_try_reconnects_to_a_running_batch(
     marks: Callable[[], list[int]],
     scratch: str,
 ) -> None:
-    logical_date = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    logical_date = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     run_id = f"manual__{logical_date.isoformat()}"
     # The child waits for this lock, so the batch is still running whenever the task starts.
     admin.execute("SELECT pg_advisory_lock(4242)")
@@ -164,7 +166,8 @@ def test_summary_stays_small_for_ten_thousand_children(pgbg_conn: str, user: psy
     assert op.hook.wait(parent, 120) == "done"
     op.uuid_parent = parent
     summary = op._finish()
-    assert summary["children"] == 10_000 and summary["counts"]["done"] == 10_000
+    assert summary["children"] == 10_000
+    assert summary["counts"]["done"] == 10_000
     assert len(json.dumps(summary)) < 64 * 1024
 
 

@@ -55,7 +55,7 @@ def api_server(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
     }
-    log = open(out / "api-server.log", "w")
+    log = open(out / "api-server.log", "w")  # noqa: SIM115 - the server writes to it for as long as it runs
     proc = subprocess.Popen(
         [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         env=env,
@@ -158,7 +158,9 @@ def test_unknown_task_instance_is_a_clear_404(api_server: ApiServer, finished_ru
     auth = {"Authorization": f"Bearer {api_server.token()}"}
     unknown = {**finished_run, "run_id": "manual__1999-01-01T00:00:00+00:00"}
     page = httpx.get(_page(api_server, unknown), headers=auth)
-    assert page.status_code == 404 and "No batch for task" in page.text and "Traceback" not in page.text
+    assert page.status_code == 404
+    assert "No batch for task" in page.text
+    assert "Traceback" not in page.text
     assert httpx.get(_page(api_server, unknown, ".json"), headers=auth).status_code == 404
 
 

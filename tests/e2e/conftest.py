@@ -15,8 +15,8 @@ import psycopg
 import pytest
 
 from airflow_pgbg.hooks.install import install_engine_dsn
-from tests.e2e.deployment import ROLE, Deployment, role_uri, running_deployment, wait_for
 from tests.conftest import REPO
+from tests.e2e.deployment import ROLE, Deployment, role_uri, running_deployment, wait_for
 from tests.servers import FLEET
 
 DAGS = Path(__file__).parent / "dags"

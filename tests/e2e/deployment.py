@@ -54,7 +54,7 @@ class Deployment:
     # -- processes ------------------------------------------------------------------------------
 
     def start(self, name: str, *args: str) -> None:
-        log = open(self.home / f"{name}.log", "a")
+        log = open(self.home / f"{name}.log", "a")  # noqa: SIM115 - the service writes to it while it runs
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "airflow", *args],
             env=self.env,

@@ -48,7 +48,8 @@ def test_1_success_defers_without_holding_a_worker_slot(deployment: Deployment, 
     run = d.trigger("e2e_success")
     parent = _running_batch(d, "e2e_success", run, "deferred", 1)
     pool = d.api.get("/pools/default_pool").json()
-    assert pool["running_slots"] == 0 and pool["occupied_slots"] == 0, pool
+    assert pool["running_slots"] == 0, pool
+    assert pool["occupied_slots"] == 0, pool
     wait_for(lambda: d.run_state("e2e_success", run) == "success", 90, "the run to succeed")
     assert d.statuses(parent) == ["done"] * 6
     assert d.marks(run) == [1, 2, 3, 4, 5, 6]
@@ -68,7 +69,8 @@ def test_2_mark_failed_while_deferred_stops_the_batch(deployment: Deployment, re
     assert [c["status"] for c in children] == ["stopped"] * 8
     assert all(c["start"] is None or c["start"] < marked_at for c in children)  # no queued child started
     time.sleep(1)
-    assert d.workers(parent) == 0 and d.marks(run) == []
+    assert d.workers(parent) == 0
+    assert d.marks(run) == []
 
 
 def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Deployment, record) -> None:

@@ -107,9 +107,11 @@ def test_results_carry_command_tags_and_a_bounded_preview(user: psycopg.Connecti
     assert results[1] == {"command": "INSERT 0 300", "rows": 300}
     assert results[2] == {"command": "UPDATE 10", "rows": 10}
     assert results[3]["command"] == "DELETE 10"
-    assert results[3]["truncated"] is False and len(results[3]["preview"]) == 10
+    assert results[3]["truncated"] is False
+    assert len(results[3]["preview"]) == 10
     select = results[4]
-    assert select["command"] == "SELECT 290" and select["rows"] == 290
+    assert select["command"] == "SELECT 290"
+    assert select["rows"] == 290
     # 100 rows at most, and about 1 KB each cannot all fit in 64 KB either.
     assert select["truncated"] is True
     assert 0 < len(select["preview"]) < 100

@@ -88,7 +88,8 @@ def test_sql_command_prints_a_reviewable_script() -> None:
     result = _cli("sql", "--schema", "pgbg")
     assert result.returncode == 0
     assert "CREATE FUNCTION pgbg.pg_background_launch_num" in result.stdout
-    assert "@schema@" not in result.stdout and "@pgbg_ext@" not in result.stdout
+    assert "@schema@" not in result.stdout
+    assert "@pgbg_ext@" not in result.stdout
 
 
 def test_upgrade_while_a_batch_runs(fresh_db: str) -> None:

@@ -85,9 +85,11 @@ def test_nothing_is_security_definer_or_granted_to_public(admin: psycopg.Connect
 
 
 def test_a_role_without_pgbg_user_cannot_use_the_engine(make_role: Callable[..., str]) -> None:
-    with psycopg.connect(make_role("pg_monitor"), autocommit=True) as outsider:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            launch(outsider, ["select 1"])
+    with (
+        psycopg.connect(make_role("pg_monitor"), autocommit=True) as outsider,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        launch(outsider, ["select 1"])
 
 
 def test_a_stop_signals_only_the_engines_own_processes(make_role: Callable[..., str]) -> None:

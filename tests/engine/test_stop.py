@@ -100,7 +100,8 @@ def test_stop_never_signals_a_process_that_reused_the_pid(admin: psycopg.Connect
 
 def test_fail_fast_stops_the_rest_after_the_first_failure(user: psycopg.Connection) -> None:
     parent = user.execute(
-        "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 2, p_fail_fast => true)",
+        "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 2, "
+        "p_fail_fast => true)",
         (["select pg_sleep(30)", "select 1/0"] + ["select pg_sleep(30)"] * 4,),
     ).fetchone()[0]
     assert wait(user, str(parent), "20s") == "failed"

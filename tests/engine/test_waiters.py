@@ -119,13 +119,16 @@ def test_a_summary_is_bounded(user: psycopg.Connection) -> None:
     parent = launch(user, ["select 1/0"] * 30 + [f"select repeat('x', 2000) as t, {i} as n" for i in range(30)])
     assert wait(user, parent) == "failed"
     summary = user.execute("SELECT pgbg.pg_background_summary(%s, 5, 3)", (parent,)).fetchone()[0]
-    assert summary["children"] == 60 and summary["counts"]["failed"] == 30
-    assert len(summary["rows"]) == 5 and len(summary["problems"]) == 3
+    assert summary["children"] == 60
+    assert summary["counts"]["failed"] == 30
+    assert len(summary["rows"]) == 5
+    assert len(summary["problems"]) == 3
     assert [p["sqlstate"] for p in summary["problems"]] == ["22012"] * 3
     many = user.execute(
         "SELECT uuid_parent::text, summary FROM pgbg.pg_background_summaries(%s::uuid[], 1, 1)", ([parent],)
     ).fetchall()
-    assert many[0][0] == parent and len(many[0][1]["rows"]) == 1
+    assert many[0][0] == parent
+    assert len(many[0][1]["rows"]) == 1
 
 
 @pytest.mark.parametrize("claim", [None, ""])

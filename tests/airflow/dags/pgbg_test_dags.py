@@ -20,7 +20,8 @@ def _dag(dag_id: str, **task_kwargs) -> DAG:
 
 ok_deferrable = _dag(
     "pgbg_ok_deferrable",
-    sql=f"insert into {S}.marks values (1); insert into {S}.marks values (2); select pg_sleep(0.3); select 42 as answer",
+    sql=f"insert into {S}.marks values (1); insert into {S}.marks values (2); "
+    "select pg_sleep(0.3); select 42 as answer",
     max_parallel=2,
     deferrable=True,
 )
