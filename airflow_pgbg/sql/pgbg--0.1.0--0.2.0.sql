@@ -713,6 +713,62 @@ $fn$;
 -- Submitting
 ------------------------------------------------------------------------------------------------
 
+CREATE FUNCTION @schema@._one_statement(p_sql text, p_k int)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+AS $fn$
+DECLARE
+    v_piece text[];
+BEGIN
+    IF p_sql IS NULL THEN
+        RAISE EXCEPTION 'statement % of the batch is NULL', p_k USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF p_sql !~ '[''"$;/-]' THEN
+        -- No quote, dollar, comment or semicolon: nothing for the scanner to find (the usual case,
+        -- and a hundred times cheaper at 10,000 statements).
+        v_piece := ARRAY[@schema@._trim_statement(p_sql)];
+        IF v_piece[1] = '' THEN
+            v_piece := '{}';
+        END IF;
+    ELSE
+        BEGIN
+            v_piece := @schema@.split_statements(p_sql, NULL);
+        EXCEPTION WHEN syntax_error THEN
+            RAISE EXCEPTION 'statement % of the batch: %', p_k, SQLERRM USING ERRCODE = 'syntax_error';
+        END;
+    END IF;
+    IF cardinality(v_piece) = 0 THEN
+        RAISE EXCEPTION 'statement % of the batch holds only blanks or comments', p_k
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN v_piece[1];
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._one_statement(text, int) IS
+    'Statement p_k of a batch, trimmed; raises if it is NULL, blank, only comments or unterminated.';
+
+CREATE OR REPLACE FUNCTION @schema@._validate_batch(p_querys text[], p_max_parallel int, p_statement_timeout interval)
+RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE
+AS $fn$
+BEGIN
+    IF p_querys IS NULL OR cardinality(p_querys) = 0 THEN
+        RAISE EXCEPTION 'batch is empty: no SQL statement given' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_statement_timeout IS NOT NULL AND p_statement_timeout <= interval '0' THEN
+        RAISE EXCEPTION 'p_statement_timeout must be positive, got %', p_statement_timeout
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_max_parallel IS NOT NULL AND p_max_parallel <= 0 THEN
+        RAISE EXCEPTION 'p_max_parallel must be a positive number of workers, got %', p_max_parallel
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- One set-based pass (0.1.0 appended to the array one statement at a time).
+    RETURN (SELECT array_agg(@schema@._one_statement(q, k::int) ORDER BY k)
+              FROM unnest(p_querys) WITH ORDINALITY AS u(q, k));
+END
+$fn$;
+
 DROP FUNCTION @schema@.pg_background_launch_num(text, text, boolean, int, text, boolean, interval, text);
 DROP FUNCTION @schema@.pg_background_launch_num(text[], boolean, int, text, boolean, interval, text);
 DROP FUNCTION @schema@._enqueue(uuid, text[], int, text, name, inet, text, boolean, interval, text);
