@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from airflow_pgbg.hooks.install import EngineInstallError, SqlScripts, install_engine_dsn, render, roles_sql
+from airflow_pgbg.hooks.install import (
+    LAUNCHERS,
+    EngineInstallError,
+    SqlScripts,
+    install_engine_dsn,
+    render,
+    roles_sql,
+)
 from airflow_pgbg.status import DEFAULT_SCHEMA
 
 
@@ -17,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         "--dsn", required=True, help="libpq connection string of a role that may create extensions and roles"
     )
     inst.add_argument("--schema", default=DEFAULT_SCHEMA)
+    inst.add_argument(
+        "--launcher", choices=LAUNCHERS, default="auto",
+        help="what starts the runners: pg_background workers, pg_cron jobs (managed services), or auto: "
+        "the installed one, else pg_background where available, else pg_cron",
+    )
     show = sub.add_parser("sql", help="print the SQL a fresh install runs, for review or psql -f")
     show.add_argument("--schema", default=DEFAULT_SCHEMA)
     show.add_argument("--extension-schema", default="public", help="schema holding pg_background")
@@ -34,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
     try:
-        version = install_engine_dsn(args.dsn, args.schema)
+        version = install_engine_dsn(args.dsn, args.schema, launcher=args.launcher)
     except EngineInstallError as exc:
         print(f"airflow_pgbg: {exc}", file=sys.stderr)
         return 2

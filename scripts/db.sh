@@ -6,22 +6,26 @@
 # Idempotent: a second run only checks the server is up. The last line printed is the DSN. With
 # PGBG_TEST_DSN set (and no --instance), nothing is provisioned and that DSN is printed instead.
 #
-#   scripts/db.sh [start|restart|stop|status] [--instance NAME --port N] [-c name=value ...]
+#   scripts/db.sh [start|restart|stop|status] [--instance NAME --port N] [--without EXT] [-c name=value ...]
 #
 # The default instance ("main", port 54318) is the one `make test` and `make demo` use. Tests start
 # others with their own data directory and settings, e.g. a server with max_connections=100 that a
-# test may restart: --instance fleet --port 54319 -c max_connections=100.
+# test may restart: --instance fleet --port 54319 -c max_connections=100. --without pg_background
+# starts a server on which that extension is not available (PostgreSQL 18's extension_control_path
+# lists every other extension), as on a managed service.
 set -euo pipefail
 
 ACTION=start
 INSTANCE=main
 PORT=${PGBG_DB_PORT:-54318}
 EXTRA=()
+WITHOUT=
 while [ $# -gt 0 ]; do
     case "$1" in
         start|restart|stop|status) ACTION=$1 ;;
         --instance) INSTANCE=$2; shift ;;
         --port) PORT=$2; shift ;;
+        --without) WITHOUT=$2; shift ;;
         -c) EXTRA+=(-c "$2"); shift ;;
         *) echo "db: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -121,6 +125,17 @@ if [ ! -f "$ROOT$PGDATA/PG_VERSION" ]; then
     as_postgres "$PGBIN/initdb" -A trust -U postgres -E UTF8 --locale=C.UTF-8 -D "$PGDATA" >&2
 fi
 in_root install -d -o postgres -g postgres /var/run/postgresql
+
+if [ -n "$WITHOUT" ]; then
+    # An extension directory with every extension of the server but one.
+    EXTDIR=/var/lib/postgresql/extensions-without-$WITHOUT
+    rm -rf "$ROOT$EXTDIR"
+    mkdir -p "$ROOT$EXTDIR/extension"
+    for f in "$ROOT"/usr/share/postgresql/18/extension/*; do
+        case "$(basename "$f")" in "$WITHOUT"--*|"$WITHOUT".control) ;; *) cp "$f" "$ROOT$EXTDIR/extension/" ;; esac
+    done
+    EXTRA+=(-c "extension_control_path=$EXTDIR")
+fi
 
 # mmap shared memory: the root has no /dev/shm. max_worker_processes leaves room for the engine's
 # workers; 200 connections cover the Airflow end-to-end harness. pg_cron is preloaded (it runs in

@@ -26,7 +26,15 @@ class EngineInstallError(RuntimeError):
 
 
 class PgBackgroundMissing(EngineInstallError):
-    """The server lacks pg_background with the v2 API (extension 1.6 or later)."""
+    """The server lacks pg_background with the v2 API (and, for the launcher auto, pg_cron too)."""
+
+
+class PgCronUnusable(EngineInstallError):
+    """pg_cron is missing, or set up in a way the engine cannot run on; the message says what to set."""
+
+
+LAUNCHERS = ("auto", "pg_background", "pg_cron")
+"""What starts the engine's runners: pg_background workers, pg_cron jobs, or whichever the server has."""
 
 
 class InvalidSchemaName(EngineInstallError, ValueError):
@@ -75,7 +83,8 @@ class SqlScripts:
         target = target or self.latest
         steps: list[tuple[str, str]] = []
         if installed is None:
-            first = min(self.bases, key=version_key)
+            # The newest full install script at or below the target, then its upgrades.
+            first = max((v for v in self.bases if version_key(v) <= version_key(target)), key=version_key)
             steps.append((first, self.bases[first]))
             current = first
         else:
@@ -129,9 +138,6 @@ _REQUIRED_FUNCTIONS = (
 def _ensure_pg_background(cur: Any) -> str:
     """Creates pg_background if needed and returns its schema; refuses without the v2 API."""
     major = _server_major(cur)
-    if major < 15:
-        # The engine uses security_invoker views and SQL-standard function bodies.
-        raise EngineInstallError(f"airflow_pgbg needs PostgreSQL 15 or later; this server is {major}")
     package = f"postgresql-{major}-pg-background (apt.postgresql.org) or pg_background_{major} (yum.postgresql.org)"
     available = _one(cur, "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_background'")
     if available is None:
@@ -167,6 +173,71 @@ def _ensure_pg_background(cur: Any) -> str:
     return ext_schema
 
 
+def _setting(cur: Any, name: str) -> str | None:
+    return _one(cur, "SELECT current_setting(%s, true)", (name,))
+
+
+def _pg_background_available(cur: Any) -> bool:
+    available = _one(cur, "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_background'")
+    return available is not None and version_key(available) >= (1, 6)
+
+
+def _pg_cron_preloaded(cur: Any) -> bool:
+    libraries = [lib.strip() for lib in (_setting(cur, "shared_preload_libraries") or "").split(",")]
+    return "pg_cron" in libraries or _setting(cur, "cron.database_name") is not None
+
+
+def _ensure_pg_cron(cur: Any) -> None:
+    """Creates pg_cron if needed; refuses, saying what to set, where the engine could not run on it."""
+    database = _one(cur, "SELECT current_database()")
+    if _one(cur, "SELECT 1 FROM pg_available_extensions WHERE name = 'pg_cron'") is None:
+        raise PgCronUnusable(
+            "the pg_cron extension is not available on this server; install it (postgresql-NN-cron, or enable "
+            "it on your managed service), add pg_cron to shared_preload_libraries and restart"
+        )
+    if not _pg_cron_preloaded(cur):
+        raise PgCronUnusable(
+            "pg_cron is not loaded: add pg_cron to shared_preload_libraries (RDS/Aurora: the DB parameter group; "
+            "Cloud SQL: the flag cloudsql.enable_pg_cron; Azure: the server parameter) and restart the server"
+        )
+    cron_database = _setting(cur, "cron.database_name") or "postgres"
+    if cron_database != database:
+        raise PgCronUnusable(
+            f"pg_cron runs its jobs from the database {cron_database!r} (cron.database_name), and the engine "
+            f"must live there to schedule its runners; install it in {cron_database!r}, or set "
+            f"cron.database_name = {database!r} and restart"
+        )
+    if (_setting(cur, "cron.use_background_workers") or "off") != "on":
+        raise PgCronUnusable(
+            "cron.use_background_workers is off: pg_cron would connect over libpq (cron.host) as each "
+            "submitting role, which needs a password it does not have; set cron.use_background_workers = on "
+            "(and max_worker_processes high enough for cron.max_running_jobs) and restart"
+        )
+    cur.execute("CREATE EXTENSION IF NOT EXISTS pg_cron")
+    # Runner jobs are scheduled by, and run as, the roles that submit batches.
+    cur.execute("GRANT USAGE ON SCHEMA cron TO pgbg_user")
+
+
+def choose_launcher(cur: Any, requested: str, installed: str | None) -> str:
+    """The launcher to install: as requested; for auto, the one already installed if the server still
+    offers it, else pg_background where available, else pg_cron; one clear error if neither."""
+    if requested not in LAUNCHERS:
+        raise EngineInstallError(f"launcher must be one of {', '.join(LAUNCHERS)}, not {requested!r}")
+    if requested != "auto":
+        return requested
+    if installed == "pg_cron" or (installed is None and not _pg_background_available(cur)):
+        if _one(cur, "SELECT 1 FROM pg_available_extensions WHERE name = 'pg_cron'") is None:
+            major = _server_major(cur)
+            raise PgBackgroundMissing(
+                f"neither pg_background nor pg_cron is available on this PostgreSQL {major} server: install "
+                f"postgresql-{major}-pg-background (apt.postgresql.org) or pg_background_{major} (yum.postgresql.org), "
+                "or, on a managed service, enable pg_cron (shared_preload_libraries, cron.database_name set to this "
+                "database, cron.use_background_workers = on)"
+            )
+        return "pg_cron"
+    return "pg_background"
+
+
 def installed_version(cur: Any, schema: str = DEFAULT_SCHEMA) -> str | None:
     """Engine version installed in ``schema``, or None."""
     if _one(cur, "SELECT to_regclass(quote_ident(%s) || '.meta')", (schema,)) is None:
@@ -174,20 +245,53 @@ def installed_version(cur: Any, schema: str = DEFAULT_SCHEMA) -> str | None:
     return _one(cur, f"SELECT version FROM {validate_schema(schema)}.meta")
 
 
-def install_engine(conn: Any, schema: str = DEFAULT_SCHEMA, *, target: str | None = None) -> str:
+def installed_launcher(cur: Any, schema: str = DEFAULT_SCHEMA) -> str | None:
+    """The launcher recorded by an installed engine (pg_background before 0.3.0), or None."""
+    if installed_version(cur, schema) is None:
+        return None
+    has_column = _one(
+        cur,
+        "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(quote_ident(%s) || '.settings') "
+        "AND attname = 'launcher' AND NOT attisdropped",
+        (schema,),
+    )
+    if not has_column:
+        return "pg_background"
+    return _one(cur, f"SELECT launcher FROM {validate_schema(schema)}.settings")
+
+
+def install_engine(
+    conn: Any, schema: str = DEFAULT_SCHEMA, *, target: str | None = None, launcher: str = "auto"
+) -> str:
     """Installs or upgrades the engine in ``schema`` over a DB-API connection; returns the version.
 
     Idempotent, and atomic: everything happens in one transaction that is committed at the end.
-    Needs a role allowed to create extensions and roles (normally a superuser). ``target`` stops at
-    an older version than the latest (for upgrade tests).
+    Needs a role allowed to create extensions and roles (normally a superuser). ``launcher`` (see
+    :data:`LAUNCHERS`) is recorded in the engine; ``target`` stops at an older version than the latest
+    (for upgrade tests).
     """
     scripts = SqlScripts.load()
     target = target or scripts.latest
     schema_sql = validate_schema(schema)
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(%s)", (_INSTALL_LOCK,))
-        ext_schema = _ensure_pg_background(cur)
+        major = _server_major(cur)
+        if major < 15:
+            # The engine uses security_invoker views and SQL-standard function bodies.
+            raise EngineInstallError(f"airflow_pgbg needs PostgreSQL 15 or later; this server is {major}")
+        chosen = choose_launcher(cur, launcher, installed_launcher(cur, schema))
+        if chosen == "pg_cron" and version_key(target) < (0, 3, 0):
+            raise EngineInstallError(f"the pg_cron launcher needs engine 0.3.0 or later, not {target}")
+        if chosen == "pg_background" or _pg_background_available(cur):
+            ext_schema = _ensure_pg_background(cur)
+        else:
+            # No pg_background here: its names in the engine are never reached under pg_cron, and
+            # routines that name them are not compiled until they run.
+            ext_schema = schema
+            cur.execute("SET LOCAL check_function_bodies = off")
         cur.execute(roles_sql())
+        if chosen == "pg_cron":
+            _ensure_pg_cron(cur)
         current = installed_version(cur, schema)
         steps = scripts.plan(current, target)
         if steps and current is None:
@@ -199,13 +303,21 @@ def install_engine(conn: Any, schema: str = DEFAULT_SCHEMA, *, target: str | Non
                 "ON CONFLICT (singleton) DO UPDATE SET version = excluded.version, installed_at = clock_timestamp()",
                 (version,),
             )
+        if version_key(target) >= (0, 3, 0):
+            jobs = _setting(cur, "cron.max_running_jobs") if chosen == "pg_cron" else None
+            cur.execute(
+                f"UPDATE {schema_sql}.settings SET launcher = %s, cron_max_running_jobs = %s",
+                (chosen, int(jobs) if jobs else None),
+            )
     conn.commit()
     return target
 
 
-def install_engine_dsn(dsn: str, schema: str = DEFAULT_SCHEMA, *, target: str | None = None) -> str:
+def install_engine_dsn(
+    dsn: str, schema: str = DEFAULT_SCHEMA, *, target: str | None = None, launcher: str = "auto"
+) -> str:
     """:func:`install_engine` over a new psycopg connection to ``dsn``."""
     import psycopg
 
     with psycopg.connect(dsn) as conn:
-        return install_engine(conn, schema, target=target)
+        return install_engine(conn, schema, target=target, launcher=launcher)

@@ -1,0 +1,1012 @@
+-- airflow_pgbg engine, upgrade 0.2.0 -> 0.3.0: a choice of launcher, pg_background or pg_cron.
+--
+-- Managed PostgreSQL services (RDS, Cloud SQL, Azure, Supabase, Neon) offer pg_cron, not
+-- pg_background. With the pg_cron launcher (settings.launcher, chosen by the installer), runners are
+-- pg_cron jobs owned by the role that submitted the batch, scheduled every second only while the role
+-- has queued or running work: each job runs _cron_runner(), the same loop as a pg_background runner,
+-- and unschedules itself when its role has nothing left. A child that must run at top level (VACUUM,
+-- CONCURRENTLY, CALL, ... and every child of a batch with a statement timeout) runs as the command of a
+-- job of its own, unscheduled as soon as its run has started; its runner enforces the timeout.
+-- Everything else (counts, retries, stops, watch locks, summaries) is the same on both launchers.
+--
+-- pg_background is reached only at run time, so an engine that uses pg_cron needs none of its types:
+-- _start_top_level() and _top_level_result(int, bigint) take its place; _launch_top_level() and
+-- _top_level_result(pg_background_handle) stay for runners of 0.2.0 that finish during the upgrade.
+
+ALTER TABLE @schema@.settings
+    ADD COLUMN launcher text NOT NULL DEFAULT 'pg_background' CHECK (launcher IN ('pg_background', 'pg_cron')),
+    ADD COLUMN cron_max_running_jobs int CHECK (cron_max_running_jobs > 0);
+COMMENT ON COLUMN @schema@.settings.launcher IS
+    'What starts runners: pg_background workers, or pg_cron jobs (chosen by the installer).';
+COMMENT ON COLUMN @schema@.settings.cron_max_running_jobs IS
+    'cron.max_running_jobs, which only superusers may read, recorded by the installer (it changes only '
+    'with a restart; run the installer again after one).';
+
+ALTER TABLE @schema@.batch ADD COLUMN notes text;
+COMMENT ON COLUMN @schema@.batch.notes IS 'What the engine wants the submitter to know, e.g. a cap it lowered.';
+
+CREATE TYPE @schema@.cron_run AS (status text, job_pid int, start_time timestamptz, return_message text);
+COMMENT ON TYPE @schema@.cron_run IS 'The run of a pg_cron job that runs one child (see _cron_run()).';
+
+CREATE OR REPLACE VIEW @schema@.batches WITH (security_invoker = true) AS
+SELECT b.uuid_parent, b.label, b.origin, b.role_name, b.user_name, b.created_at, b.max_parallel,
+       b.fail_fast, b.statement_timeout, b.stop_requested_at,
+       @schema@._status_of(n.children, n.queued, n.running, n.failed, n.stopped, n.lost) AS status,
+       n.children, n.queued, n.running, n.done, n.failed, n.stopped, n.lost,
+       n.started_at,
+       CASE WHEN n.queued + n.running = 0 THEN n.last_end END AS ended_at,
+       b.claimed_by, b.claimed_at, b.retries, b.retry_delay, b.retry_backoff, b.retry_lost, b.stop_requested_by,
+       b.notes
+  FROM @schema@.batch b
+ CROSS JOIN LATERAL @schema@._batch_counts(b.uuid_parent, b.counted) n;
+
+------------------------------------------------------------------------------------------------
+-- The launcher and the caps it allows
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION @schema@._launcher()
+RETURNS text
+LANGUAGE sql STABLE
+RETURN (SELECT launcher FROM @schema@.settings);
+COMMENT ON FUNCTION @schema@._launcher() IS 'pg_background or pg_cron (settings.launcher).';
+
+CREATE OR REPLACE FUNCTION @schema@._global_cap()
+RETURNS int
+LANGUAGE sql STABLE
+RETURN (SELECT least(coalesce(s.max_workers, greatest(1, (current_setting('max_worker_processes')::int - 2) / 2)),
+                     -- pg_cron runs at most cron.max_running_jobs jobs at once, server-wide, and a
+                     -- runner may need a second job for a child that runs at top level.
+                     CASE WHEN s.launcher = 'pg_cron' THEN greatest(1, coalesce(s.cron_max_running_jobs, 32) / 2) END)
+        FROM @schema@.settings s);
+
+CREATE FUNCTION @schema@._cap_source()
+RETURNS text
+LANGUAGE sql STABLE
+RETURN (SELECT CASE
+                   WHEN s.launcher = 'pg_cron' AND @schema@._global_cap() = greatest(1, coalesce(s.cron_max_running_jobs, 32) / 2)
+                   THEN 'half of cron.max_running_jobs = ' || coalesce(s.cron_max_running_jobs, 32)
+                   WHEN s.max_workers IS NOT NULL THEN 'pgbg.settings.max_workers'
+                   ELSE 'from max_worker_processes = ' || current_setting('max_worker_processes') END
+        FROM @schema@.settings s);
+COMMENT ON FUNCTION @schema@._cap_source() IS 'Where the global cap in effect comes from, in words.';
+
+CREATE FUNCTION @schema@._role_key()
+RETURNS int
+LANGUAGE sql STABLE
+RETURN hashtext('@schema@/role/' || current_user) & 2147483647;
+COMMENT ON FUNCTION @schema@._role_key() IS
+    'Advisory lock of the caller''s role under pg_cron: work is queued under it (shared) and a runner job '
+    'decides to unschedule itself under it (exclusive), so no batch is left with queued work and no job.';
+
+------------------------------------------------------------------------------------------------
+-- pg_background: a nested worker for a child that runs at top level
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION @schema@._start_top_level(p_sql text, p_child uuid, p_timeout interval)
+RETURNS TABLE (pid int, cookie bigint)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_app text := current_setting('application_name');
+    v_timeout text := current_setting('statement_timeout');
+BEGIN
+    -- statement_timeout is armed per top-level statement, so it works in the nested worker only.
+    PERFORM set_config('statement_timeout', coalesce((extract(epoch FROM p_timeout) * 1000)::bigint::text, '0'), false);
+    -- The nested worker inherits this session's settings: the name lets pg_background_stop() find it.
+    PERFORM set_config('application_name', 'pgbg-child:' || p_child, false);
+    -- No free worker slot is not a failure of the statement: wait for one.
+    LOOP
+        BEGIN
+            SELECT h.pid, h.cookie INTO pid, cookie FROM @pgbg_ext@.pg_background_launch_v2(p_sql) h;
+            EXIT;
+        EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
+            PERFORM pg_sleep(0.1);
+        END;
+    END LOOP;
+    PERFORM set_config('application_name', v_app, false);
+    PERFORM set_config('statement_timeout', v_timeout, false);
+    RETURN NEXT;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._start_top_level(text, uuid, interval) IS
+    'Starts one statement as the top-level statement of a nested pg_background worker, so VACUUM, '
+    'CONCURRENTLY and procedures that COMMIT work; waits for a free worker slot rather than failing.';
+
+CREATE FUNCTION @schema@._top_level_result(p_pid int, p_cookie bigint)
+RETURNS jsonb
+LANGUAGE plpgsql
+-- Some pg_background functions are SQL wrappers that resolve their helpers through search_path,
+-- while runners use the submitter's. Nothing here runs user SQL.
+SET search_path = @pgbg_ext@, pg_catalog
+AS $fn$
+DECLARE
+    o @pgbg_ext@.pg_background_outcome := @pgbg_ext@.pg_background_outcome_v2(p_pid, p_cookie);
+    e @pgbg_ext@.pg_background_error;
+BEGIN
+    IF o.has_error THEN
+        e := @pgbg_ext@.pg_background_error_info_v2(p_pid, p_cookie);
+    END IF;
+    PERFORM @pgbg_ext@.pg_background_detach_v2(p_pid, p_cookie);
+    IF o.has_error THEN
+        RAISE EXCEPTION USING ERRCODE = coalesce(e.sqlstate, o.sqlstate, 'XX000'),
+            MESSAGE = coalesce(e.message, o.error_message, 'statement failed in its worker'),
+            DETAIL = coalesce(e.detail, ''), HINT = coalesce(e.hint, '');
+    END IF;
+    RETURN jsonb_build_object(
+        'command', CASE WHEN o.command_tag IN ('SELECT', 'UPDATE', 'DELETE', 'MERGE', 'COPY')
+                        THEN o.command_tag || ' ' || coalesce(o.row_count, 0)
+                        WHEN o.command_tag = 'INSERT' THEN 'INSERT 0 ' || coalesce(o.row_count, 0)
+                        ELSE o.command_tag END,
+        'rows', coalesce(o.row_count, 0));
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._top_level_result(int, bigint) IS
+    'Result document of a finished nested worker; re-raises its error with SQLSTATE, detail and hint.';
+
+------------------------------------------------------------------------------------------------
+-- pg_cron: runner jobs, and a job of its own for a child that runs at top level
+------------------------------------------------------------------------------------------------
+
+CREATE FUNCTION @schema@._cron_runner_job(p_n int DEFAULT NULL)
+RETURNS text
+LANGUAGE sql STABLE
+RETURN 'pgbg_runner:' || current_database() || ':@schema@:' || coalesce(p_n::text, '');
+COMMENT ON FUNCTION @schema@._cron_runner_job(int) IS
+    'Name of runner job n of the caller (job names are per role); without n, the prefix of them all.';
+
+CREATE FUNCTION @schema@._cron_ensure_runners(p_wanted int)
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_have int;
+    v_added int := 0;
+BEGIN
+    IF coalesce(p_wanted, 0) <= 0 THEN
+        RETURN 0;
+    END IF;
+    SELECT count(*) INTO v_have FROM cron.job
+     WHERE starts_with(jobname, @schema@._cron_runner_job()) AND schedule = '1 seconds';
+    FOR n IN 1..p_wanted LOOP
+        EXIT WHEN v_have + v_added >= p_wanted;
+        IF NOT EXISTS (SELECT 1 FROM cron.job WHERE jobname = @schema@._cron_runner_job(n) AND schedule = '1 seconds') THEN
+            -- Every second while it works; pg_cron never starts a job again while its run goes on,
+            -- so each job is one slot. The same name reactivates a job its last run parked (see
+            -- _cron_runner()): pg_cron starts a job it knows as soon as it rereads cron.job (within a
+            -- second), a new one only a second after that.
+            PERFORM cron.schedule(@schema@._cron_runner_job(n), '1 seconds', 'CALL @schema@._cron_runner()');
+            v_added := v_added + 1;
+        END IF;
+    END LOOP;
+    RETURN v_added;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_ensure_runners(int) IS
+    'Schedules runner jobs of the caller''s role until it has p_wanted of them; returns how many it added.';
+
+CREATE PROCEDURE @schema@._cron_runner()
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    b record;
+    v_ran boolean;
+    v_parents uuid[];
+    v_settled boolean := false;
+BEGIN
+    PERFORM set_config('application_name', 'pgbg:cron', false);
+    -- The finished runs of this role's runner jobs (job_run_details would grow every second otherwise).
+    DELETE FROM cron.job_run_details
+     WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
+    COMMIT;
+    LOOP
+        v_ran := false;
+        FOR b IN
+            SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
+             WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+               AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                            WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+             ORDER BY bt.created_at
+             LIMIT 20
+        LOOP
+            -- The runner's loop, as in a pg_background worker: it adopts other batches of the role
+            -- until none needs a runner.
+            CALL @schema@._work(b.uuid_parent, b.enqueue_xid, v_ran);
+            EXIT WHEN v_ran;
+        END LOOP;
+        PERFORM set_config('application_name', 'pgbg:cron', false);
+        IF v_ran THEN
+            v_settled := false;
+        END IF;
+        -- A runner of this role killed mid-child (its job runs again a second later: this may be it)
+        -- left that child 'running'. Settle it here, lost or queued again: a poll could, but a
+        -- pg_background_wait() would schedule the runner job only when its own statement ends.
+        v_parents := ARRAY(SELECT DISTINCT x.uuid_parent FROM @schema@.log_background x
+                             JOIN @schema@.batch bt USING (uuid_parent)
+                            WHERE x.status = 'running' AND bt.role_name = current_user
+                              AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                               WHERE a.pid = x.pid AND a.backend_start = x.backend_start));
+        IF cardinality(v_parents) > 0 AND NOT v_settled THEN
+            PERFORM @schema@._housekeep(v_parents);
+            COMMIT;
+            v_settled := true;  -- once per idle turn: rows locked by another session stay theirs
+            CONTINUE;
+        END IF;
+        IF NOT v_ran AND EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
+                                  WHERE x.status = 'queued' AND bt.role_name = current_user
+                                    AND bt.stop_requested_at IS NULL) THEN
+            -- Work, but no free slot: this job runs again in a second.
+            RETURN;
+        END IF;
+        -- Nothing left: leave for good, unless work was queued meanwhile (which waits for this lock,
+        -- then schedules a job if none is left).
+        PERFORM pg_advisory_xact_lock(@schema@._role_key());
+        IF NOT EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
+                        WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL) THEN
+            -- Parked rather than removed: '@reboot' runs it only when pg_cron starts (after a server
+            -- restart, when it resumes the role's queued work), and the job keeps its id for a fast
+            -- next start. A role has at most as many as its largest cap.
+            PERFORM cron.schedule(j.jobname, '@reboot', j.command)
+               FROM cron.job_run_details d JOIN cron.job j USING (jobid)
+              WHERE d.job_pid = pg_backend_pid() AND d.status IN ('starting', 'running');
+            COMMIT;
+            RETURN;
+        END IF;
+        COMMIT;
+    END LOOP;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._cron_runner() IS
+    'Body of a pg_cron runner job: runs the batches of its role like a pg_background runner, then '
+    'parks its job (schedule @reboot) when the role has no queued work left.';
+
+-- PL/pgSQL, here and below: its bodies may name the cron schema, which a server using pg_background
+-- may not have, without it being checked when the function is created.
+CREATE FUNCTION @schema@._cron_child_start(p_sql text, p_child uuid)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    RETURN cron.schedule('pgbg_child:' || p_child, '1 seconds', p_sql);
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_child_start(text, uuid) IS
+    'Schedules the job that runs one child at top level; its runner unschedules it once its run has ended.';
+
+CREATE FUNCTION @schema@._cron_run(p_job bigint)
+RETURNS @schema@.cron_run
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+    r @schema@.cron_run;
+BEGIN
+    SELECT d.status, d.job_pid, d.start_time, d.return_message INTO r
+      FROM cron.job_run_details d WHERE d.jobid = p_job ORDER BY d.runid LIMIT 1;
+    RETURN r;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_run(bigint) IS 'The (first) run of a child''s job; NULL fields before it starts.';
+
+CREATE FUNCTION @schema@._cron_child_result(p_job bigint, p_run @schema@.cron_run, p_cancelled boolean,
+                                           p_timed_out boolean)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    -- pg_cron's return_message: 'ERROR:  message', then DETAIL:, HINT: and CONTEXT: lines if any.
+    v_text text := regexp_replace(coalesce(p_run.return_message, ''), '^(ERROR|FATAL):\s*', '');
+    v_message text := (regexp_match(v_text, '^(.*?)(\n(DETAIL|HINT|CONTEXT): |$)'))[1];
+    v_detail text := (regexp_match(v_text, '\nDETAIL: (.*?)(\n(HINT|CONTEXT): |$)'))[1];
+    v_hint text := (regexp_match(v_text, '\nHINT: (.*?)(\nCONTEXT: |$)'))[1];
+    v_state text;
+BEGIN
+    DELETE FROM cron.job_run_details WHERE jobid = p_job;
+    IF p_run.status = 'succeeded' THEN
+        -- Even when a stop or the timeout came too late to cut it short: it did its work.
+        RETURN jsonb_build_object('command', p_run.return_message,
+                                  'rows', coalesce(substring(p_run.return_message FROM '(\d+)$')::bigint, 0));
+    ELSIF p_timed_out THEN
+        RAISE EXCEPTION 'canceling statement due to statement timeout' USING ERRCODE = 'query_canceled';
+    ELSIF p_cancelled OR p_run.status IS NULL THEN
+        RAISE EXCEPTION 'canceling statement due to user request' USING ERRCODE = 'query_canceled';
+    END IF;
+    -- pg_cron keeps the text, not the SQLSTATE: name the common ones by their message (the
+    -- transient ones first, so that automatic retries work here too), XX000 for the rest, as
+    -- PostgreSQL does for an error raised without a code.
+    v_state := CASE
+        WHEN v_message LIKE 'deadlock detected%' THEN '40P01'
+        WHEN v_message LIKE 'could not serialize access%' THEN '40001'
+        WHEN v_message LIKE 'canceling statement due to lock timeout%' THEN '55P03'
+        WHEN v_message LIKE 'could not obtain lock%' THEN '55P03'
+        WHEN v_message LIKE 'canceling statement due to statement timeout%' THEN '57014'
+        WHEN v_message LIKE 'canceling statement due to user request%' OR v_message = 'job canceled' THEN '57014'
+        WHEN v_message LIKE 'permission denied%' OR v_message LIKE 'must be owner of%'
+          OR v_message LIKE 'must be superuser%' OR v_message LIKE 'must be a member of%' THEN '42501'
+        WHEN v_message ~ '^(relation|table) ".*" does not exist' THEN '42P01'
+        WHEN v_message ~ '^index ".*" does not exist' THEN '42704'
+        WHEN v_message ~ '^(function|procedure) .* does not exist' THEN '42883'
+        WHEN v_message ~ '^column ".*" does not exist' THEN '42703'
+        WHEN v_message ~ '^(relation|index) ".*" already exists' THEN '42P07'
+        WHEN v_message LIKE 'syntax error%' THEN '42601'
+        WHEN v_message LIKE 'could not create unique index%' THEN '23505'
+        WHEN v_message LIKE 'division by zero%' THEN '22012'
+        WHEN v_message LIKE '% cannot run inside a transaction block' THEN '25001'
+        ELSE 'XX000' END;
+    RAISE EXCEPTION USING MESSAGE = v_message, ERRCODE = v_state,
+        DETAIL = coalesce(v_detail, 'Run at top level by a pg_cron job, which records the error''s text but '
+                                    'not its SQLSTATE' || CASE WHEN v_state = 'XX000' THEN '.'
+                                    ELSE ': this one is named from the message.' END),
+        HINT = coalesce(v_hint, '');
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_child_result(bigint, @schema@.cron_run, boolean, boolean) IS
+    'Result document of a child run by a job of its own, or its error re-raised (pg_cron records the '
+    'text without the SQLSTATE: common ones are named by their message, XX000 otherwise); forgets the run.';
+
+------------------------------------------------------------------------------------------------
+-- Runners: one loop for both launchers
+------------------------------------------------------------------------------------------------
+
+CREATE PROCEDURE @schema@._work(p_parent uuid, p_enqueue_xid xid8, INOUT p_ran boolean DEFAULT false)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_parent uuid := p_parent;
+    v_batch @schema@.batch;
+    v_settings @schema@.settings;
+    v_xact text;
+    v_nap float8 := 0.002;
+    v_global_slot int;
+    v_batch_slot int;
+    v_slot int;
+    v_backend_start timestamptz;
+    v_id bigint;
+    v_child uuid;
+    v_cron boolean := @schema@._launcher() = 'pg_cron';
+    v_pid int;
+    v_cookie bigint;
+    v_finished boolean;
+    v_job bigint;
+    v_run @schema@.cron_run;
+    v_defused boolean;
+    v_cancelled boolean;
+    v_timed_out boolean;
+    v_gone_since timestamptz;
+    v_leave boolean := false;
+    v_settled @schema@.child_status;
+    v_fail_fast boolean := false;
+    v_failed_child uuid;
+    v_seq int;
+    v_after int := 0;
+    v_sql text;
+    v_mode text;
+    v_result jsonb;
+    v_state text;
+    v_msg text;
+    v_detail text;
+    v_hint text;
+    v_context text;
+    v_next uuid;
+    v_due timestamptz;
+BEGIN
+    PERFORM set_config('application_name', 'pgbg:' || v_parent, false);
+    -- The batch becomes visible when the transaction that queued it commits; if it rolls back,
+    -- there is nothing to run.
+    LOOP
+        v_xact := pg_xact_status(p_enqueue_xid);
+        EXIT WHEN v_xact IS DISTINCT FROM 'in progress';
+        PERFORM pg_sleep(v_nap);
+        v_nap := least(v_nap * 2, 0.1);
+    END LOOP;
+    SELECT * INTO v_settings FROM @schema@.settings;
+    SELECT * INTO v_batch FROM @schema@.batch WHERE uuid_parent = v_parent AND role_name = current_user;
+    IF v_xact = 'aborted' OR NOT FOUND THEN
+        RETURN;
+    END IF;
+    v_global_slot := @schema@._take_slot(@schema@._global_lock_key(), @schema@._global_cap());
+    IF v_global_slot IS NULL THEN
+        RETURN;
+    END IF;
+    v_batch_slot := @schema@._take_slot(@schema@._batch_lock_key(v_parent), v_batch.max_parallel);
+    IF v_batch_slot IS NULL THEN
+        PERFORM pg_advisory_unlock_all();
+        RETURN;
+    END IF;
+    p_ran := true;
+    SELECT backend_start INTO v_backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid();
+    PERFORM set_config('search_path', v_batch.search_path, false);
+    COMMIT;
+
+    LOOP
+        -- One transaction per child: the outcome of the previous one (its work too, for an inline
+        -- child) and the claim of the next. Publishing a claim alone need not wait for a WAL flush:
+        -- a claim lost in a crash leaves a child that never ran queued rather than lost.
+        IF v_settled IS NULL THEN
+            PERFORM set_config('synchronous_commit', 'off', true);
+        END IF;
+        SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq INTO v_id, v_child, v_sql, v_mode, v_seq
+          FROM @schema@._claim(v_parent, v_global_slot, v_backend_start, v_settled, NOT (v_fail_fast OR v_leave),
+                               v_after) c;
+        v_settled := NULL;
+        IF v_id IS NULL AND v_after > 0 AND NOT (v_fail_fast OR v_leave) THEN
+            -- Children queued again behind us (retries, a takeover) come after the rest.
+            v_after := 0;
+            SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq INTO v_id, v_child, v_sql, v_mode, v_seq
+              FROM @schema@._claim(v_parent, v_global_slot, v_backend_start, NULL, true, 0) c;
+        END IF;
+        v_after := coalesce(v_seq, v_after);
+        IF v_fail_fast THEN
+            -- The failure is recorded; now take the rest of the batch down.
+            COMMIT;
+            PERFORM @schema@._stop(v_parent, format('stopped: fail_fast after child %s failed', v_failed_child), false, NULL);
+            COMMIT;
+            v_fail_fast := false;
+            CONTINUE;
+        END IF;
+        EXIT WHEN v_leave;
+
+        IF v_id IS NULL THEN
+            -- Children waiting for an automatic retry keep this runner on the batch.
+            SELECT min(x.not_before) INTO v_due FROM @schema@.log_background x
+             WHERE x.uuid_parent = v_parent AND x.status = 'queued' AND x.not_before > clock_timestamp();
+            IF v_due IS NOT NULL THEN
+                COMMIT;
+                PERFORM pg_sleep(least(greatest(extract(epoch FROM v_due - clock_timestamp()), 0.001), 0.2));
+                CONTINUE;
+            END IF;
+            COMMIT;
+            -- Whoever commits the last outcome of a batch sees every other one: it tells the waiters.
+            PERFORM @schema@._notify_if_ended(ARRAY[v_parent]);
+            COMMIT;
+            -- This batch has nothing left to start. Keep the global slot busy with another batch
+            -- of the same role that is short of runners, instead of leaving it to the next poll.
+            v_next := NULL;
+            FOR v_batch IN
+                SELECT b.* FROM @schema@.batch b
+                 WHERE b.role_name = current_user AND b.stop_requested_at IS NULL
+                   AND b.uuid_parent <> v_parent
+                   AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                                WHERE x.uuid_parent = b.uuid_parent AND x.status = 'queued')
+                 ORDER BY b.created_at
+                 LIMIT 20
+            LOOP
+                v_slot := @schema@._take_slot(@schema@._batch_lock_key(v_batch.uuid_parent), v_batch.max_parallel);
+                IF v_slot IS NOT NULL THEN
+                    PERFORM pg_advisory_unlock(@schema@._batch_lock_key(v_parent), v_batch_slot);
+                    v_batch_slot := v_slot;
+                    v_next := v_batch.uuid_parent;
+                    EXIT;
+                END IF;
+            END LOOP;
+            EXIT WHEN v_next IS NULL;
+            v_parent := v_next;
+            v_after := 0;
+            PERFORM set_config('application_name', 'pgbg:' || v_parent, false);
+            PERFORM set_config('search_path', v_batch.search_path, false);
+            COMMIT;
+            CONTINUE;
+        END IF;
+        COMMIT;
+
+        v_pid := NULL;
+        v_job := NULL;
+        v_run := NULL;
+        IF v_mode = 'worker' AND NOT v_cron THEN
+            -- Launch, then wait in short statements with a COMMIT between them: CREATE INDEX
+            -- CONCURRENTLY in the nested worker waits for every older snapshot, this runner's too.
+            BEGIN
+                SELECT h.pid, h.cookie INTO v_pid, v_cookie
+                  FROM @schema@._start_top_level(v_sql, v_child, v_batch.statement_timeout) h;
+            EXCEPTION WHEN query_canceled THEN
+                NULL;  -- stopped before it started; recorded below
+            END;
+            COMMIT;
+            v_finished := v_pid IS NULL;
+            WHILE NOT v_finished LOOP
+                BEGIN
+                    v_finished := @pgbg_ext@.pg_background_wait_v2(v_pid, v_cookie, 250);
+                EXCEPTION WHEN query_canceled THEN
+                    PERFORM @pgbg_ext@.pg_background_cancel_v2(v_pid, v_cookie, 0);
+                END;
+                COMMIT;
+            END LOOP;
+        ELSIF v_mode = 'worker' THEN
+            -- pg_cron: the statement is the command of a job of its own, which runs it at top level
+            -- at the next second. Unscheduling a job ends its run, so the job stays until the run has
+            -- ended; once the run has begun (pg_cron has copied the command by then) the command
+            -- becomes a no-op for any rerun the schedule starts meanwhile. This runner enforces the
+            -- statement timeout and passes a stop on to the run.
+            v_defused := false;
+            v_cancelled := false;
+            v_timed_out := false;
+            v_gone_since := NULL;
+            BEGIN
+                v_job := @schema@._cron_child_start(v_sql, v_child);
+            EXCEPTION WHEN query_canceled THEN
+                NULL;  -- stopped before it was scheduled; recorded below
+            END;
+            COMMIT;
+            WHILE v_job IS NOT NULL LOOP
+                BEGIN
+                    v_run := @schema@._cron_run(v_job);
+                    IF v_run.status IS NOT NULL AND NOT v_defused AND NOT v_cancelled THEN
+                        -- Same name, same job (cron.alter_job is for administrators).
+                        PERFORM cron.schedule('pgbg_child:' || v_child, '1 seconds', 'SELECT ''pgbg: this child has run''');
+                        v_defused := true;
+                    END IF;
+                    EXIT WHEN v_run.status IN ('succeeded', 'failed');
+                    -- Stopped before its run began: give pg_cron a moment to start one it had picked.
+                    EXIT WHEN v_cancelled AND v_run.status IS NULL AND clock_timestamp() > v_gone_since + interval '1.5 s';
+                    -- The job's own clock: pg_cron's start_time is when it began to start the job,
+                    -- and it learns of the end a moment late; the backend knows when it began.
+                    IF v_batch.statement_timeout IS NOT NULL AND NOT v_timed_out AND v_run.job_pid IS NOT NULL
+                       AND EXISTS (SELECT 1 FROM pg_stat_activity a
+                                    WHERE a.pid = v_run.job_pid AND a.state = 'active'
+                                      AND clock_timestamp() > a.query_start + v_batch.statement_timeout) THEN
+                        PERFORM pg_cancel_backend(v_run.job_pid);
+                        v_timed_out := true;
+                    END IF;
+                    PERFORM pg_sleep(0.01);
+                EXCEPTION WHEN query_canceled THEN
+                    -- A stop reached this runner: take the child's run down with it (unscheduled, a
+                    -- job's run is ended by pg_cron).
+                    v_cancelled := true;
+                    v_gone_since := coalesce(v_gone_since, clock_timestamp());
+                    PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
+                    IF v_run.job_pid IS NOT NULL THEN
+                        PERFORM pg_cancel_backend(v_run.job_pid);
+                    END IF;
+                END;
+                COMMIT;
+            END LOOP;
+            PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
+        END IF;
+
+        BEGIN
+            IF v_mode = 'inline' THEN
+                v_result := @schema@._execute_inline(v_sql, v_settings.preview_rows, v_settings.preview_bytes);
+                -- A child that wrote nothing has nothing to make durable but its log row, which a crash
+                -- would turn into 'lost': its commit need not wait for a WAL flush either.
+                IF pg_current_xact_id_if_assigned() IS NULL THEN
+                    PERFORM set_config('synchronous_commit', 'off', true);
+                END IF;
+            ELSIF v_cron THEN
+                v_result := @schema@._cron_child_result(v_job, v_run, v_cancelled, v_timed_out);
+            ELSIF v_pid IS NULL THEN
+                RAISE EXCEPTION 'canceling statement due to user request' USING ERRCODE = 'query_canceled';
+            ELSE
+                v_result := @schema@._top_level_result(v_pid, v_cookie);
+            END IF;
+            UPDATE @schema@.log_background
+               SET status = 'done', result = v_result, end_time_exec = clock_timestamp(), sqlstate = NULL,
+                   error = NULL, error_detail = NULL, error_hint = NULL, error_context = NULL
+             WHERE id = v_id;
+            v_settled := 'done';
+        EXCEPTION
+            WHEN query_canceled OR admin_shutdown THEN
+                -- pg_background_stop() sets stop_requested under a row lock before it signals, so
+                -- the flag tells a stop from a statement_timeout and from pg_cancel_backend() or
+                -- pg_terminate_backend() sent by someone else (pg_background turns SIGTERM into a
+                -- cancel): such a worker is treated as gone, its child lost, and the runner leaves.
+                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+                UPDATE @schema@.log_background c
+                   SET status = CASE WHEN c.stop_requested AND c.requeue_on_stop THEN 'queued'
+                                     WHEN c.stop_requested THEN 'stopped'
+                                     WHEN v_msg LIKE '%statement timeout%' THEN 'failed'
+                                     WHEN v_batch.retry_lost AND c.failures < v_batch.retries THEN 'queued'
+                                     ELSE 'lost' END::@schema@.child_status,
+                       sqlstate = v_state,
+                       error = CASE WHEN c.stop_requested AND c.requeue_on_stop
+                                    THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
+                                    WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
+                                    WHEN v_msg LIKE '%statement timeout%' THEN v_msg
+                                    ELSE 'worker process was cancelled or terminated from outside: ' || v_msg END,
+                       end_time_exec = clock_timestamp(),
+                       failures = c.failures + (NOT c.stop_requested AND v_msg NOT LIKE '%statement timeout%')::int,
+                       not_before = CASE WHEN NOT c.stop_requested AND v_msg NOT LIKE '%statement timeout%'
+                                              AND v_batch.retry_lost AND c.failures < v_batch.retries
+                                         THEN @schema@._retry_at(v_batch.retry_delay, v_batch.retry_backoff, c.failures) END,
+                       errors = CASE WHEN c.stop_requested THEN c.errors
+                                     ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
+                                         c.attempt, CASE WHEN v_msg LIKE '%statement timeout%' THEN 'failed' ELSE 'lost' END,
+                                         v_state, v_msg) END
+                 WHERE id = v_id
+                RETURNING status, NOT stop_requested AND v_msg NOT LIKE '%statement timeout%'
+                     INTO v_settled, v_leave;
+            WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT,
+                                        v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
+                                        v_context = PG_EXCEPTION_CONTEXT;
+                UPDATE @schema@.log_background c
+                   SET status = CASE WHEN @schema@._is_transient(v_state) AND c.failures < v_batch.retries
+                                     THEN 'queued' ELSE 'failed' END::@schema@.child_status,
+                       not_before = CASE WHEN @schema@._is_transient(v_state) AND c.failures < v_batch.retries
+                                         THEN @schema@._retry_at(v_batch.retry_delay, v_batch.retry_backoff, c.failures) END,
+                       failures = c.failures + @schema@._is_transient(v_state)::int,
+                       sqlstate = v_state, error = v_msg,
+                       error_detail = nullif(v_detail, ''), error_hint = nullif(v_hint, ''),
+                       error_context = nullif(v_context, ''), end_time_exec = clock_timestamp(),
+                       errors = coalesce(c.errors, '[]') || @schema@._attempt_error(c.attempt, 'failed', v_state, v_msg)
+                 WHERE id = v_id
+                RETURNING status INTO v_settled;
+                -- Only a final failure stops a fail_fast batch; a retry is not one.
+                v_fail_fast := v_batch.fail_fast AND v_settled = 'failed';
+                v_failed_child := v_child;
+        END;
+        v_id := NULL;
+    END LOOP;
+    -- Leave the name first so that nobody counts this process once its slots are free.
+    PERFORM set_config('application_name', 'pgbg:exiting', false);
+    PERFORM pg_advisory_unlock_all();
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._work(uuid, xid8, boolean) IS
+    'The runner''s loop: holds one global and one batch slot and executes queued children until none is '
+    'left (waiting for children due for a retry, adopting other batches of the role), recording each '
+    'outcome in the transaction of its work together with the claim of the next child. p_ran: it got '
+    'its slots.';
+
+CREATE OR REPLACE PROCEDURE @schema@._runner(p_parent uuid, p_enqueue_xid xid8)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_ran boolean;
+BEGIN
+    CALL @schema@._work(p_parent, p_enqueue_xid, v_ran);
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._runner(uuid, xid8) IS
+    'Body of a pg_background runner worker (see _work()). Started by _launch_runners().';
+
+CREATE OR REPLACE FUNCTION @schema@._launch_runners(p_parent uuid, p_enqueue_xid xid8, p_count int)
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_pid int;
+    v_cookie bigint;
+    v_started int := 0;
+BEGIN
+    FOR k IN 1..coalesce(p_count, 0) LOOP
+        BEGIN
+            SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @pgbg_ext@.pg_background_submit_v2(
+                format('CALL @schema@._runner(%L::uuid, %L::xid8)', p_parent, p_enqueue_xid)) h;
+            -- Detached handles do not count against pg_background.max_workers of this session.
+            PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
+            v_started := v_started + 1;
+        EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
+            -- No worker slot in the server right now: the children stay queued for a later call.
+            EXIT;
+        END;
+    END LOOP;
+    RETURN v_started;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION @schema@._housekeep(p_parents uuid[])
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    b record;
+    r record;
+    v_touched uuid[];
+    v_free_global int;
+    v_want int;
+    v_started int;
+BEGIN
+    -- pg_stat_activity is otherwise frozen for the rest of the transaction.
+    PERFORM pg_stat_clear_snapshot();
+    IF @schema@._launcher() = 'pg_cron' THEN
+        -- Ordered against a runner job that is deciding to unschedule itself (_cron_runner()).
+        PERFORM pg_advisory_xact_lock_shared(@schema@._role_key());
+    END IF;
+
+    -- A running child whose runner is gone (same pid with the same backend_start) has no one left
+    -- to record its outcome. Rows locked by someone else are left to that someone.
+    FOR r IN
+        WITH gone AS (
+            SELECT x.id FROM @schema@.log_background x
+             WHERE x.status = 'running'
+               AND (p_parents IS NULL OR x.uuid_parent = ANY (p_parents))
+               AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                WHERE a.pid = x.pid AND (a.backend_start = x.backend_start OR a.backend_start IS NULL))
+               FOR UPDATE OF x SKIP LOCKED),
+        settled AS (
+            UPDATE @schema@.log_background c
+               SET status = CASE WHEN c.stop_requested AND c.requeue_on_stop THEN 'queued'
+                                 WHEN c.stop_requested THEN 'stopped'
+                                 WHEN bt.retry_lost AND c.failures < bt.retries THEN 'queued'
+                                 ELSE 'lost' END::@schema@.child_status,
+                   end_time_exec = clock_timestamp(),
+                   error = CASE WHEN c.stop_requested AND c.requeue_on_stop
+                                THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
+                                WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
+                                ELSE 'worker process ended without recording an outcome '
+                                     '(terminated, crashed or server restarted)' END,
+                   failures = c.failures + (NOT c.stop_requested)::int,
+                   not_before = CASE WHEN NOT c.stop_requested AND bt.retry_lost AND c.failures < bt.retries
+                                     THEN @schema@._retry_at(bt.retry_delay, bt.retry_backoff, c.failures) END,
+                   errors = CASE WHEN c.stop_requested THEN c.errors
+                                 ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
+                                     c.attempt, 'lost', NULL, 'worker process ended without recording an outcome') END
+              FROM gone, @schema@.batch bt
+             WHERE c.id = gone.id AND bt.uuid_parent = c.uuid_parent
+            RETURNING c.uuid_parent, c.role_name, c.status)
+        SELECT s.uuid_parent, s.role_name, count(*) AS n, count(*) FILTER (WHERE s.status = 'queued') AS queued,
+               count(*) FILTER (WHERE s.status = 'stopped') AS stopped, count(*) FILTER (WHERE s.status = 'lost') AS lost
+          FROM settled s GROUP BY s.uuid_parent, s.role_name
+    LOOP
+        PERFORM @schema@._count(r.uuid_parent, r.role_name, -pg_backend_pid(), r.queued, -r.n, 0, 0, r.stopped, r.lost,
+                                NULL, clock_timestamp());
+        v_touched := v_touched || r.uuid_parent;
+    END LOOP;
+    IF v_touched IS NOT NULL THEN
+        PERFORM @schema@._notify_if_ended(v_touched);
+    END IF;
+
+    -- Start runners where slots are free. Only for the caller's own batches: a runner runs as the
+    -- role that starts it, and children must run as the role that submitted them.
+    IF @schema@._launcher() = 'pg_cron' THEN
+        -- A child's job whose runner is gone (its child settled above) must not run again.
+        PERFORM cron.unschedule(j.jobid) FROM cron.job j
+         WHERE starts_with(j.jobname, 'pgbg_child:')
+           AND NOT EXISTS (SELECT 1 FROM @schema@.log_background c
+                            WHERE c.uuid_child::text = substr(j.jobname, 12) AND c.status = 'running');
+        -- Runner jobs pick any batch of their role: as many as its batches can use, up to the cap.
+        PERFORM @schema@._cron_ensure_runners((
+            SELECT least(@schema@._global_cap(), coalesce(sum(least(n.queued + n.running, bt.max_parallel)), 0))::int
+              FROM @schema@.batch bt
+             CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
+             WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL AND n.queued > 0));
+        RETURN;
+    END IF;
+    -- Runners still starting up hold no lock yet but already carry their batch's name, so both are
+    -- counted.
+    v_free_global := @schema@._global_cap()
+        - greatest(@schema@._slots_held(@schema@._global_lock_key()),
+                   (SELECT count(*)::int FROM pg_stat_activity
+                     WHERE application_name LIKE 'pgbg:%-%' AND datname = current_database()));
+    IF v_free_global <= 0 THEN
+        RETURN;
+    END IF;
+    FOR b IN
+        WITH held AS (
+            SELECT l.classid::bigint AS key, count(*)::int AS n FROM pg_locks l
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+             GROUP BY l.classid),
+        named AS (
+            SELECT a.application_name, count(*)::int AS n FROM pg_stat_activity a
+             WHERE a.application_name LIKE 'pgbg:%-%' AND a.datname = current_database()
+             GROUP BY a.application_name)
+        SELECT bt.uuid_parent, bt.max_parallel, bt.enqueue_xid, n.queued,
+               greatest(coalesce(h.n, 0), coalesce(nm.n, 0)) AS active
+          FROM @schema@.batch bt
+          CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
+          LEFT JOIN held h ON h.key = @schema@._batch_lock_key(bt.uuid_parent)
+          LEFT JOIN named nm ON nm.application_name = 'pgbg:' || bt.uuid_parent
+         WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+           AND (p_parents IS NULL OR bt.uuid_parent = ANY (p_parents))
+           AND n.queued > 0
+         ORDER BY bt.created_at
+    LOOP
+        v_want := least(b.queued, b.max_parallel - b.active, v_free_global)::int;
+        CONTINUE WHEN v_want <= 0;
+        v_started := @schema@._launch_runners(b.uuid_parent, b.enqueue_xid, v_want);
+        v_free_global := v_free_global - v_started;
+        EXIT WHEN v_started < v_want OR v_free_global <= 0;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._housekeep(uuid[]) IS
+    'Settles children of dead workers (lost, or queued again when the batch retries lost children) and '
+    'starts runners for the caller''s batches where slots are free (pg_cron: schedules runner jobs); every '
+    'batch when p_parents is NULL. Run by every poll, monitor, wait and launch call, so polling is enough '
+    'to drive a batch.';
+
+
+CREATE OR REPLACE FUNCTION @schema@._enqueue(p_parent uuid, p_querys text[], p_max_parallel int, p_label text,
+                                 p_user_name name, p_ip_client inet, p_search_path text,
+                                 p_fail_fast boolean, p_statement_timeout interval, p_origin text,
+                                 p_retries int, p_retry_delay interval, p_retry_backoff float8,
+                                 p_retry_lost boolean, p_claimed_by text, p_requeue_on_takeover boolean)
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    IF @schema@._launcher() = 'pg_cron' AND NOT has_schema_privilege('cron', 'USAGE') THEN
+        RAISE EXCEPTION 'role % may not schedule pg_cron jobs, which run its batches', current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('GRANT USAGE ON SCHEMA cron TO %I (python -m airflow_pgbg install grants it to pgbg_user).',
+                                current_user);
+    END IF;
+    INSERT INTO @schema@.batch (uuid_parent, label, user_name, ip_client, max_parallel, search_path,
+                                fail_fast, statement_timeout, origin, retries, retry_delay, retry_backoff,
+                                retry_lost, claimed_by, claimed_at, requeue_on_takeover)
+    VALUES (p_parent, p_label, p_user_name, p_ip_client, p_max_parallel, p_search_path,
+            p_fail_fast, p_statement_timeout, p_origin, p_retries, coalesce(p_retry_delay, interval '1 second'),
+            p_retry_backoff, p_retry_lost, p_claimed_by, CASE WHEN p_claimed_by IS NOT NULL THEN clock_timestamp() END,
+            coalesce(p_requeue_on_takeover, false));
+    IF p_max_parallel > @schema@._global_cap() THEN
+        -- Not an error: the batch runs, at most the global cap at a time. It says so.
+        UPDATE @schema@.batch
+           SET notes = format('max_parallel %s is above the global cap %s (%s): at most %s children run at once',
+                              p_max_parallel, @schema@._global_cap(), @schema@._cap_source(), @schema@._global_cap())
+         WHERE uuid_parent = p_parent;
+        RAISE NOTICE 'batch %: max_parallel % is above the global cap % (%)', p_parent, p_max_parallel,
+            @schema@._global_cap(), @schema@._cap_source();
+    END IF;
+    INSERT INTO @schema@.log_background (uuid_parent, seq, query, label, run_mode, user_name, ip_client)
+    SELECT p_parent, q.seq, q.sql, p_label,
+           CASE WHEN p_statement_timeout IS NOT NULL OR @schema@._needs_own_worker(q.sql)
+                THEN 'worker' ELSE 'inline' END,
+           p_user_name, p_ip_client
+      FROM unnest(p_querys) WITH ORDINALITY AS q(sql, seq);
+    PERFORM @schema@._count(p_parent, current_user, 0, cardinality(p_querys), 0, 0, 0, 0, 0);
+    PERFORM @schema@._housekeep(ARRAY[p_parent]);
+    RETURN cardinality(p_querys);
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._enqueue(uuid, text[], int, text, name, inet, text, boolean, interval, text, int,
+                                      interval, float8, boolean, text, boolean) IS
+    'Records a validated batch and starts its first runners, which wait for this transaction to commit.';
+
+
+CREATE OR REPLACE FUNCTION @schema@._signal(p_parent uuid, p_role name, p_children uuid[], p_pids int[], p_whole_batch boolean)
+RETURNS int
+LANGUAGE sql
+AS $fn$
+    -- Only processes that say by themselves that they work for this batch are signalled: background
+    -- workers (pg_background's, or pg_cron's) of the batch's role named after one of its children (a
+    -- nested worker) or after the batch (a runner; under pg_cron it passes the stop on to the job
+    -- that runs its child at top level). pid and backend_start in log_background are columns the role may write: they only
+    -- choose among the batch's own runners, and a stop of the whole batch does not need them.
+    SELECT count(*) FILTER (WHERE pg_cancel_backend(a.pid))::int
+      FROM pg_stat_activity a
+     WHERE a.backend_type IN ('pg_background', 'pg_cron')
+       AND a.pid <> pg_backend_pid()  -- a runner stopping its batch (fail_fast) goes on to record it
+       AND a.usesysid = (SELECT oid FROM pg_roles WHERE rolname = p_role)
+       AND (a.application_name = ANY (SELECT 'pgbg-child:' || c FROM unnest(p_children) c)
+            OR (a.application_name = 'pgbg:' || p_parent AND (p_whole_batch OR a.pid = ANY (p_pids))))
+$fn$;
+COMMENT ON FUNCTION @schema@._signal(uuid, name, uuid[], int[], boolean) IS
+    'Cancels the engine processes executing running children of a batch, identified by what each process '
+    'reports about itself (backend type, role, name), never by a pid alone; every runner of the batch '
+    'when the whole batch stops.';
+
+
+------------------------------------------------------------------------------------------------
+-- A synchronous launch (p_monitor => true) needs pg_background
+------------------------------------------------------------------------------------------------
+
+CREATE OR REPLACE FUNCTION @schema@.pg_background_launch_num(
+    p_querys text[],
+    p_monitor boolean DEFAULT true,
+    p_max_parallel int DEFAULT NULL,
+    p_label text DEFAULT NULL,
+    p_fail_fast boolean DEFAULT false,
+    p_statement_timeout interval DEFAULT NULL,
+    p_origin text DEFAULT NULL,
+    p_retries int DEFAULT 0,
+    p_retry_delay interval DEFAULT interval '1 second',
+    p_retry_backoff float8 DEFAULT 2,
+    p_retry_lost boolean DEFAULT false)
+RETURNS uuid
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_parent uuid := gen_random_uuid();
+    v_querys text[] := @schema@._validate_batch(p_querys, p_max_parallel, p_statement_timeout);
+    v_max_parallel int := coalesce(p_max_parallel, @schema@._global_cap());
+    v_search_path text := current_setting('search_path');
+    v_pid int;
+    v_cookie bigint;
+    v_deadline timestamptz := clock_timestamp() + interval '60 seconds';
+BEGIN
+    PERFORM @schema@._validate_retries(p_retries, p_retry_delay, p_retry_backoff);
+    IF NOT p_monitor THEN
+        -- Queued in the caller's transaction: the batch starts when it commits, and never if it
+        -- rolls back.
+        PERFORM @schema@._enqueue(v_parent, v_querys, v_max_parallel, p_label,
+                                  session_user, inet_client_addr(), v_search_path,
+                                  p_fail_fast, p_statement_timeout, p_origin,
+                                  p_retries, p_retry_delay, p_retry_backoff, coalesce(p_retry_lost, false), NULL, false);
+        RETURN v_parent;
+    END IF;
+    IF @schema@._launcher() = 'pg_cron' THEN
+        RAISE EXCEPTION 'p_monitor => true needs the pg_background launcher'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'Its wait keeps this transaction open, and pg_cron can start the batch only once it is committed.',
+                  HINT = 'Launch with p_monitor => false, then SELECT pgbg.pg_background_wait(...) in a statement of its own.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(v_querys) AS q WHERE q ~* '\mCONCURRENTLY\M') THEN
+        RAISE EXCEPTION 'p_monitor => true cannot wait for a batch with CONCURRENTLY statements'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'They wait for every older snapshot, including that of the waiting statement.',
+                  HINT = 'Launch with p_monitor => false, then poll pg_background_monitor() or pg_background_wait() '
+                         'from short statements.';
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'p_monitor => true waits for other transactions and needs READ COMMITTED, not %',
+            current_setting('transaction_isolation') USING ERRCODE = 'feature_not_supported';
+    END IF;
+    -- Waiting here keeps this transaction open, so the batch is queued by a worker of its own that
+    -- commits at once; runners could not see rows this transaction has not committed.
+    LOOP
+        BEGIN
+            SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @pgbg_ext@.pg_background_launch_v2(format(
+                'SELECT @schema@._enqueue(%L::uuid, %L::text[], %s, %L, %L, %L::inet, %L, %L, %L::interval, %L, '
+                '%s, %L::interval, %s, %L, NULL, false)',
+                v_parent, v_querys, v_max_parallel, p_label, session_user, inet_client_addr(), v_search_path,
+                p_fail_fast, p_statement_timeout, p_origin, p_retries, p_retry_delay, p_retry_backoff,
+                coalesce(p_retry_lost, false))) h;
+            EXIT;
+        EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
+            IF clock_timestamp() > v_deadline THEN
+                RAISE EXCEPTION 'no background worker slot came free in 60 s to queue the batch; nothing was queued'
+                    USING ERRCODE = 'insufficient_resources',
+                          HINT = 'Raise max_worker_processes, or launch with p_monitor => false.';
+            END IF;
+            PERFORM pg_sleep(0.05);
+        END;
+    END LOOP;
+    PERFORM @pgbg_ext@.pg_background_wait_v2(v_pid, v_cookie);
+    PERFORM @schema@._top_level_result(v_pid, v_cookie);  -- raises what made the enqueue fail
+    PERFORM @schema@.pg_background_wait(v_parent);
+    RETURN v_parent;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION @schema@.pg_background_wait(uuid_father uuid, p_timeout interval DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_deadline timestamptz := clock_timestamp() + p_timeout;
+    v_status @schema@.child_status;
+    v_nap float8 := 0.005;
+    -- pg_cron's runner jobs settle lost children and stay scheduled while work is queued, with no
+    -- help. Housekeeping from this one long statement would hold its row and advisory locks until
+    -- the wait ends, and keep them from doing so.
+    v_housekeep boolean := @schema@._launcher() = 'pg_background';
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM @schema@.batch WHERE uuid_parent = uuid_father) THEN
+        RAISE EXCEPTION 'no batch with uuid %', uuid_father USING ERRCODE = 'no_data_found',
+            HINT = 'A role sees only its own batches.';
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pg_background_wait() needs READ COMMITTED, not %',
+            current_setting('transaction_isolation') USING ERRCODE = 'feature_not_supported';
+    END IF;
+    LOOP
+        IF v_housekeep THEN
+            PERFORM @schema@._housekeep(ARRAY[uuid_father]);
+        END IF;
+        v_status := @schema@.batch_status(uuid_father);
+        IF v_status NOT IN ('queued', 'running') THEN
+            RETURN v_status::text;
+        END IF;
+        IF clock_timestamp() >= v_deadline THEN
+            RETURN NULL;
+        END IF;
+        PERFORM pg_sleep(CASE WHEN v_deadline IS NULL THEN v_nap
+                              ELSE least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0.001)) END);
+        v_nap := least(v_nap * 2, 0.2);
+    END LOOP;
+END
+$fn$;
+
+------------------------------------------------------------------------------------------------
+-- Privileges
+------------------------------------------------------------------------------------------------
+
+REVOKE ALL ON ALL ROUTINES IN SCHEMA @schema@ FROM PUBLIC;
+GRANT EXECUTE ON ALL ROUTINES IN SCHEMA @schema@ TO pgbg_user;
+GRANT UPDATE (notes) ON @schema@.batch TO pgbg_user;
+
+COMMENT ON FUNCTION @schema@._strip_leading_comments(text) IS
+    'The statement without the comments, blanks and opening parentheses it starts with.';
+COMMENT ON FUNCTION @schema@._global_lock_key() IS 'Advisory lock key of the global slots of this engine.';
+COMMENT ON FUNCTION @schema@._batch_lock_key(uuid) IS 'Advisory lock key of the slots of one batch.';
+COMMENT ON FUNCTION @schema@._watch_key(uuid) IS 'Advisory lock key under which sessions watch a batch.';
+COMMENT ON FUNCTION @schema@._claim_key(text) IS 'Second half of a watch lock: which claim the session watches for.';
