@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv db test test-engine demo bench ui clean lint matrix dist-check ci
+.PHONY: venv db test test-pg-cron test-engine demo bench ui clean lint matrix dist-check ci
 
 venv: $(STAMP)
 
@@ -20,10 +20,20 @@ db:
 	@bash scripts/db.sh
 
 # With PGBG_TEST_DSN set to a server of your own, tests that need more local servers are skipped.
+# Then the engine and the Airflow layer again on a server like a managed service (test-pg-cron).
 test: venv
 	@bash scripts/browser.sh >/dev/null
 	@ext=$${PGBG_TEST_DSN:+1}; dsn=$$(bash scripts/db.sh | tail -n 1) && \
 	PGBG_EXTERNAL_SERVER=$$ext PGBG_TEST_DSN=$$dsn $(PY) -m pytest $(PYTEST_ARGS)
+	@$(MAKE) --no-print-directory test-pg-cron
+
+# A server with pg_cron and without pg_background, as RDS, Cloud SQL or Azure offer: the engine
+# runs on pg_cron jobs there. PGBG_TEST_CRON_DSN names a server of your own instead.
+test-pg-cron: venv
+	@if [ -n "$$PGBG_TEST_DSN" ] && [ -z "$$PGBG_TEST_CRON_DSN" ]; then \
+	    echo "test-pg-cron: skipped (PGBG_TEST_DSN set; PGBG_TEST_CRON_DSN names a pg_cron server)"; exit 0; fi; \
+	dsn=$${PGBG_TEST_CRON_DSN:-$$(bash scripts/db.sh --instance managed --port 54321 --without pg_background | tail -n 1)} && \
+	PGBG_EXTERNAL_SERVER=1 PGBG_TEST_DSN=$$dsn $(PY) -m pytest tests/engine tests/airflow $(PYTEST_ARGS)
 
 test-engine: venv
 	@dsn=$$(bash scripts/db.sh | tail -n 1) && \

@@ -37,6 +37,20 @@ def dsn() -> str:
     return dsn
 
 
+@pytest.fixture(scope="session")
+def launcher(dsn: str) -> str:
+    """What starts the engine's runners on the test server: pg_background, or pg_cron where the
+    server has no pg_background (a managed service, or ``make test``'s second pass)."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT pgbg._launcher()").fetchone()[0]
+
+
+@pytest.fixture(autouse=True)
+def _only_with_pg_background(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("pg_background_only") and request.getfixturevalue("launcher") != "pg_background":
+        pytest.skip("about pg_background workers; the engine here runs on pg_cron")
+
+
 @pytest.fixture
 def admin(dsn: str) -> Iterator[psycopg.Connection]:
     """Autocommit superuser connection."""
@@ -67,6 +81,10 @@ def make_role(dsn: str) -> Iterator[Callable[..., str]]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for name in created:
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
+            # What a DBA does before dropping a role that ran batches under pg_cron: a job whose role
+            # is gone stops pg_cron's scheduler for the whole server (citusdata/pg_cron#399).
+            if conn.execute("SELECT to_regclass('cron.job') IS NOT NULL").fetchone()[0]:
+                conn.execute("DELETE FROM cron.job WHERE username = %s", (name,))
             conn.execute(f"DELETE FROM pgbg.batch WHERE role_name = '{name}'")
             conn.execute(f"DROP OWNED BY {name}")
             conn.execute(f"DROP ROLE {name}")

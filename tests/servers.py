@@ -23,11 +23,14 @@ class Instance:
     name: str
     port: int
     settings: tuple[str, ...] = ()
+    without: str | None = None
 
     def _db(self, action: str) -> str:
         args = ["bash", str(REPO / "scripts" / "db.sh"), action, "--instance", self.name, "--port", str(self.port)]
         for setting in self.settings:
             args += ["-c", setting]
+        if self.without:
+            args += ["--without", self.without]
         out = subprocess.run(args, check=True, capture_output=True, text=True)
         return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
 
@@ -53,3 +56,6 @@ def local_servers_or_skip() -> None:
 
 FLEET = Instance("fleet", 54319, ("max_connections=100",))
 """A stock-sized server (max_connections 100) that tests may restart."""
+
+MANAGED = Instance("managed", 54321, without="pg_background")
+"""A server like a managed service: pg_cron preloaded, pg_background not available."""

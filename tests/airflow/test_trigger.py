@@ -55,6 +55,11 @@ def test_the_trigger_ends_the_task_when_the_batch_ends(pgbg_conn: str, user: psy
     assert "return_value" not in (getattr(failure, "xcoms", None) or {})
 
 
+def not_stopped(user: psycopg.Connection, parent: str) -> bool:
+    # Still queued on pg_cron, whose first start takes about a second.
+    return statuses(monitor(user, parent)) in (["running"], ["queued"])
+
+
 def test_user_kill_stops_the_batch(pgbg_conn: str, user: psycopg.Connection) -> None:
     parent = launch(user, ["select pg_sleep(30)"] * 2, max_parallel=1)
     asyncio.run(_trigger(parent).on_kill())
@@ -74,7 +79,7 @@ def test_triggerer_shutdown_leaves_the_batch_running(pgbg_conn: str, user: psyco
         await trigger.cleanup()
 
     asyncio.run(run_then_cancel())
-    assert statuses(monitor(user, parent)) == ["running"]
+    assert not_stopped(user, parent)
     assert wait(user, parent) == "done"
 
 
@@ -93,7 +98,7 @@ def test_a_cancellation_reaches_the_triggerer_as_sent(pgbg_conn: str, user: psyc
         return ()
 
     assert asyncio.run(cancel_mid_poll()) == ("user-action",)
-    assert statuses(monitor(user, parent)) == ["running"]
+    assert not_stopped(user, parent)
 
 
 def test_polls_do_not_block_the_event_loop(pgbg_conn: str, admin: psycopg.Connection, user: psycopg.Connection) -> None:

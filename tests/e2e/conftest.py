@@ -1,7 +1,8 @@
 """The end-to-end suite's deployment (tests.e2e.deployment) with the DAGs of tests/e2e/dags.
 
-The DAGs' role may use two servers: the main one, which also holds Airflow's metadata, and the
-restartable one (tests.servers.FLEET) that a scenario restarts.
+The DAGs' role may use three servers: the main one, which also holds Airflow's metadata, the
+restartable one (tests.servers.FLEET) that a scenario restarts, and one like a managed service
+(tests.servers.MANAGED), without pg_background, where the engine runs on pg_cron.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from airflow_pgbg.hooks.install import install_engine_dsn
 from tests.conftest import REPO
 from tests.e2e.deployment import ROLE, Deployment, role_uri, running_deployment, wait_for
-from tests.servers import FLEET
+from tests.servers import FLEET, MANAGED
 
 DAGS = Path(__file__).parent / "dags"
 EXAMPLES = REPO / "example_dags"
@@ -32,6 +33,9 @@ def _role_and_tables(dsn: str, role_password: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP SCHEMA IF EXISTS pgbg_e2e CASCADE")
         conn.execute(f"DELETE FROM pgbg.batch WHERE role_name = '{ROLE}'")
+        if conn.execute("SELECT to_regclass('cron.job') IS NOT NULL").fetchone()[0]:
+            # A pg_cron job left to a dropped role stops pg_cron's scheduler (citusdata/pg_cron#399).
+            conn.execute(f"DELETE FROM cron.job WHERE username = '{ROLE}'")
         conn.execute(f"DROP ROLE IF EXISTS {ROLE}")
         conn.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{role_password}' IN ROLE pgbg_user")
         conn.execute(f"CREATE SCHEMA pgbg_e2e AUTHORIZATION {ROLE}")
@@ -44,12 +48,16 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
     role_password = secrets.token_urlsafe(12)
     _role_and_tables(dsn, role_password)
     connections = {"pgbg_e2e": role_uri(dsn, ROLE, role_password)}
-    fleet_dsn = None
+    fleet_dsn = managed_dsn = None
     if not os.environ.get("PGBG_EXTERNAL_SERVER"):
         fleet_dsn = FLEET.start()
         install_engine_dsn(fleet_dsn)
         _role_and_tables(fleet_dsn, role_password)
         connections["pgbg_e2e_fleet"] = role_uri(fleet_dsn, ROLE, role_password)
+        managed_dsn = MANAGED.start()
+        install_engine_dsn(managed_dsn)  # the launcher "auto" picks: pg_cron there
+        _role_and_tables(managed_dsn, role_password)
+        connections["pgbg_e2e_managed"] = role_uri(managed_dsn, ROLE, role_password)
     # The example DAGs run there too, as the demo role of `make demo`.
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute((REPO / "scripts" / "demo_setup.sql").read_text())
@@ -67,8 +75,9 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
         connections,
         meta_db=META_DB,
         dag_prefix="e",
-        expected_dags=10 + len(EXAMPLE_DAGS),
+        expected_dags=12 + len(EXAMPLE_DAGS),
         fleet_dsn=fleet_dsn,
+        managed_dsn=managed_dsn,
     ) as d:
         yield d
 

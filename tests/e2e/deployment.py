@@ -41,13 +41,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 class Deployment:
     """The running services, an authenticated REST client, and the engine's view of the batches."""
 
-    def __init__(self, home: Path, env: dict[str, str], url: str, admin_dsn: str, fleet_dsn: str | None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        env: dict[str, str],
+        url: str,
+        admin_dsn: str,
+        fleet_dsn: str | None,
+        managed_dsn: str | None = None,
+    ) -> None:
         self.home = home
         self.env = env
         self.url = url
         self.admin_dsn = admin_dsn
         self.fleet_dsn = fleet_dsn
         """Superuser DSN of the restartable server (tests.servers.FLEET), or None when not available."""
+        self.managed_dsn = managed_dsn
+        """Superuser DSN of the pg_cron server (tests.servers.MANAGED), or None when not available."""
         self.procs: dict[str, subprocess.Popen] = {}
         self._client: httpx.Client | None = None
 
@@ -184,6 +194,7 @@ def running_deployment(
     dag_prefix: str,
     expected_dags: int,
     fleet_dsn: str | None = None,
+    managed_dsn: str | None = None,
 ) -> Iterator[Deployment]:
     """Starts the services with their metadata in ``meta_db`` on the server of ``admin_dsn`` (recreated),
     the DAGs of ``dags`` and the Airflow ``connections`` (id -> URI); stops them on exit."""
@@ -224,7 +235,7 @@ def running_deployment(
         }
     )
     env.update({f"AIRFLOW_CONN_{conn_id.upper()}": uri for conn_id, uri in connections.items()})
-    d = Deployment(home, env, url, admin_dsn, fleet_dsn)
+    d = Deployment(home, env, url, admin_dsn, fleet_dsn, managed_dsn)
     try:
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
         d.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1")

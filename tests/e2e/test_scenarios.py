@@ -15,7 +15,7 @@ from tests.servers import FLEET
 FINAL = {"done", "failed", "stopped", "lost"}
 
 
-def _running_batch(d: Deployment, dag_id: str, run_id: str, ti_state: str, running: int) -> str:
+def _running_batch(d: Deployment, dag_id: str, run_id: str, ti_state: str, running: int, dsn: str | None = None) -> str:
     """Waits until the task is in ``ti_state`` with ``running`` children running and its poller (the
     trigger, or the task on its worker) at work; returns the batch.
 
@@ -24,12 +24,12 @@ def _running_batch(d: Deployment, dag_id: str, run_id: str, ti_state: str, runni
     """
 
     def ready() -> str | None:
-        batches = d.batches(dag_id, run_id)
+        batches = d.batches(dag_id, run_id, dsn)
         if (
             batches
             and d.ti(dag_id, run_id)["state"] == ti_state
-            and d.statuses(batches[-1]).count("running") >= running
-            and d.watched(batches[-1])
+            and d.statuses(batches[-1], dsn).count("running") >= running
+            and d.watched(batches[-1], dsn)
         ):
             return batches[-1]
         return None
@@ -284,3 +284,41 @@ def test_11_the_example_dags_run_through_the_triggerer(deployment: Deployment) -
         for dag_id in ("example_pgbg_basic", "example_pgbg_sql_file", "example_pgbg_seed_demo"):
             assert d.worker_runs(dag_id) == 0, dag_id
         assert d.worker_runs("example_pgbg_mapped") == 3  # mapped tasks launch on a worker
+
+
+def test_12_on_managed_postgres_batches_run_on_pg_cron_and_a_mark_failed_stops_them(
+    deployment: Deployment, record
+) -> None:
+    d = deployment
+    if d.managed_dsn is None:
+        pytest.skip("needs the pg_cron server (tests.servers.MANAGED)")
+    managed = d.managed_dsn
+    assert d.sql("SELECT pgbg._launcher()", dsn=managed)[0][0] == "pg_cron"
+    # A login role with only pgbg_user, its children in pg_cron jobs of its own.
+    assert d.sql(
+        "SELECT rolsuper, array(SELECT b.rolname FROM pg_auth_members m JOIN pg_roles b ON b.oid = m.roleid "
+        "WHERE m.member = r.oid) FROM pg_roles r WHERE rolname = 'pgbg_e2e'",
+        dsn=managed,
+    )[0] == (False, ["pgbg_user"])
+    ok = d.trigger("e2e_managed")
+    doomed = d.trigger("e2e_managed_mark_failed")
+    parent = _running_batch(d, "e2e_managed_mark_failed", doomed, "deferred", 2, managed)
+    marked = time.monotonic()
+    d.mark("e2e_managed_mark_failed", doomed, "failed")
+    wait_for(lambda: set(d.statuses(parent, managed)) == {"stopped"}, 60, "the pg_cron batch to stop", 0.1)
+    record("pg_cron children stopped after mark failed", time.monotonic() - marked, 2 * 2 + 2)
+    assert d.marks(doomed, managed) == []
+    wait_for(lambda: d.run_state("e2e_managed", ok) == "success", 120, "the pg_cron run to succeed")
+    done = d.batches("e2e_managed", ok, managed)[-1]
+    assert d.statuses(done, managed) == ["done"] * 6
+    assert d.marks(ok, managed) == [1, 2, 3, 4, 5, 6]
+    # The role's jobs park with its work done: nothing keeps running or holds a slot afterwards.
+    wait_for(
+        lambda: d.sql(
+            "SELECT count(*) FROM cron.job WHERE username = 'pgbg_e2e' AND schedule <> '@reboot'", dsn=managed
+        )[0][0]
+        == 0,
+        30,
+        "the role's pg_cron jobs to park",
+        0.5,
+    )

@@ -32,7 +32,7 @@ class Sampler:
                 # Worker processes holding a slot of these batches and busy in a child's pg_sleep.
                 workers = conn.execute(
                     "SELECT count(DISTINCT a.pid) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
-                    "WHERE a.backend_type = 'pg_background' AND a.application_name = ANY(%s) "
+                    "WHERE a.backend_type IN ('pg_background', 'pg_cron') AND a.application_name = ANY(%s) "
                     "AND a.wait_event = 'PgSleep' AND l.locktype = 'advisory' AND l.objsubid = 2 "
                     "AND l.classid = ANY(SELECT (hashtext('pgbg/' || p) & 2147483647)::oid FROM unnest(%s::text[]) p)",
                     (names, self.parents),
@@ -67,8 +67,15 @@ def test_per_batch_cap_is_never_exceeded(dsn: str, user_dsn: str, user: psycopg.
 
 def test_queued_children_start_as_slots_free_without_polling(user: psycopg.Connection) -> None:
     parent = launch(user, ["select pg_sleep(0.4)"] * 6, max_parallel=2)
-    # No monitor or wait call while the batch runs: the runners refill their own slots.
-    time.sleep(2.5)
+    # No monitor or wait call while the batch runs (reading the table does no housekeeping): the
+    # runners refill their own slots. A pg_cron runner job starts within two seconds or so.
+    poll_until(
+        lambda: user.execute(
+            "SELECT count(start_time_exec) FROM pgbg.log_background WHERE uuid_parent = %s", (parent,)
+        ).fetchone()[0],
+        5,
+    )
+    time.sleep(2.0)
     rows = user.execute(
         "SELECT seq, status, start_time_exec, end_time_exec FROM pgbg.log_background "
         "WHERE uuid_parent = %s ORDER BY start_time_exec",
@@ -120,6 +127,7 @@ def test_global_cap_holds_across_batches(dsn: str, user: psycopg.Connection, glo
     assert sampler.max_workers == 2
 
 
+@pytest.mark.pg_background_only
 def test_no_free_worker_keeps_work_queued_until_one_frees(admin: psycopg.Connection, user: psycopg.Connection) -> None:
     # Fill every background worker slot of the server with real pg_background workers.
     free = admin.execute("SELECT current_setting('max_worker_processes')::int").fetchone()[0]

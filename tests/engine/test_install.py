@@ -14,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from airflow_pgbg import ENGINE_VERSION
 from airflow_pgbg.hooks.install import EngineInstallError, PgBackgroundMissing, SqlScripts, install_engine_dsn
 from tests.conftest import REPO
+from tests.engine.catalog import catalog
 from tests.helpers import poll_until
 
 
@@ -22,8 +23,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def fresh_db(dsn: str) -> Iterator[str]:
+def fresh_db(dsn: str, launcher: str) -> Iterator[str]:
     """An empty database on the test server; its DSN."""
+    if launcher != "pg_background":
+        # pg_cron runs jobs only in its own database (cron.database_name); test_pg_cron covers it.
+        pytest.skip("needs pg_background: the engine cannot run on pg_cron in another database")
     name = f"pgbg_db_{secrets.token_hex(4)}"
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
@@ -143,3 +147,30 @@ def test_upgrade_while_a_batch_runs(fresh_db: str) -> None:
             "SELECT count(*) FROM pgbg.pg_background_poll_many(%s::uuid[])", ([old, new, retried],)
         ).fetchone()[0]
         assert polled == 3
+
+
+def test_a_fresh_install_and_an_upgraded_one_are_the_same_engine(dsn: str, fresh_db: str) -> None:
+    """pgbg--<latest>.sql installs from nothing what the chain of upgrade scripts reaches from 0.1.0."""
+    params = conninfo_to_dict(fresh_db)
+    chain = f"{params['dbname']}_chain"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {chain}")
+    try:
+        upgraded = make_conninfo(fresh_db, dbname=chain)
+        install_engine_dsn(upgraded, target="0.1.0")
+        install_engine_dsn(upgraded, target="0.2.0")
+        install_engine_dsn(upgraded)
+        install_engine_dsn(fresh_db)
+        fresh, chained = catalog(fresh_db), catalog(upgraded)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {chain} WITH (FORCE)")
+    for kind in fresh:
+        if kind == "routines":
+            # Kept on upgraded engines for runners of 0.1.0/0.2.0 that finish during the upgrade.
+            extra = {r[0] for r in chained[kind] - fresh[kind]}
+            assert extra == {"pgbg._launch_top_level(text,uuid,interval)",
+                             "pgbg._top_level_result(pg_background_handle)"}, extra
+            assert fresh[kind] <= chained[kind], fresh[kind] - chained[kind]
+        else:
+            assert fresh[kind] == chained[kind], (kind, fresh[kind] ^ chained[kind])

@@ -53,3 +53,8 @@ early_mark = _dag("e2e_early_mark", 6, 30, max_parallel=2, deferrable=True, star
 # Started in the triggerer (Airflow 3.3): a mark before the trigger runs means nothing is launched.
 early_mark_in_triggerer = _dag("e2e_early_mark_in_triggerer", 6, 30, max_parallel=2, deferrable=True)
 relaunch = _dag("e2e_triggerer_killed_at_launch", 4, 3, max_parallel=2, deferrable=True, poll_interval=1)
+# On the server like a managed service, where the engine runs on pg_cron jobs.
+managed = _dag("e2e_managed", 6, 2, conn="pgbg_e2e_managed", max_parallel=3, deferrable=True, poll_interval=1)
+managed_mark_failed = _dag(
+    "e2e_managed_mark_failed", 6, 30, conn="pgbg_e2e_managed", max_parallel=2, deferrable=True, poll_interval=1
+)

@@ -1,0 +1,193 @@
+"""The engine where PostgreSQL has pg_cron and no pg_background, as on the managed services.
+
+These run in ``make test``'s second pass, against a server started without pg_background
+(``scripts/db.sh --without pg_background``); on a server with pg_background they are skipped, and the
+rest of the engine suite runs on both.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from airflow_pgbg.hooks.install import PgBackgroundMissing, PgCronUnusable, install_engine_dsn
+from tests.helpers import launch, monitor, poll_until, statuses, stop, wait
+
+
+@pytest.fixture(autouse=True)
+def _only_on_pg_cron(launcher: str) -> None:
+    if launcher != "pg_cron":
+        pytest.skip("the engine here runs on pg_background (make test's second pass runs these)")
+
+
+def _jobs(admin: psycopg.Connection, role: str) -> list[str]:
+    """The role's jobs that pg_cron runs (a parked runner job, schedule @reboot, runs only at its start)."""
+    return [
+        r[0]
+        for r in admin.execute(
+            "SELECT jobname FROM cron.job WHERE username = %s AND schedule <> '@reboot' ORDER BY jobname", (role,)
+        )
+    ]
+
+
+def _parked(admin: psycopg.Connection, role: str) -> list[int]:
+    return [
+        r[0]
+        for r in admin.execute(
+            "SELECT jobid FROM cron.job WHERE username = %s AND schedule = '@reboot' ORDER BY jobid", (role,)
+        )
+    ]
+
+
+def test_install_picks_pg_cron_and_says_why_pg_background_cannot_be(admin: psycopg.Connection, dsn: str) -> None:
+    assert admin.execute("SELECT launcher FROM pgbg.settings").fetchone()[0] == "pg_cron"
+    # Installing again keeps it; asking for pg_background on this server is one clear error.
+    assert install_engine_dsn(dsn) == install_engine_dsn(dsn, launcher="pg_cron")
+    with pytest.raises(PgBackgroundMissing, match="pg_background"):
+        install_engine_dsn(dsn, launcher="pg_background")
+    assert admin.execute("SELECT launcher FROM pgbg.settings").fetchone()[0] == "pg_cron"
+
+
+@pytest.fixture
+def other_db(dsn: str) -> Iterator[str]:
+    name = f"pgbg_db_{secrets.token_hex(4)}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield make_conninfo(dsn, dbname=name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_a_database_pg_cron_does_not_serve_is_refused_before_anything(other_db: str) -> None:
+    with pytest.raises(PgCronUnusable, match="cron.database_name"):
+        install_engine_dsn(other_db)
+    with psycopg.connect(other_db) as conn:
+        assert conn.execute("SELECT to_regnamespace('pgbg')").fetchone()[0] is None
+
+
+def test_waiting_in_the_launching_statement_is_refused_with_a_way_out(user: psycopg.Connection) -> None:
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="needs the pg_background launcher") as caught:
+        launch(user, ["select 1"], monitor=True)
+    assert "p_monitor => false" in (caught.value.diag.message_hint or "")
+    assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == 0
+
+
+def test_runner_jobs_run_the_batch_then_park(admin: psycopg.Connection, user: psycopg.Connection) -> None:
+    role = user.info.user
+    parent = launch(user, ["select pg_sleep(0.3)"] * 6, max_parallel=3)
+    poll_until(lambda: _jobs(admin, role), 5, what="runner jobs")
+    assert all(j.startswith("pgbg_runner:") for j in _jobs(admin, role))
+    assert len(_jobs(admin, role)) <= 3
+    assert wait(user, parent) == "done"
+    # Nothing of the batch runs on in pg_cron: its jobs are parked, and (the next runner clears them)
+    # no run history stays.
+    poll_until(lambda: not _jobs(admin, role), 10, what="runner jobs to park themselves")
+    parked = _parked(admin, role)
+    assert 1 <= len(parked) <= 3
+    runs = admin.execute("SELECT count(*) FROM cron.job_run_details WHERE username = %s", (role,)).fetchone()[0]
+    time.sleep(2.5)  # a job scheduled every second would have run twice
+    assert admin.execute("SELECT count(*) FROM cron.job_run_details WHERE username = %s", (role,)).fetchone()[0] == runs
+    # The next batch wakes the parked jobs (pg_cron starts a job it knows at once) instead of adding any.
+    later = launch(user, ["select pg_sleep(0.3)"] * 2, max_parallel=2)
+    assert wait(user, later) == "done"
+    poll_until(lambda: not _jobs(admin, role), 10, what="runner jobs to park themselves")
+    assert set(_parked(admin, role)) <= set(parked)
+    assert (
+        admin.execute(
+            "SELECT count(*) FROM cron.job_run_details d WHERE d.username = %s AND d.status IN ('succeeded', 'failed') "
+            "AND d.command LIKE 'CALL pgbg._cron_runner()'",
+            (role,),
+        ).fetchone()[0]
+        <= 2  # at most one finished run per job: each run deletes those before it
+    )
+
+
+def test_top_level_children_run_in_jobs_of_their_own(
+    admin: psycopg.Connection, user: psycopg.Connection, scratch: str
+) -> None:
+    user.execute(f"CREATE TABLE {scratch}.t AS SELECT g AS a FROM generate_series(1, 1000) g")
+    parent = launch(
+        user,
+        [f"vacuum (analyze) {scratch}.t", f"create index concurrently t_a on {scratch}.t (a)", "vacuum nowhere"],
+        max_parallel=1,  # VACUUM and CREATE INDEX CONCURRENTLY on one table wait for each other
+    )
+    # Short statements: CONCURRENTLY waits for every older transaction, a long wait's too.
+    poll_until(lambda: all(r["status"] not in ("queued", "running") for r in monitor(user, parent)), 30)
+    rows = monitor(user, parent)
+    assert statuses(rows) == ["done", "done", "failed"]
+    assert rows[0]["result"]["command"] == "VACUUM"
+    assert rows[2]["sqlstate"] == "42P01"  # named from pg_cron's message
+    assert "records the error's text but not its SQLSTATE" in user.execute(
+        "SELECT error_detail FROM pgbg.log_background WHERE uuid_parent = %s AND seq = 3", (parent,)
+    ).fetchone()[0]
+    assert user.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (f"{scratch}.t_a",)).fetchone()[0]
+    poll_until(lambda: not _jobs(admin, user.info.user), 10, what="child and runner jobs to go")
+
+
+def test_stopping_a_top_level_child_ends_its_job(admin: psycopg.Connection, user: psycopg.Connection) -> None:
+    parent = launch(user, ["do $$ begin perform pg_sleep(60); end $$"])
+    poll_until(
+        lambda: admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_cron' AND query LIKE 'do $$%%'"
+        ).fetchone()[0],
+        10,
+        what="the child's job to start",
+    )
+    stop(user, parent)
+    assert wait(user, parent, "10s") == "stopped"
+    poll_until(
+        lambda: not admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_cron' AND query LIKE 'do $$%%'"
+        ).fetchone()[0],
+        10,
+        what="the child's job to end",
+    )
+    poll_until(lambda: not _jobs(admin, user.info.user), 10, what="jobs to go")
+
+
+def test_a_killed_runner_comes_back_with_its_job_and_finishes_without_a_poll(
+    admin: psycopg.Connection, user: psycopg.Connection, scratch: str
+) -> None:
+    user.execute(f"CREATE TABLE {scratch}.marks (n int)")
+    parent = launch(user, [f"insert into {scratch}.marks select {i} from pg_sleep(0.2)" for i in range(8)], max_parallel=2)
+    poll_until(
+        lambda: user.execute(f"SELECT count(*) FROM {scratch}.marks").fetchone()[0] >= 2, 10, what="progress"
+    )
+    killed = admin.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
+        (f"pgbg:{parent}",),
+    ).fetchone()[0]
+    assert killed >= 1
+    # No wait, monitor or poll: pg_cron runs the killed runners' jobs again, and they settle what
+    # the dead ones left (lost, as this batch does not retry) and run the rest.
+    poll_until(
+        lambda: user.execute(
+            "SELECT count(*) FILTER (WHERE status IN ('queued', 'running')) = 0 FROM pgbg.log_background "
+            "WHERE uuid_parent = %s",
+            (parent,),
+        ).fetchone()[0],
+        20,
+        what="every child to settle",
+    )
+    rows = monitor(user, parent)
+    assert set(statuses(rows)) <= {"done", "lost"}
+    assert statuses(rows).count("lost") <= killed  # a runner may be killed between two children
+    marks = user.execute(f"SELECT count(*) FROM {scratch}.marks").fetchone()[0]
+    assert marks == statuses(rows).count("done")
+
+
+def test_the_global_cap_follows_pg_cron(admin: psycopg.Connection, user: psycopg.Connection) -> None:
+    cap, source = user.execute("SELECT pgbg._global_cap(), pgbg._cap_source()").fetchone()
+    running_jobs = int(admin.execute("SHOW cron.max_running_jobs").fetchone()[0])
+    # Each runner may need a second job (a child at top level): half of pg_cron's jobs at most.
+    assert cap <= running_jobs // 2
+    assert cap < running_jobs // 2 or "cron.max_running_jobs" in source
+    parent = launch(user, ["select 1"] * 3, max_parallel=cap + 5)
+    assert wait(user, parent) == "done"
+    note = user.execute("SELECT notes FROM pgbg.batches WHERE uuid_parent = %s", (parent,)).fetchone()[0]
+    assert f"global cap {cap}" in note
