@@ -59,6 +59,11 @@ def bench_database(dsn: str) -> str:
 
 def engine_run(dsn: str, statements: list[str], cap: int) -> float:
     """Makespan in seconds: from the batch's registration to the end of its last child."""
+    return engine_run_detail(dsn, statements, cap)[0]
+
+
+def engine_run_detail(dsn: str, statements: list[str], cap: int) -> tuple[float, float]:
+    """Makespan in seconds from the batch's registration, and from the start of its first child."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         parent = conn.execute(
             "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => %s)",
@@ -67,11 +72,12 @@ def engine_run(dsn: str, statements: list[str], cap: int) -> float:
         status = conn.execute("SELECT pgbg.pg_background_wait(%s)", (parent,)).fetchone()[0]
         assert status == "done", status
         return conn.execute(
-            "SELECT extract(epoch FROM max(c.end_time_exec) - b.created_at)::float8 "
+            "SELECT extract(epoch FROM max(c.end_time_exec) - b.created_at)::float8, "
+            "extract(epoch FROM max(c.end_time_exec) - min(c.start_time_exec))::float8 "
             "FROM pgbg.batch b JOIN pgbg.log_background c USING (uuid_parent) "
             "WHERE b.uuid_parent = %s GROUP BY b.created_at",
             (parent,),
-        ).fetchone()[0]
+        ).fetchone()
 
 
 # -- baselines -------------------------------------------------------------------------------------
@@ -303,6 +309,37 @@ def w7(dsn: str) -> dict[str, object]:
     return out
 
 
+# -- the pg_cron launcher -------------------------------------------------------------------------
+
+
+def cron_launcher(runs: int = 3) -> dict[str, object]:
+    """W1 and W2 on a server like a managed service (pg_cron, no pg_background), median of ``runs``.
+
+    pg_cron runs jobs only in cron.database_name, so this uses the postgres database of its own server
+    (scripts/db.sh --instance managed), with the engine installed afresh.
+    """
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts/db.sh"), "--instance", "managed", "--port", "54321", "--without", "pg_background"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dsn = out.stdout.strip().splitlines()[-1]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('cron.job') IS NOT NULL").fetchone()[0]:
+            conn.execute("DELETE FROM cron.job WHERE jobname LIKE 'pgbg%%'")
+        conn.execute("DROP SCHEMA IF EXISTS pgbg CASCADE")
+    install_engine_dsn(dsn, launcher="pg_cron")
+    w1 = [engine_run_detail(dsn, ["select pg_sleep(0.02)"] * 400, 8) for _ in range(runs)]
+    w2 = [5000 / engine_run(dsn, ["select 1"] * 5000, 2) for _ in range(runs)]
+    return {
+        "cron_w1_makespan": statistics.median(r[0] for r in w1),
+        "cron_w1_from_first_start": statistics.median(r[1] for r in w1),
+        "cron_w1_first_start": statistics.median(r[0] - r[1] for r in w1),
+        "cron_w2_children_per_s": statistics.median(w2),
+    }
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -347,6 +384,7 @@ def main() -> None:
     r.update(w6(dsn))
     r.update(w7(dsn))
     r.update(w8(dsn))
+    r.update(cron_launcher())
 
     r["machine"] = machine(dsn)
     r["when"] = datetime.now(UTC).isoformat(timespec="seconds")
