@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     inst.add_argument("--schema", default=DEFAULT_SCHEMA)
     inst.add_argument(
-        "--launcher", choices=LAUNCHERS, default="auto",
+        "--launcher",
+        choices=LAUNCHERS,
+        default="auto",
         help="what starts the runners: pg_background workers, pg_cron jobs (managed services), or auto: "
         "the installed one, else pg_background where available, else pg_cron",
     )

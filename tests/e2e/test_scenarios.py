@@ -314,10 +314,12 @@ def test_12_on_managed_postgres_batches_run_on_pg_cron_and_a_mark_failed_stops_t
     assert d.marks(ok, managed) == [1, 2, 3, 4, 5, 6]
     # The role's jobs park with its work done: nothing keeps running or holds a slot afterwards.
     wait_for(
-        lambda: d.sql(
-            "SELECT count(*) FROM cron.job WHERE username = 'pgbg_e2e' AND schedule <> '@reboot'", dsn=managed
-        )[0][0]
-        == 0,
+        lambda: (
+            d.sql("SELECT count(*) FROM cron.job WHERE username = 'pgbg_e2e' AND schedule <> '@reboot'", dsn=managed)[
+                0
+            ][0]
+            == 0
+        ),
         30,
         "the role's pg_cron jobs to park",
         0.5,

@@ -38,5 +38,7 @@ QUERIES = {
 
 def catalog(dsn: str, schema: str = "pgbg") -> dict[str, set[tuple[Any, ...]]]:
     with psycopg.connect(dsn) as conn:
-        return {name: {tuple(row) for row in conn.execute(query, {"s": schema}).fetchall()}
-                for name, query in QUERIES.items()}
+        return {
+            name: {tuple(row) for row in conn.execute(query, {"s": schema}).fetchall()}
+            for name, query in QUERIES.items()
+        }

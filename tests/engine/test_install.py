@@ -169,8 +169,10 @@ def test_a_fresh_install_and_an_upgraded_one_are_the_same_engine(dsn: str, fresh
         if kind == "routines":
             # Kept on upgraded engines for runners of 0.1.0/0.2.0 that finish during the upgrade.
             extra = {r[0] for r in chained[kind] - fresh[kind]}
-            assert extra == {"pgbg._launch_top_level(text,uuid,interval)",
-                             "pgbg._top_level_result(pg_background_handle)"}, extra
+            assert extra == {
+                "pgbg._launch_top_level(text,uuid,interval)",
+                "pgbg._top_level_result(pg_background_handle)",
+            }, extra
             assert fresh[kind] <= chained[kind], fresh[kind] - chained[kind]
         else:
             assert fresh[kind] == chained[kind], (kind, fresh[kind] ^ chained[kind])

@@ -64,7 +64,7 @@ def other_db(dsn: str) -> Iterator[str]:
 
 
 def test_a_database_pg_cron_does_not_serve_is_refused_before_anything(other_db: str) -> None:
-    with pytest.raises(PgCronUnusable, match="cron.database_name"):
+    with pytest.raises(PgCronUnusable, match=r"cron\.database_name"):
         install_engine_dsn(other_db)
     with psycopg.connect(other_db) as conn:
         assert conn.execute("SELECT to_regnamespace('pgbg')").fetchone()[0] is None
@@ -122,10 +122,15 @@ def test_top_level_children_run_in_jobs_of_their_own(
     assert statuses(rows) == ["done", "done", "failed"]
     assert rows[0]["result"]["command"] == "VACUUM"
     assert rows[2]["sqlstate"] == "42P01"  # named from pg_cron's message
-    assert "records the error's text but not its SQLSTATE" in user.execute(
-        "SELECT error_detail FROM pgbg.log_background WHERE uuid_parent = %s AND seq = 3", (parent,)
+    assert (
+        "records the error's text but not its SQLSTATE"
+        in user.execute(
+            "SELECT error_detail FROM pgbg.log_background WHERE uuid_parent = %s AND seq = 3", (parent,)
+        ).fetchone()[0]
+    )
+    assert user.execute(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (f"{scratch}.t_a",)
     ).fetchone()[0]
-    assert user.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (f"{scratch}.t_a",)).fetchone()[0]
     poll_until(lambda: not _jobs(admin, user.info.user), 10, what="child and runner jobs to go")
 
 
@@ -141,9 +146,11 @@ def test_stopping_a_top_level_child_ends_its_job(admin: psycopg.Connection, user
     stop(user, parent)
     assert wait(user, parent, "10s") == "stopped"
     poll_until(
-        lambda: not admin.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_cron' AND query LIKE 'do $$%%'"
-        ).fetchone()[0],
+        lambda: (
+            not admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_cron' AND query LIKE 'do $$%%'"
+            ).fetchone()[0]
+        ),
         10,
         what="the child's job to end",
     )
@@ -154,10 +161,10 @@ def test_a_killed_runner_comes_back_with_its_job_and_finishes_without_a_poll(
     admin: psycopg.Connection, user: psycopg.Connection, scratch: str
 ) -> None:
     user.execute(f"CREATE TABLE {scratch}.marks (n int)")
-    parent = launch(user, [f"insert into {scratch}.marks select {i} from pg_sleep(0.2)" for i in range(8)], max_parallel=2)
-    poll_until(
-        lambda: user.execute(f"SELECT count(*) FROM {scratch}.marks").fetchone()[0] >= 2, 10, what="progress"
+    parent = launch(
+        user, [f"insert into {scratch}.marks select {i} from pg_sleep(0.2)" for i in range(8)], max_parallel=2
     )
+    poll_until(lambda: user.execute(f"SELECT count(*) FROM {scratch}.marks").fetchone()[0] >= 2, 10, what="progress")
     killed = admin.execute(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s",
         (f"pgbg:{parent}",),
