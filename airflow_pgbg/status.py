@@ -36,6 +36,11 @@ class ChildStatus(StrEnum):
 
 ACTIVE_STATUSES = frozenset({ChildStatus.QUEUED, ChildStatus.RUNNING})
 FINAL_STATUSES = frozenset(set(ChildStatus) - ACTIVE_STATUSES)
+PROBLEM_STATUSES = frozenset({ChildStatus.FAILED.value, ChildStatus.STOPPED.value, ChildStatus.LOST.value})
+"""Children (and batches) that did not do their work; the console shows them first in a failed batch."""
+
+CONSOLE_SORTS = ("seq", "status", "start", "duration", "queue_wait")
+"""Orders of the engine's pg_background_children_page() (its _console_sorts())."""
 
 MONITOR_COLUMNS = (
     "uuid_parent",

@@ -103,6 +103,18 @@ class EngineSql:
             "SELECT * FROM {s}.log_background WHERE uuid_parent = %s::uuid "
             "AND (%s::text[] IS NULL OR status::text = ANY(%s::text[])) ORDER BY seq LIMIT %s"
         )
+        self.children_page = q(
+            "SELECT * FROM {s}.pg_background_children_page(%s::uuid, %s::text[], %s, %s, %s, %s, %s, %s)"
+        )
+        self.children_after = q(
+            "SELECT seq, uuid_child, pid, status::text AS status, attempt, query, result->>'command' AS command, "
+            "result->>'rows' AS rows, sqlstate, error, start_time_exec, end_time_exec FROM {s}.log_background "
+            "WHERE uuid_parent = %s::uuid AND seq > %s ORDER BY seq LIMIT %s"
+        )
+        self.child = q("SELECT * FROM {s}.pg_background_child(%s::uuid)")
+        self.figures = q("SELECT {s}.pg_background_figures(%s::uuid, %s)")
+        self.notes = q("SELECT notes FROM {s}.batch WHERE uuid_parent = %s::uuid")
+        self.progress = q("SELECT * FROM {s}.pg_background_progress(%s::uuid)")
         self.stop = q("SELECT {s}.pg_background_stop(%s::uuid)")
         self.stop_claimed = q("SELECT {s}.pg_background_stop(%s::uuid, %s, %s)")
         self.stop_origin = q(
@@ -318,6 +330,59 @@ class PgBackgroundHook(PostgresHook):
         """Rows of ``log_background`` for a batch in submission order, optionally filtered."""
         wanted = list(statuses) if statuses else None
         return self._rows(self.q.children, (uuid_parent, wanted, wanted, limit))
+
+    def children_page(
+        self,
+        uuid_parent: str,
+        *,
+        statuses: Sequence[str] | None = None,
+        text: str | None = None,
+        sqlstate: str | None = None,
+        sort: str = "seq",
+        descending: bool = False,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """One page of a batch's children, cut, filtered and sorted by the engine (without result previews),
+        and how many children pass the filters."""
+        args = [uuid_parent, list(statuses) if statuses else None, text or None, sqlstate or None, sort, descending]
+        rows = self._rows(self.q.children_page, (*args, limit, offset))
+        if rows:
+            return int(rows[0]["matching"]), rows
+        if offset == 0:
+            return 0, []
+        first = self._rows(self.q.children_page, (*args, 1, 0))  # past the end: still say how many match
+        return (int(first[0]["matching"]) if first else 0), []
+
+    def iter_children(self, uuid_parent: str, chunk: int = 2000) -> Iterator[dict[str, Any]]:
+        """Every child of a batch in order, ``chunk`` rows per short statement (no long transaction)."""
+        last = -(2**31)
+        while True:
+            rows = self._rows(self.q.children_after, (uuid_parent, last, chunk))
+            yield from rows
+            if len(rows) < chunk:
+                return
+            last = rows[-1]["seq"]
+
+    def child(self, uuid_child: str) -> dict[str, Any] | None:
+        """Everything about one child (result preview, every failed attempt), or None."""
+        rows = self._rows(self.q.child, (uuid_child,))
+        return rows[0] if rows else None
+
+    def figures(self, uuid_parent: str, bins: int = 60) -> dict[str, Any]:
+        """Timeline bins and duration figures of a batch (see the engine's pg_background_figures)."""
+        return dict(self._value(self.q.figures, (uuid_parent, bins)) or {})
+
+    def progress(self, uuid_parent: str) -> dict[str, dict[str, Any]]:
+        """Phase and percent of the running children PostgreSQL reports progress for, by child UUID."""
+        return {
+            str(r["uuid_child"]): {"command": r["command"], "phase": r["phase"], "percent": r["percent"]}
+            for r in self._rows(self.q.progress, (uuid_parent,))
+        }
+
+    def batch_notes(self, uuid_parent: str) -> str | None:
+        """What the engine noted for the submitter (e.g. a cap it lowered)."""
+        return self._value(self.q.notes, (uuid_parent,))
 
     def stop(
         self, uuid_parent_or_child: str, *, if_claimed_by: str | None = None, stopped_by: str | None = None
