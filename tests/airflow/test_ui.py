@@ -31,27 +31,32 @@ def _free_port() -> int:
 
 
 class ApiServer:
-    def __init__(self, url: str, password: str) -> None:
+    def __init__(self, url: str, password: str, viewer_password: str) -> None:
         self.url = url
         self.password = password
+        self.viewer_password = viewer_password
 
-    def token(self) -> str:
-        r = httpx.post(f"{self.url}/auth/token", json={"username": "admin", "password": self.password})
+    def token(self, username: str = "admin") -> str:
+        password = self.password if username == "admin" else self.viewer_password
+        r = httpx.post(f"{self.url}/auth/token", json={"username": username, "password": password})
         r.raise_for_status()
         return r.json()["access_token"]
+
+    def auth(self, username: str = "admin") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(username)}"}
 
 
 @pytest.fixture(scope="module")
 def api_server(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    """A real API server on the tests' Airflow home, with a known admin password."""
+    """A real API server on the tests' Airflow home, with an admin and a read-only user ("viewer")."""
     out = tmp_path_factory.mktemp("api-server")
-    password = secrets.token_urlsafe(12)
+    password, viewer_password = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
     passwords = out / "passwords.json"
-    passwords.write_text(json.dumps({"admin": password}))
+    passwords.write_text(json.dumps({"admin": password, "viewer": viewer_password}))
     port = _free_port()
     env = {
         **os.environ,
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
     }
@@ -75,7 +80,7 @@ def api_server(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"api-server did not start:\n{(out / 'api-server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield ApiServer(url, password)
+        yield ApiServer(url, password, viewer_password)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -86,15 +91,22 @@ def api_server(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @pytest.fixture
-def finished_run(run_dag: Callable[..., Any], user: psycopg.Connection, scratch: str) -> dict[str, Any]:
-    """A DAG run whose batch has done, failed and hostile-looking children."""
+def stored_connection(pgbg_conn: str) -> str:
+    """The API server finds the connection where a deployment keeps it: in the metadata database."""
     from airflow.models import Connection
     from airflow.utils.session import create_session
 
-    # The API server finds the connection where a deployment keeps it: in the metadata database.
     with create_session() as session:
         session.query(Connection).filter(Connection.conn_id == "pgbg_test").delete()
         session.add(Connection(conn_id="pgbg_test", uri=os.environ["AIRFLOW_CONN_PGBG_TEST"]))
+    return pgbg_conn
+
+
+@pytest.fixture
+def finished_run(
+    run_dag: Callable[..., Any], user: psycopg.Connection, scratch: str, stored_connection: str
+) -> dict[str, Any]:
+    """A DAG run whose batch has done, failed and hostile-looking children."""
     user.execute(f"CREATE TABLE {scratch}.marks (n int)")
     dr = run_dag("ui_batch")
     (ti,) = dr.get_task_instances()
@@ -114,30 +126,45 @@ def test_endpoints_need_an_authenticated_user(api_server: ApiServer, finished_ru
         assert "marks" not in r.text
 
 
+def _state(html: str) -> dict[str, Any]:
+    """The page's state block (URLs, and the action token for users who may edit)."""
+    block = html.split('<script type="application/json" id="console-state">', 1)[1].split("</script>", 1)[0]
+    return json.loads(block)
+
+
 def test_json_csv_and_page(api_server: ApiServer, finished_run: dict[str, Any], pgbg_conn: str) -> None:
     assert finished_run["state"] == "failed"  # one child fails on purpose
-    auth = {"Authorization": f"Bearer {api_server.token()}"}
+    auth = api_server.auth()
     reply = httpx.get(_page(api_server, finished_run, ".json"), headers=auth)
     assert reply.status_code == 200, reply.text
     data = reply.json()
     assert data["task_instance"]["task_id"] == finished_run["task_id"]
     assert data["batch"]["status"] == "failed"
     assert data["batch"]["counts"] == {"queued": 0, "running": 0, "done": 3, "failed": 1, "stopped": 0, "lost": 0}
-    children = data["children"]
+    # A failed batch shows its problems first; seq order on request.
+    assert [c["status"] for c in data["children"]] == ["failed", "done", "done", "done"]
+    expected_view = {"sort": "status", "order": "desc", "matching": 4, "page": 1, "pages": 1}
+    assert {k: data["view"][k] for k in expected_view} == expected_view
+    children = httpx.get(_page(api_server, finished_run, ".json") + "&sort=seq", headers=auth).json()["children"]
     assert [c["status"] for c in children] == ["done", "done", "failed", "done"]
     assert set(children[0]) >= {
         "uuid_child",
-        "pid",
         "status",
+        "attempt",
         "query",
-        "result",
+        "command",
+        "has_preview",
         "sqlstate",
         "error",
         "start_time_exec",
         "end_time_exec",
+        "queue_seconds",
         "seconds",
     }
+    assert "result" not in children[0]  # previews load one child at a time
     assert children[2]["sqlstate"] == "22012"
+    assert data["figures"]["started"] is True
+    assert len(data["figures"]["bins"]) == 60
     # No connection secret anywhere: the page knows the connection only by its id.
     password = pgbg_conn.split("password=")[1].split()[0]
     assert password not in json.dumps(data)
@@ -152,6 +179,113 @@ def test_json_csv_and_page(api_server: ApiServer, finished_run: dict[str, Any], 
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert password not in html
     assert '<svg id="timeline"' in html
+    assert 'http-equiv="refresh"' not in html  # live updates come from the JSON endpoint
+
+
+def test_one_child_on_demand_and_clear_errors_for_bad_views(
+    api_server: ApiServer, finished_run: dict[str, Any], user: psycopg.Connection
+) -> None:
+    auth = api_server.auth()
+    base = _page(api_server, finished_run, ".json")
+    children = httpx.get(base + "&sort=seq", headers=auth).json()["children"]
+    path, _, query = _page(api_server, finished_run).partition("?")
+    hostile = httpx.get(f"{path}/children/{children[1]['uuid_child']}.json?{query}", headers=auth).json()
+    assert hostile["result"]["preview"] == [{"x": "<script>alert(1)</script>"}]
+    assert hostile["query"] == "select '<script>alert(1)</script>' as x"
+    # A child of another batch is not reachable through this task instance.
+    other = user.execute("SELECT pgbg.pg_background_launch_num(ARRAY['select 1'], p_monitor => false)").fetchone()[0]
+    stranger = user.execute("SELECT uuid_child FROM pgbg.log_background WHERE uuid_parent = %s", (other,)).fetchone()[0]
+    assert httpx.get(f"{path}/children/{stranger}.json?{query}", headers=auth).status_code == 404
+
+    failed = httpx.get(base + "&status=failed,lost", headers=auth).json()
+    assert [c["seq"] for c in failed["children"]] == [3]
+    assert httpx.get(base + "&sqlstate=22012", headers=auth).json()["view"]["matching"] == 1
+    assert httpx.get(base + "&q=ALERT", headers=auth).json()["view"]["matching"] == 1  # any case, literal
+    assert httpx.get(base + "&q=%25", headers=auth).json()["view"]["matching"] == 0  # % is not a wildcard
+    injection = httpx.get(base + "&q=' or 1=1; drop table pgbg.batch; --", headers=auth)
+    assert injection.status_code == 200
+    assert injection.json()["view"]["matching"] == 0
+    for bad, says in [
+        ("&sort=pid", "unknown sort 'pid'"),
+        ("&status=finished", "unknown status 'finished'"),
+        ("&order=up", "order is asc or desc"),
+        ("&page=0", "page must be a whole number"),
+        ("&page=9", "page 9 is past the last page, 1"),
+        ("&per_page=5000", "per_page must be a whole number from 1 to 1000"),
+        ("&sqlstate=1;drop", "a SQLSTATE is five letters or digits"),
+    ]:
+        reply = httpx.get(base + bad, headers=auth)
+        assert reply.status_code == 400, (bad, reply.text)
+        assert says in reply.json()["detail"], (bad, reply.text)
+    page = httpx.get(_page(api_server, finished_run) + "&sort=pid", headers=auth)
+    assert page.status_code == 400
+    assert "unknown sort" in page.text
+
+
+def test_requeue_is_recorded_and_says_the_task_has_ended(
+    api_server: ApiServer, finished_run: dict[str, Any], user: psycopg.Connection
+) -> None:
+    auth = api_server.auth()
+    token = _state(httpx.get(_page(api_server, finished_run), headers=auth).text)["actions"]["token"]
+    path, _, query = _page(api_server, finished_run).partition("?")
+    reply = httpx.post(f"{path}/requeue.json?{query}", headers={**auth, "X-Pgbg-Token": token}, json={})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["queued"] == 1
+    assert reply.json()["task_waits"] is False
+    assert "clear the task" in reply.json()["message"]
+    parent = httpx.get(_page(api_server, finished_run, ".json"), headers=auth).json()["batch"]["uuid_parent"]
+    notes = user.execute("SELECT notes FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0]
+    assert "1 children queued again by airflow user admin at " in notes
+
+
+def test_read_only_users_see_no_action_and_forged_requests_are_refused(
+    api_server: ApiServer, finished_run: dict[str, Any]
+) -> None:
+    path, _, query = _page(api_server, finished_run).partition("?")
+    viewer = api_server.auth("viewer")
+    html = httpx.get(_page(api_server, finished_run), headers=viewer)
+    assert html.status_code == 200
+    assert 'id="actions"' not in html.text
+    assert '<button type="button" data-action' not in html.text
+    assert _state(html.text)["actions"] is None
+    admin_token = _state(httpx.get(_page(api_server, finished_run), headers=api_server.auth()).text)["actions"]["token"]
+    for action in ("stop", "requeue"):
+        # Airflow's permission first: the viewer may not edit, whatever token it sends.
+        refused = httpx.post(f"{path}/{action}.json?{query}", headers={**viewer, "X-Pgbg-Token": admin_token}, json={})
+        assert refused.status_code == 403, refused.text
+        # An editor's cookie or token without the page's token: a cross-site request.
+        forged = httpx.post(f"{path}/{action}.json?{query}", headers=api_server.auth(), json={})
+        assert forged.status_code == 403, forged.text
+        assert "X-Pgbg-Token" in forged.json()["detail"]
+
+
+def test_a_big_batch_opens_within_the_bound(
+    api_server: ApiServer, run_dag: Callable[..., Any], stored_connection: str
+) -> None:
+    dr = run_dag("big_batch")
+    (ti,) = dr.get_task_instances()
+    run = {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id}
+    auth = api_server.auth()
+    started = time.monotonic()
+    page = httpx.get(_page(api_server, run), headers=auth, timeout=60)
+    took = time.monotonic() - started
+    assert page.status_code == 200, page.text[-2000:]
+    print(f"\n[ui] first page of a 10,000-child batch: {len(page.content) / 1024:.0f} KiB in {took:.2f} s")
+    assert len(page.content) <= 1024 * 1024
+    data = httpx.get(_page(api_server, run, ".json"), headers=auth, timeout=60).json()
+    assert data["batch"]["children"] == 10_000
+    assert data["view"]["matching"] == 10_000
+    assert data["view"]["pages"] == 100
+    # The failed ones first (the batch failed), and one filter away.
+    assert [c["status"] for c in data["children"][:10]] == ["failed"] * 10
+    failed = httpx.get(_page(api_server, run, ".json") + "&status=failed", headers=auth, timeout=60).json()
+    assert [c["seq"] for c in failed["children"]] == list(range(1000, 10_001, 1000))
+    last = httpx.get(_page(api_server, run, ".json") + "&sort=seq&page=100", headers=auth, timeout=60).json()
+    assert last["children"][-1]["seq"] == 10_000
+    # Every child in the CSV, streamed.
+    with httpx.stream("GET", _page(api_server, run, ".csv"), headers=auth, timeout=120) as reply:
+        lines = sum(chunk.count("\n") for chunk in reply.iter_text())
+    assert lines == 10_001
 
 
 def test_unknown_task_instance_is_a_clear_404(api_server: ApiServer, finished_run: dict[str, Any]) -> None:
@@ -226,11 +360,113 @@ def test_in_a_real_browser(api_server: ApiServer, finished_run: dict[str, Any], 
             direct.goto(_page(api_server, finished_run))
             assert direct.locator("#batch-status").inner_text() == "failed"
             statuses = direct.locator("#children tbody tr").evaluate_all("rows => rows.map(r => r.dataset.status)")
+            assert statuses == ["failed", "done", "done", "done"]  # problems first in a failed batch
+            direct.goto(_page(api_server, finished_run) + "&sort=seq")
+            statuses = direct.locator("#children tbody tr").evaluate_all("rows => rows.map(r => r.dataset.status)")
             assert statuses == ["done", "done", "failed", "done"]
-            hostile = direct.locator("#children tbody tr").nth(1).locator("summary code").inner_text()
-            assert "<script>alert(1)</script>" in hostile  # shown as text, never run
-            assert direct.locator("#timeline rect").count() == 4
+            hostile = direct.locator("#children tbody tr").nth(1)
+            assert "<script>alert(1)</script>" in hostile.locator("summary code").inner_text()  # text, never run
+            hostile.locator("summary").click()  # its result preview loads on demand
+            direct.wait_for_function("document.querySelectorAll('pre.detail')[1].textContent.includes('preview')")
+            assert "<script>alert(1)</script>" in hostile.locator("pre.detail").inner_text()
+            assert direct.locator("#timeline rect").count() == 60  # aggregated: bins, not one bar per child
+            assert direct.locator("#timeline").get_attribute("data-peak") == "1"  # cap 1
             direct.screenshot(path=str(tmp_path / "batch-page.png"), full_page=True)
         finally:
             browser.close()
+    print(f"\nscreenshots: {tmp_path}")
+
+
+def _run_in_background(name: str, scratch: str) -> subprocess.Popen:
+    """dag.test() of a test DAG in a process of its own, so that a test can watch it run."""
+    from tests.airflow.conftest import DAGS_FOLDER
+
+    script = (
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('dags', {str(DAGS_FOLDER / 'pgbg_test_dags.py')!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        f"module.{name}.test(run_conf={{'schema': {scratch!r}}})\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy(), stdout=subprocess.DEVNULL)
+
+
+def test_live_updates_and_an_editor_stops_one_child_in_a_browser(
+    api_server: ApiServer, stored_connection: str, user: psycopg.Connection, scratch: str, tmp_path: Path
+) -> None:
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+    from playwright.sync_api import sync_playwright
+
+    from tests.helpers import poll_until
+
+    proc = _run_in_background("ui_live", scratch)
+    try:
+
+        def running_run() -> dict[str, Any] | None:
+            with create_session() as session:
+                runs = session.query(DagRun).filter(DagRun.dag_id == "pgbg_ui_live").all()
+                run_ids = [r.run_id for r in runs]
+            for run_id in run_ids:
+                run = {"dag_id": "pgbg_ui_live", "run_id": run_id, "task_id": "batch"}
+                reply = httpx.get(_page(api_server, run, ".json"), headers=api_server.auth())
+                if reply.status_code == 200 and reply.json()["batch"]["counts"]["running"] == 2:
+                    return run
+            return None
+
+        run = poll_until(running_run, 60, 0.5, "the live batch to run")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=os.environ.get("PGBG_CHROMIUM", "/usr/bin/chromium"),
+                args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"],
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"{api_server.url}/")
+                page.wait_for_selector("input[name='username']", timeout=30_000)
+                page.fill("input[name='username']", "admin")
+                page.fill("input[name='password']", api_server.password)
+                page.keyboard.press("Enter")
+                page.wait_for_url(lambda url: "login" not in url, timeout=30_000)
+                page.goto(_page(api_server, run) + "&sort=seq")
+                page.evaluate("window.__not_reloaded = true")
+                # A person opens a queued child's row; live updates must leave it open.
+                seventh = page.locator("#children tbody tr").nth(6)
+                assert seventh.get_attribute("data-status") == "queued"
+                seventh.locator("summary").click()
+                page.wait_for_function(
+                    "document.querySelectorAll('#children tbody tr')[6].querySelector('pre').textContent"
+                    ".includes('pg_sleep(4)')"
+                )
+                watched = page.locator("#children tbody tr[data-status='running']").first.get_attribute("data-child")
+                page.wait_for_function(
+                    f"document.querySelector(\"tr[data-child='{watched}']\").dataset.status === 'done'",
+                    timeout=20_000,
+                )
+                assert page.evaluate("window.__not_reloaded") is True
+                assert int(page.evaluate("document.body.dataset.updates")) >= 1
+                assert page.locator("#children tbody tr").nth(6).locator("details").get_attribute("open") is not None
+                assert page.locator("[data-count='done']").inner_text() != "0"
+
+                # The editor stops one running child, from its row, after confirming.
+                running = page.locator("#children tbody tr[data-status='running']").first
+                child = running.get_attribute("data-child")
+                page.once("dialog", lambda dialog: dialog.accept())
+                running.locator("button[data-action='stop-child']").click()
+                page.wait_for_function(
+                    f"document.querySelector(\"tr[data-child='{child}']\").dataset.status === 'stopped'",
+                    timeout=20_000,
+                )
+                stopped_row = page.locator(f"tr[data-child='{child}']")
+                assert "airflow user admin" in stopped_row.inner_text()
+                page.screenshot(path=str(tmp_path / "live-batch.png"), full_page=True)
+            finally:
+                browser.close()
+        assert user.execute(
+            "SELECT status, stopped_by FROM pgbg.log_background WHERE uuid_child = %s", (child,)
+        ).fetchone() == ("stopped", "airflow user admin")
+    finally:
+        # The rest of the batch is not needed: its task then ends and the process with it.
+        user.execute("SELECT pgbg.pg_background_stop(uuid_parent) FROM pgbg.batch WHERE role_name = current_user")
+        proc.wait(90)
     print(f"\nscreenshots: {tmp_path}")

@@ -74,3 +74,12 @@ ui_batch = _dag(
     max_parallel=1,
     deferrable=True,
 )
+# The console at scale: 10,000 children with 64 KB result previews, every 1,000th failing.
+big_batch = _dag(
+    "pgbg_big_batch",
+    sql=["select 1/0" if i % 1000 == 0 else "select repeat('x', 65536) as x" for i in range(1, 10_001)],
+    max_parallel=8,
+    deferrable=False,
+)
+# Watched while it runs (the console's live updates and actions).
+ui_live = _dag("pgbg_ui_live", sql=["select pg_sleep(4)"] * 8, max_parallel=2, deferrable=False)
