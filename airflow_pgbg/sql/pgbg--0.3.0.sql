@@ -2368,6 +2368,9 @@ RETURNS TABLE (
     end_time_exec timestamptz, queue_seconds float8, run_seconds float8)
 LANGUAGE plpgsql STABLE
 AS $fn$
+DECLARE
+    v_matching bigint;
+    v_now timestamptz := clock_timestamp();
 BEGIN
     IF p_sort IS NULL OR NOT p_sort = ANY (@schema@._console_sorts()) THEN
         RAISE EXCEPTION 'unknown sort %', coalesce(quote_literal(p_sort), 'NULL') USING ERRCODE = 'invalid_parameter_value',
@@ -2383,35 +2386,50 @@ BEGIN
         RAISE EXCEPTION 'a page is 1 to 1000 children from offset 0 or more, not % from %', p_limit, p_offset
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- Text filters are bound values (LIKE metacharacters in them match themselves), never SQL.
+    -- Text filters are bound values (LIKE metacharacters in them match themselves), never SQL. The
+    -- count and the sort read narrow columns, and the sort keeps only the rows up to the page's end
+    -- (top-N); only the page's own rows are read whole.
+    SELECT count(*) INTO v_matching
+      FROM @schema@.log_background c
+     WHERE c.uuid_parent = p_parent
+       AND (p_statuses IS NULL OR c.status::text = ANY (p_statuses))
+       AND (p_sqlstate IS NULL OR c.sqlstate = upper(p_sqlstate))
+       AND (p_text IS NULL OR strpos(lower(c.query), lower(p_text)) > 0);
     RETURN QUERY
-    WITH hits AS (
-        SELECT c.*, count(*) OVER () AS n,
-               extract(epoch FROM c.start_time_exec - c.queued_time)::float8 AS waited,
-               extract(epoch FROM coalesce(c.end_time_exec, clock_timestamp()) - c.start_time_exec)::float8 AS ran
-          FROM @schema@.log_background c
-         WHERE c.uuid_parent = p_parent
-           AND (p_statuses IS NULL OR c.status::text = ANY (p_statuses))
-           AND (p_sqlstate IS NULL OR c.sqlstate = upper(p_sqlstate))
-           AND (p_text IS NULL OR strpos(lower(c.query), lower(p_text)) > 0)
+    WITH page AS (
+        SELECT h.id, h.waited, h.ran, row_number() OVER () AS position
+          FROM (SELECT c.id, c.seq, c.status,
+                       extract(epoch FROM c.start_time_exec - c.queued_time)::float8 AS waited,
+                       extract(epoch FROM coalesce(c.end_time_exec, v_now) - c.start_time_exec)::float8 AS ran,
+                       c.start_time_exec AS started
+                  FROM @schema@.log_background c
+                 WHERE c.uuid_parent = p_parent
+                   AND (p_statuses IS NULL OR c.status::text = ANY (p_statuses))
+                   AND (p_sqlstate IS NULL OR c.sqlstate = upper(p_sqlstate))
+                   AND (p_text IS NULL OR strpos(lower(c.query), lower(p_text)) > 0)
+                 -- An enum sorts in the order it declares its values: queued, running, done, failed, ...
+                 ORDER BY
+                   CASE WHEN p_sort = 'status' AND NOT p_descending THEN c.status END ASC,
+                   CASE WHEN p_sort = 'status' AND p_descending THEN c.status END DESC,
+                   CASE WHEN p_sort = 'start' AND NOT p_descending THEN c.start_time_exec END ASC NULLS LAST,
+                   CASE WHEN p_sort = 'start' AND p_descending THEN c.start_time_exec END DESC NULLS LAST,
+                   CASE WHEN NOT p_descending THEN
+                       CASE p_sort WHEN 'duration' THEN coalesce(c.end_time_exec, v_now) - c.start_time_exec
+                                   WHEN 'queue_wait' THEN c.start_time_exec - c.queued_time END END ASC NULLS LAST,
+                   CASE WHEN p_descending THEN
+                       CASE p_sort WHEN 'duration' THEN coalesce(c.end_time_exec, v_now) - c.start_time_exec
+                                   WHEN 'queue_wait' THEN c.start_time_exec - c.queued_time END END DESC NULLS LAST,
+                   CASE WHEN p_descending AND p_sort = 'seq' THEN c.seq END DESC,
+                   c.seq
+                 LIMIT p_limit OFFSET p_offset) h
     )
-    SELECT h.n, h.seq, h.uuid_child, h.status::text, h.attempt, left(h.query, 300), length(h.query),
-           h.result->>'command', (h.result->>'rows')::bigint, (h.result ? 'preview'),
-           h.sqlstate, left(h.error, 2000), left(h.error_detail, 2000), left(h.error_hint, 2000), h.stopped_by,
-           h.queued_time, h.start_time_exec, h.end_time_exec, h.waited, h.ran
-      FROM hits h
-     ORDER BY
-           CASE WHEN NOT p_descending THEN
-               CASE p_sort WHEN 'status' THEN array_position(enum_range(NULL::@schema@.child_status), h.status)::float8
-                           WHEN 'start' THEN extract(epoch FROM h.start_time_exec)::float8
-                           WHEN 'duration' THEN h.ran WHEN 'queue_wait' THEN h.waited END END ASC NULLS LAST,
-           CASE WHEN p_descending THEN
-               CASE p_sort WHEN 'status' THEN array_position(enum_range(NULL::@schema@.child_status), h.status)::float8
-                           WHEN 'start' THEN extract(epoch FROM h.start_time_exec)::float8
-                           WHEN 'duration' THEN h.ran WHEN 'queue_wait' THEN h.waited END END DESC NULLS LAST,
-           CASE WHEN p_descending AND p_sort = 'seq' THEN h.seq END DESC,
-           h.seq
-     LIMIT p_limit OFFSET p_offset;
+    SELECT v_matching, c.seq, c.uuid_child, c.status::text, c.attempt, left(c.query, 300), length(c.query),
+           c.result->>'command', (c.result->>'rows')::bigint, coalesce(c.result ? 'preview', false),
+           c.sqlstate, left(c.error, 2000), left(c.error_detail, 2000), left(c.error_hint, 2000), c.stopped_by,
+           c.queued_time, c.start_time_exec, c.end_time_exec, p.waited, p.ran
+      FROM page p
+      JOIN @schema@.log_background c ON c.id = p.id
+     ORDER BY p.position;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@.pg_background_children_page(uuid, text[], text, text, text, boolean, int, int) IS
