@@ -1,7 +1,9 @@
 """make bench: the engine against the alternatives, side by side in one run.
 
 Workloads (issue 6): W1 400 x pg_sleep(0.02) at cap 8; W2 5,000 x SELECT 1 at cap 2; W3 launching
-10,000 statements and the median poll on a 10,000-child batch; W4 W1 through Airflow (dag.test).
+10,000 statements and the median poll on a 10,000-child batch; W4 W1 through Airflow (dag.test); W5-W8
+(fleet, polls at 100,000, deadlock retries, worker-free DAG runs); W9 the console's queries at 100,000;
+W1 and W2 again on the pg_cron launcher.
 Baselines: ``thread_pool`` (a psycopg connection per slot, statements run directly), ``seed_style``
 (one pg_background worker per statement, queued ones started only when a 1 s poll happens), and
 ``ideal`` (work / cap). Figures go to bench/results.json and a table on stdout.
@@ -251,10 +253,27 @@ def w6(dsn: str) -> dict[str, float]:
                 out[f"w6_poll_{n}{label}_ms"] = _median_poll_ms(
                     conn, parent, "SELECT * FROM pgbg.pg_background_poll(%s)"
                 )
+                if not label and n == 100_000:
+                    out.update(w9(conn, parent))
                 conn.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
     print(
         f"  W6 poll: {out['w6_poll_100_ms']:.2f} ms at 100 children, {out['w6_poll_100000_ms']:.2f} ms at "
         f"100,000 (engine 0.1.0: {out['w6_poll_100_0_1_0_ms']:.2f} / {out['w6_poll_100000_0_1_0_ms']:.2f} ms)"
+    )
+    return out
+
+
+def w9(conn: psycopg.Connection, parent: str, n: int = 20) -> dict[str, float]:
+    """The database side of the console's first page of a 100,000-child batch: one page of 100 children
+    (problems first, then by seq; and filtered by status) and the figures with 60 bins."""
+    queries = {
+        "page": "SELECT count(*) FROM pgbg.pg_background_children_page(%s, p_sort => 'status', p_descending => true)",
+        "filtered": "SELECT count(*) FROM pgbg.pg_background_children_page(%s, ARRAY['running'])",
+        "figures": "SELECT pgbg.pg_background_figures(%s, 60)",
+    }
+    out = {f"w9_console_{k}_100000_ms": _median_poll_ms(conn, parent, q, n) for k, q in queries.items()}
+    print(
+        "  W9 console at 100,000 children: page {:.1f} ms, filtered {:.1f} ms, figures {:.1f} ms".format(*out.values())
     )
     return out
 
