@@ -105,7 +105,7 @@ class View:
 def _positive(name: str, raw: str | None, default: int, high: int | None = None) -> int:
     if raw in (None, ""):
         return default
-    if not raw.isdigit() or int(raw) < 1 or (high is not None and int(raw) > high):
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1 or (high is not None and int(raw) > high):
         raise BadView(f"{name} must be a whole number from 1{f' to {high}' if high else ''}, not {raw!r}")
     return int(raw)
 

@@ -378,17 +378,9 @@ def test_in_a_real_browser(api_server: ApiServer, finished_run: dict[str, Any], 
 
 
 def _run_in_background(name: str, scratch: str) -> subprocess.Popen:
-    """dag.test() of a test DAG in a process of its own, so that a test can watch it run."""
-    from tests.airflow.conftest import DAGS_FOLDER
+    from tests.airflow.conftest import dag_test_command
 
-    script = (
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('dags', {str(DAGS_FOLDER / 'pgbg_test_dags.py')!r})\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        f"module.{name}.test(run_conf={{'schema': {scratch!r}}})\n"
-    )
-    return subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy(), stdout=subprocess.DEVNULL)
+    return subprocess.Popen(dag_test_command(name, scratch), env=os.environ.copy(), stdout=subprocess.DEVNULL)
 
 
 def test_live_updates_and_an_editor_stops_one_child_in_a_browser(
