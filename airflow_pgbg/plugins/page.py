@@ -128,8 +128,7 @@ _SCRIPT = """
     body.replaceChildren(...rows);
     for (const d of body.querySelectorAll("details.child")) {
       if (loaded.has(d.dataset.child)) { d.querySelector("pre").textContent = loaded.get(d.dataset.child); d.dataset.loaded = "1"; }
-      if (open.has(d.dataset.child)) { d.open = true; if (d.dataset.loaded) { } }
-      if (open.has(d.dataset.child) && !loaded.has(d.dataset.child)) loadDetail(d);
+      if (open.has(d.dataset.child)) { d.open = true; if (!d.dataset.loaded) loadDetail(d); }
     }
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
     return b.status === "queued" || b.status === "running";
