@@ -187,7 +187,13 @@ class PgBackgroundBatchOperator(BaseOperator):
             **self._option_kwargs(),
             "execution_timeout": self.execution_timeout.total_seconds() if self.execution_timeout else None,
             "max_result_rows": self.max_result_rows,
+            "resume_on_success": self._resume_on_success(),
         }
+
+    def _resume_on_success(self) -> bool:
+        """A success callback runs only on a worker: Airflow's DAG processor drops it for a task that its
+        trigger ended (3.3.2: "Task callback requested but is not a failure callback")."""
+        return bool(self.on_success_callback)
 
     def _option_kwargs(self) -> dict[str, Any]:
         return {
@@ -307,6 +313,7 @@ class PgBackgroundBatchOperator(BaseOperator):
                     claim=self.claim,
                     reconnect_timeout=self.reconnect_timeout or DEFAULT_RECONNECT_TIMEOUT,
                     max_result_rows=self.max_result_rows,
+                    resume_on_success=self._resume_on_success(),
                 ),
                 method_name="execute_complete",
                 kwargs={"uuid_parent": self.uuid_parent, "claim": self.claim},
@@ -341,8 +348,9 @@ class PgBackgroundBatchOperator(BaseOperator):
     def execute_complete(
         self, context: Context, event: Any, uuid_parent: str | None = None, claim: str | None = None
     ) -> dict[str, Any]:
-        """Resumes after the trigger where it did not end the task itself (``dag.test()``, or an event of
-        airflow-provider-pgbg 0.1.0 that was waiting when the package was upgraded)."""
+        """Resumes after the trigger where it did not end the task itself: a task with a success
+        callback, a failure on Airflow < 3.3, ``dag.test()``, or an event of airflow-provider-pgbg 0.1.0
+        that was waiting when the package was upgraded."""
         self.claim = claim or self.claim
         if isinstance(event, dict):
             self.uuid_parent = event.get("uuid_parent") or uuid_parent or self.uuid_parent

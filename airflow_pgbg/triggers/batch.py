@@ -56,6 +56,9 @@ class PgBackgroundBatchTrigger(BaseTrigger):
     :param sql: the statements to launch (with the options below) when ``uuid_parent`` is None.
     :param execution_timeout: seconds from the launch to stop the batch at, when launching.
     :param max_result_rows: children included in the summary the task returns.
+    :param resume_on_success: end a successful task on a worker (``execute_complete``) instead of in
+        the triggerer, for what runs only there: Airflow's DAG processor runs no success callback for a
+        task that a trigger ended.
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         retry_lost: bool = False,
         execution_timeout: float | None = None,
         max_result_rows: int = 20,
+        resume_on_success: bool = False,
     ) -> None:
         super().__init__()
         if uuid_parent is None and sql is None:
@@ -105,6 +109,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         self.retry_lost = retry_lost
         self.execution_timeout = execution_timeout
         self.max_result_rows = max_result_rows
+        self.resume_on_success = resume_on_success
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -130,6 +135,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
                 "retry_lost": self.retry_lost,
                 "execution_timeout": self.execution_timeout,
                 "max_result_rows": self.max_result_rows,
+                "resume_on_success": self.resume_on_success,
             },
         )
 
@@ -165,7 +171,10 @@ class PgBackgroundBatchTrigger(BaseTrigger):
             self.log.info(summary_line(summary))
             if not succeeded(summary):
                 raise _TaskFails(failure_message(summary))
-            event: TriggerEvent = TaskSuccessEvent(xcoms={"return_value": summary, **self._batch_xcom()})
+            if self.resume_on_success:
+                event: TriggerEvent = TriggerEvent({"uuid_parent": self.uuid_parent, "status": "success"})
+            else:
+                event = TaskSuccessEvent(xcoms={"return_value": summary, **self._batch_xcom()})
         except asyncio.CancelledError:
             raise
         except _TaskFails as exc:

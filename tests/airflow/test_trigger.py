@@ -10,6 +10,7 @@ import time
 import psycopg
 from airflow.triggers.base import TaskSuccessEvent
 
+from airflow_pgbg.compat import CAN_START_FROM_TRIGGER
 from airflow_pgbg.identity import XCOM_BATCH_KEY
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
 from tests.helpers import ends_task_in_failure, launch, monitor, statuses, wait
@@ -53,6 +54,33 @@ def test_the_trigger_ends_the_task_when_the_batch_ends(pgbg_conn: str, user: psy
     failure = asyncio.run(first_event(bad))
     assert ends_task_in_failure(failure)
     assert "return_value" not in (getattr(failure, "xcoms", None) or {})
+
+
+def test_a_task_with_a_success_callback_ends_on_a_worker(pgbg_conn: str, user: psycopg.Connection) -> None:
+    from airflow.sdk import DAG
+
+    from airflow_pgbg.operators.batch import PgBackgroundBatchOperator
+
+    with DAG("callbacks", schedule=None):
+        plain = PgBackgroundBatchOperator(task_id="plain", sql="select 1", deferrable=True)
+        called = PgBackgroundBatchOperator(
+            task_id="called", sql="select 1", deferrable=True, on_success_callback=lambda context: None
+        )
+    assert not plain._resume_on_success()
+    assert called._resume_on_success()
+    if CAN_START_FROM_TRIGGER:
+        assert called.start_trigger_args.trigger_kwargs["resume_on_success"] is True
+    parent = launch(user, ["select pg_sleep(0.2)", "select 1"])
+
+    async def first_event():
+        async for event in _trigger(parent, resume_on_success=True).run():
+            return event
+
+    # Resumed on a worker (execute_complete), where Airflow runs success callbacks; a failure still
+    # ends the task from the triggerer, whose failure callbacks Airflow runs.
+    event = asyncio.run(first_event())
+    assert not isinstance(event, TaskSuccessEvent)
+    assert event.payload == {"uuid_parent": parent, "status": "success"}
 
 
 def not_stopped(user: psycopg.Connection, parent: str) -> bool:

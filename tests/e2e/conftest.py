@@ -75,7 +75,7 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
         connections,
         meta_db=META_DB,
         dag_prefix="e",
-        expected_dags=12 + len(EXAMPLE_DAGS),
+        expected_dags=14 + len(EXAMPLE_DAGS),
         fleet_dsn=fleet_dsn,
         managed_dsn=managed_dsn,
     ) as d:

@@ -324,3 +324,24 @@ def test_12_on_managed_postgres_batches_run_on_pg_cron_and_a_mark_failed_stops_t
         "the role's pg_cron jobs to park",
         0.5,
     )
+
+
+def test_13_success_and_failure_callbacks_run(deployment: Deployment) -> None:
+    d = deployment
+    ok, failed = d.trigger("e2e_callbacks"), d.trigger("e2e_callbacks_failed")
+
+    def left(kind: str, dag_id: str, run_id: str) -> bool:
+        run = run_id.replace(":", "_").replace("+", "_")
+        return (d.home / f"{kind}-callback-{dag_id}-{run}").exists()
+
+    wait_for(lambda: d.run_state("e2e_callbacks", ok) == "success", 90, "the run with callbacks to succeed")
+    wait_for(lambda: d.run_state("e2e_callbacks_failed", failed) == "failed", 90, "the failing run to fail")
+    # A trigger-ended task gets no success callback from Airflow: with one, the task ends on a worker.
+    wait_for(lambda: left("success", "e2e_callbacks", ok), 30, "the success callback", 0.5)
+    wait_for(lambda: left("failure", "e2e_callbacks_failed", failed), 60, "the failure callback", 0.5)
+    assert not left("failure", "e2e_callbacks", ok)
+    assert not left("success", "e2e_callbacks_failed", failed)
+    assert d.marks(ok) == [1, 2, 3]
+    if CAN_START_FROM_TRIGGER:
+        # Started in the triggerer; only the end (for the success callback) takes a worker process.
+        assert d.worker_runs("e2e_callbacks") == 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from airflow.sdk import DAG
 
@@ -19,6 +21,20 @@ def _dag(dag_id: str, children: int, seconds: float, conn: str = "pgbg_e2e", **k
         PgBackgroundBatchOperator(task_id="batch", postgres_conn_id=conn, sql=sql, **kwargs)
     return dag
 
+
+def _callback(kind: str):
+    """Leaves a file in AIRFLOW_HOME naming the callback, the DAG and the run: the test looks for it,
+    whichever process ran the callback (the worker, or the DAG processor)."""
+
+    def leave_file(context) -> None:
+        ti = context["ti"]
+        run = ti.run_id.replace(":", "_").replace("+", "_")
+        (Path(os.environ["AIRFLOW_HOME"]) / f"{kind}-callback-{ti.dag_id}-{run}").write_text(ti.task_id)
+
+    return leave_file
+
+
+CALLBACKS = {"on_success_callback": _callback("success"), "on_failure_callback": _callback("failure")}
 
 success = _dag("e2e_success", 6, 2, max_parallel=3, deferrable=True, poll_interval=1)
 mark_failed = _dag("e2e_mark_failed", 8, 30, max_parallel=2, deferrable=True, poll_interval=2)
@@ -58,3 +74,13 @@ managed = _dag("e2e_managed", 6, 2, conn="pgbg_e2e_managed", max_parallel=3, def
 managed_mark_failed = _dag(
     "e2e_managed_mark_failed", 6, 30, conn="pgbg_e2e_managed", max_parallel=2, deferrable=True, poll_interval=1
 )
+# Task callbacks of a deferrable batch task, on success and on failure (a child divides by zero).
+callbacks = _dag("e2e_callbacks", 3, 1, max_parallel=3, deferrable=True, poll_interval=1, **CALLBACKS)
+with DAG("e2e_callbacks_failed", schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as callbacks_failed:
+    PgBackgroundBatchOperator(
+        task_id="batch",
+        postgres_conn_id="pgbg_e2e",
+        sql=["select pg_sleep(1)", "select 1/0"],
+        deferrable=True,
+        **CALLBACKS,
+    )
