@@ -17,6 +17,7 @@ import pytest
 
 from airflow_pgbg.hooks.install import install_engine_dsn
 from tests.conftest import REPO
+from tests.e2e.dags.e2e_dags import SCENARIOS
 from tests.e2e.deployment import ROLE, Deployment, role_uri, running_deployment, wait_for
 from tests.servers import FLEET, MANAGED
 
@@ -75,7 +76,7 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
         connections,
         meta_db=META_DB,
         dag_prefix="e",
-        expected_dags=14 + len(EXAMPLE_DAGS),
+        expected_dags=len(SCENARIOS) * 2 + 3 + len(EXAMPLE_DAGS),
         fleet_dsn=fleet_dsn,
         managed_dsn=managed_dsn,
     ) as d:

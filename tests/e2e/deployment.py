@@ -58,6 +58,9 @@ class Deployment:
         """Superuser DSN of the restartable server (tests.servers.FLEET), or None when not available."""
         self.managed_dsn = managed_dsn
         """Superuser DSN of the pg_cron server (tests.servers.MANAGED), or None when not available."""
+        self.engine_dsn: str | None = None
+        """The server the engine queries below go to when not told (None: the main one); a scenario
+        that runs on another launcher points it at that launcher's server."""
         self.procs: dict[str, subprocess.Popen] = {}
         self._client: httpx.Client | None = None
 
@@ -143,10 +146,10 @@ class Deployment:
     def run_state(self, dag_id: str, run_id: str) -> str:
         return self.api.get(f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}").json()["state"]
 
-    # -- the engine's view (the main server, or dsn=self.fleet_dsn) ------------------------------------
+    # -- the engine's view (dsn=..., else engine_dsn, else the main server) -------------------------
 
     def sql(self, query: str, *params: Any, dsn: str | None = None) -> list[tuple]:
-        with psycopg.connect(dsn or self.admin_dsn, autocommit=True) as conn:
+        with psycopg.connect(dsn or self.engine_dsn or self.admin_dsn, autocommit=True) as conn:
             return conn.execute(query, params).fetchall()
 
     def batches(self, dag_id: str, run_id: str, dsn: str | None = None) -> list[str]:

@@ -4,15 +4,49 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import psutil
 import pytest
 
 from airflow_pgbg.compat import CAN_START_FROM_TRIGGER
 from tests.e2e.conftest import Deployment, wait_for
-from tests.servers import FLEET
+from tests.servers import FLEET, MANAGED, Instance
 
 FINAL = {"done", "failed", "stopped", "lost"}
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """Where a scenario's DAGs run their batches: pg_background on the main server, or pg_cron on the
+    server like a managed service (DAG ids with the suffix ``_cron``, see e2e_dags.SCENARIOS)."""
+
+    name: str
+    suffix: str
+    restartable: Instance
+    """The server the restart scenario restarts (its DAG's connection points there)."""
+
+    def dag(self, dag_id: str) -> str:
+        return dag_id + self.suffix
+
+
+PG_BACKGROUND = Launcher("pg_background", "", FLEET)
+PG_CRON = Launcher("pg_cron", "_cron", MANAGED)
+
+
+@pytest.fixture(params=[PG_BACKGROUND, PG_CRON], ids=lambda launcher: launcher.name)
+def on(request: pytest.FixtureRequest, deployment: Deployment) -> Iterator[Launcher]:
+    """Runs a scenario once per launcher; the engine queries of ``deployment`` go to its server."""
+    launcher: Launcher = request.param
+    if launcher is PG_CRON:
+        if deployment.managed_dsn is None:
+            pytest.skip("needs the pg_cron server (tests.servers.MANAGED)")
+        deployment.engine_dsn = deployment.managed_dsn
+    try:
+        yield launcher
+    finally:
+        deployment.engine_dsn = None
 
 
 def _running_batch(d: Deployment, dag_id: str, run_id: str, ti_state: str, running: int, dsn: str | None = None) -> str:
@@ -42,28 +76,30 @@ def _stopped_within(d: Deployment, parent: str, since: float) -> float:
     return time.monotonic() - since
 
 
-def test_1_success_defers_without_holding_a_worker_slot(deployment: Deployment, record) -> None:
+def test_1_success_defers_without_holding_a_worker_slot(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
+    dag_id = on.dag("e2e_success")
     started = time.monotonic()
-    run = d.trigger("e2e_success")
-    parent = _running_batch(d, "e2e_success", run, "deferred", 1)
+    run = d.trigger(dag_id)
+    parent = _running_batch(d, dag_id, run, "deferred", 1)
     pool = d.api.get("/pools/default_pool").json()
     assert pool["running_slots"] == 0, pool
     assert pool["occupied_slots"] == 0, pool
-    wait_for(lambda: d.run_state("e2e_success", run) == "success", 90, "the run to succeed")
+    wait_for(lambda: d.run_state(dag_id, run) == "success", 90, "the run to succeed")
     assert d.statuses(parent) == ["done"] * 6
     assert d.marks(run) == [1, 2, 3, 4, 5, 6]
     # 6 children of 2 s at 3 at a time: 4 s of work, plus scheduling and start-up.
     record("run wall time", time.monotonic() - started, 40)
 
 
-def test_2_mark_failed_while_deferred_stops_the_batch(deployment: Deployment, record) -> None:
+def test_2_mark_failed_while_deferred_stops_the_batch(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
-    run = d.trigger("e2e_mark_failed")
-    parent = _running_batch(d, "e2e_mark_failed", run, "deferred", 2)
+    dag_id = on.dag("e2e_mark_failed")
+    run = d.trigger(dag_id)
+    parent = _running_batch(d, dag_id, run, "deferred", 2)
     marked = time.monotonic()
     marked_at = d.sql("SELECT clock_timestamp()")[0][0]
-    d.mark("e2e_mark_failed", run, "failed")
+    d.mark(dag_id, run, "failed")
     record("children stopped after mark failed", _stopped_within(d, parent, marked), 2 * 2 + 2)
     children = d.children(parent)
     assert [c["status"] for c in children] == ["stopped"] * 8
@@ -73,16 +109,17 @@ def test_2_mark_failed_while_deferred_stops_the_batch(deployment: Deployment, re
     assert d.marks(run) == []
 
 
-def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Deployment, record) -> None:
+def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
-    run = d.trigger("e2e_clear")
+    dag_id = on.dag("e2e_clear")
+    run = d.trigger(dag_id)
     # Two children done, two running, two queued.
     parent = wait_for(
         lambda: (
-            (b := d.batches("e2e_clear", run))
+            (b := d.batches(dag_id, run))
             and d.statuses(b[-1]).count("done") >= 2
             and d.statuses(b[-1]).count("running") == 2
-            and d.ti("e2e_clear", run)["state"] == "deferred"
+            and d.ti(dag_id, run)["state"] == "deferred"
             and b[-1]
         ),
         90,
@@ -93,7 +130,7 @@ def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Dep
     done_before = [c["seq"] for c in before if c["status"] == "done"]
     running_before = [c["seq"] for c in before if c["status"] == "running"]
     cleared = time.monotonic()
-    d.clear("e2e_clear", run)
+    d.clear(dag_id, run)
     # The first try's trigger is cancelled and stops the running children; the new try, started
     # by Airflow before that cancellation, waits for the old trigger to go before resuming.
     wait_for(
@@ -103,9 +140,9 @@ def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Dep
         0.1,
     )
     record("children stopped after clear", time.monotonic() - cleared, 2 * 2 + 2)
-    wait_for(lambda: d.run_state("e2e_clear", run) == "success", 120, "the new try to succeed")
-    assert d.ti("e2e_clear", run)["try_number"] == 2
-    assert d.batches("e2e_clear", run) == [parent]  # the new try resumed the same batch
+    wait_for(lambda: d.run_state(dag_id, run) == "success", 120, "the new try to succeed")
+    assert d.ti(dag_id, run)["try_number"] == 2
+    assert d.batches(dag_id, run) == [parent]  # the new try resumed the same batch
     assert d.statuses(parent) == ["done"] * 6
     assert d.marks(run) == [1, 2, 3, 4, 5, 6]  # every child's effect exactly once
     children = d.children(parent)
@@ -115,34 +152,39 @@ def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Dep
     assert sum(c["attempt"] == 2 for c in children) >= 1
 
 
-def test_4_triggerer_killed_and_restarted_leaves_the_batch_running(deployment: Deployment, record) -> None:
+def test_4_triggerer_killed_and_restarted_leaves_the_batch_running(
+    deployment: Deployment, on: Launcher, record
+) -> None:
     d = deployment
-    run = d.trigger("e2e_triggerer_restart")
-    parent = _running_batch(d, "e2e_triggerer_restart", run, "deferred", 2)
+    dag_id = on.dag("e2e_triggerer_restart")
+    run = d.trigger(dag_id)
+    parent = _running_batch(d, dag_id, run, "deferred", 2)
     d.kill("triggerer", signal.SIGKILL)
     killed = time.monotonic()
     d.start("triggerer", "triggerer")
-    wait_for(lambda: d.run_state("e2e_triggerer_restart", run) == "success", 120, "the run to succeed")
+    wait_for(lambda: d.run_state(dag_id, run) == "success", 120, "the run to succeed")
     record("success after triggerer SIGKILL", time.monotonic() - killed, 60)
     assert d.statuses(parent) == ["done"] * 4
     assert d.marks(run) == [1, 2, 3, 4]
 
 
-def test_5_mark_failed_while_running_on_a_worker_stops_the_batch(deployment: Deployment, record) -> None:
+def test_5_mark_failed_while_running_on_a_worker_stops_the_batch(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
-    run = d.trigger("e2e_blocking_mark_failed")
-    parent = _running_batch(d, "e2e_blocking_mark_failed", run, "running", 2)
+    dag_id = on.dag("e2e_blocking_mark_failed")
+    run = d.trigger(dag_id)
+    parent = _running_batch(d, dag_id, run, "running", 2)
     marked = time.monotonic()
-    d.mark("e2e_blocking_mark_failed", run, "failed")
+    d.mark(dag_id, run, "failed")
     record("children stopped after mark failed (on_kill)", _stopped_within(d, parent, marked), 2 * 2 + 2)
     assert d.statuses(parent) == ["stopped"] * 6
     assert d.marks(run) == []
 
 
-def test_6_killed_worker_retry_reconnects_to_the_running_batch(deployment: Deployment, record) -> None:
+def test_6_killed_worker_retry_reconnects_to_the_running_batch(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
-    run = d.trigger("e2e_worker_killed")
-    parent = _running_batch(d, "e2e_worker_killed", run, "running", 2)
+    dag_id = on.dag("e2e_worker_killed")
+    run = d.trigger(dag_id)
+    parent = _running_batch(d, dag_id, run, "running", 2)
 
     def task_process() -> psutil.Process | None:
         # The task's polling connection shows in pg_stat_activity; its client port names the process.
@@ -159,26 +201,28 @@ def test_6_killed_worker_retry_reconnects_to_the_running_batch(deployment: Deplo
     proc = wait_for(task_process, 30, "the task's process")
     proc.send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    wait_for(lambda: d.run_state("e2e_worker_killed", run) == "success", 120, "the retry to succeed")
+    wait_for(lambda: d.run_state(dag_id, run) == "success", 120, "the retry to succeed")
     record("success after worker SIGKILL", time.monotonic() - killed, 90)
-    assert d.ti("e2e_worker_killed", run)["try_number"] == 2
-    assert d.batches("e2e_worker_killed", run) == [parent]  # reconnected, not resubmitted
+    assert d.ti(dag_id, run)["try_number"] == 2
+    assert d.batches(dag_id, run) == [parent]  # reconnected, not resubmitted
     assert d.statuses(parent) == ["done"] * 4
     assert [c["attempt"] for c in d.children(parent)] == [1] * 4  # no child ran twice
     assert d.marks(run) == [1, 2, 3, 4]
 
 
-def test_7_database_restart_while_deferred_is_waited_out(deployment: Deployment, record) -> None:
+def test_7_database_restart_while_deferred_is_waited_out(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     if d.fleet_dsn is None:
-        pytest.skip("needs the restartable local server (tests.servers.FLEET)")
-    dag_id, fleet = "e2e_db_restart", d.fleet_dsn
+        pytest.skip("needs the restartable local servers (tests.servers)")
+    # pg_background: the restartable server of its own; pg_cron: the managed-like server, restarted.
+    dag_id = on.dag("e2e_db_restart")
+    server = d.engine_dsn or d.fleet_dsn
     run = d.trigger(dag_id)
     parent = wait_for(
         lambda: (
-            (b := d.batches(dag_id, run, fleet))
-            and d.statuses(b[-1], fleet).count("running") == 2
-            and d.watched(b[-1], fleet)
+            (b := d.batches(dag_id, run, server))
+            and d.statuses(b[-1], server).count("running") == 2
+            and d.watched(b[-1], server)
             and b[-1]
         ),
         90,
@@ -186,23 +230,23 @@ def test_7_database_restart_while_deferred_is_waited_out(deployment: Deployment,
         0.2,
     )
     restarted = time.monotonic()
-    FLEET.restart()
+    on.restartable.restart()
     wait_for(lambda: d.run_state(dag_id, run) in ("success", "failed"), 120, "the run to end")
     record("success after a restart of the database", time.monotonic() - restarted, 60)
     # The task ended with the batch's own outcome: its lost children ran again and all succeeded.
     assert d.run_state(dag_id, run) == "success", d.logs()
-    assert d.statuses(parent, fleet) == ["done"] * 4
-    assert d.marks(run, fleet) == [1, 2, 3, 4]
-    assert sorted(c["attempt"] for c in d.children(parent, fleet)) == [1, 1, 2, 2]
+    assert d.statuses(parent, server) == ["done"] * 4
+    assert d.marks(run, server) == [1, 2, 3, 4]
+    assert sorted(c["attempt"] for c in d.children(parent, server)) == [1, 1, 2, 2]
 
 
 def _triggerer_down(d: Deployment) -> None:
     d.kill("triggerer", signal.SIGKILL)
 
 
-def test_8_mark_failed_before_the_trigger_runs_stops_the_batch(deployment: Deployment, record) -> None:
+def test_8_mark_failed_before_the_trigger_runs_stops_the_batch(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
-    dag_id = "e2e_early_mark"
+    dag_id = on.dag("e2e_early_mark")
     _triggerer_down(d)  # nobody can pick the trigger up: a user is faster than the triggerer
     try:
         run = d.trigger(dag_id)
@@ -244,9 +288,9 @@ def test_9_mark_failed_before_a_triggerer_start_launches_nothing(deployment: Dep
     assert d.ti(dag_id, run)["state"] == "failed"
 
 
-def test_10_triggerer_killed_while_launching_launches_once(deployment: Deployment, record) -> None:
+def test_10_triggerer_killed_while_launching_launches_once(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
-    dag_id = "e2e_triggerer_killed_at_launch"
+    dag_id = on.dag("e2e_triggerer_killed_at_launch")
     run = d.trigger(dag_id)
     # SIGKILL as soon as the batch exists: the trigger that launched it dies with its triggerer.
     parent = wait_for(lambda: (b := d.batches(dag_id, run)) and b[-1], 90, "the batch to be launched", 0.05)
@@ -286,8 +330,8 @@ def test_11_the_example_dags_run_through_the_triggerer(deployment: Deployment) -
         assert d.worker_runs("example_pgbg_mapped") == 3  # mapped tasks launch on a worker
 
 
-def test_12_on_managed_postgres_batches_run_on_pg_cron_and_a_mark_failed_stops_them(
-    deployment: Deployment, record
+def test_12_on_managed_postgres_a_role_with_only_pgbg_user_runs_batches_in_jobs_that_park(
+    deployment: Deployment,
 ) -> None:
     d = deployment
     if d.managed_dsn is None:
@@ -300,18 +344,15 @@ def test_12_on_managed_postgres_batches_run_on_pg_cron_and_a_mark_failed_stops_t
         "WHERE m.member = r.oid) FROM pg_roles r WHERE rolname = 'pgbg_e2e'",
         dsn=managed,
     )[0] == (False, ["pgbg_user"])
-    ok = d.trigger("e2e_managed")
-    doomed = d.trigger("e2e_managed_mark_failed")
-    parent = _running_batch(d, "e2e_managed_mark_failed", doomed, "deferred", 2, managed)
-    marked = time.monotonic()
-    d.mark("e2e_managed_mark_failed", doomed, "failed")
-    wait_for(lambda: set(d.statuses(parent, managed)) == {"stopped"}, 60, "the pg_cron batch to stop", 0.1)
-    record("pg_cron children stopped after mark failed", time.monotonic() - marked, 2 * 2 + 2)
-    assert d.marks(doomed, managed) == []
-    wait_for(lambda: d.run_state("e2e_managed", ok) == "success", 120, "the pg_cron run to succeed")
-    done = d.batches("e2e_managed", ok, managed)[-1]
-    assert d.statuses(done, managed) == ["done"] * 6
-    assert d.marks(ok, managed) == [1, 2, 3, 4, 5, 6]
+    run = d.trigger("e2e_success_cron")
+    wait_for(lambda: d.run_state("e2e_success_cron", run) == "success", 120, "the pg_cron run to succeed")
+    assert d.marks(run, managed) == [1, 2, 3, 4, 5, 6]
+    assert (
+        d.sql(
+            "SELECT count(*) FROM cron.job WHERE username = 'pgbg_e2e' AND jobname LIKE 'pgbg_runner:%%'", dsn=managed
+        )[0][0]
+        >= 1
+    )
     # The role's jobs park with its work done: nothing keeps running or holds a slot afterwards.
     wait_for(
         lambda: (
@@ -344,4 +385,6 @@ def test_13_success_and_failure_callbacks_run(deployment: Deployment) -> None:
     assert d.marks(ok) == [1, 2, 3]
     if CAN_START_FROM_TRIGGER:
         # Started in the triggerer; only the end (for the success callback) takes a worker process.
+        # (The scheduler logs the executor's event a moment after the task has set its own state.)
+        wait_for(lambda: d.worker_runs("e2e_callbacks") >= 1, 30, "the worker run to be logged", 0.5)
         assert d.worker_runs("e2e_callbacks") == 1

@@ -36,44 +36,56 @@ def _callback(kind: str):
 
 CALLBACKS = {"on_success_callback": _callback("success"), "on_failure_callback": _callback("failure")}
 
-success = _dag("e2e_success", 6, 2, max_parallel=3, deferrable=True, poll_interval=1)
-mark_failed = _dag("e2e_mark_failed", 8, 30, max_parallel=2, deferrable=True, poll_interval=2)
-clear = _dag("e2e_clear", 6, 3, max_parallel=2, deferrable=True, poll_interval=2)
-triggerer_restart = _dag("e2e_triggerer_restart", 4, 6, max_parallel=2, deferrable=True, poll_interval=1)
-blocking_mark_failed = _dag("e2e_blocking_mark_failed", 6, 30, max_parallel=2, deferrable=False, poll_interval=2)
-worker_killed = _dag(
-    "e2e_worker_killed",
-    4,
-    6,
-    max_parallel=2,
-    deferrable=False,
-    poll_interval=1,
-    retries=1,
-    retry_delay=timedelta(seconds=1),
-)
-# On the fleet server, which the scenario restarts; its children are safe to run again.
-restart = _dag(
-    "e2e_db_restart",
-    4,
-    3,
-    conn="pgbg_e2e_fleet",
-    max_parallel=2,
-    deferrable=True,
-    poll_interval=1,
-    retry_lost=True,
-    statement_retries=2,
-    statement_retry_delay=0.5,
-)
-# Launched on a worker, then deferred: a mark before the trigger runs is stopped by the API server.
-early_mark = _dag("e2e_early_mark", 6, 30, max_parallel=2, deferrable=True, start_from_trigger=False)
+# The scenarios that depend on the launcher, each once per launcher: on pg_background (the main
+# server; the restart scenario on the restartable one) and, with the suffix "_cron", on the server like
+# a managed service, where the engine runs on pg_cron jobs. {"name": (children, seconds, conn, options)}
+SCENARIOS = {
+    "e2e_success": (6, 2, "pgbg_e2e", {"max_parallel": 3, "deferrable": True, "poll_interval": 1}),
+    "e2e_mark_failed": (8, 30, "pgbg_e2e", {"max_parallel": 2, "deferrable": True, "poll_interval": 2}),
+    "e2e_clear": (6, 3, "pgbg_e2e", {"max_parallel": 2, "deferrable": True, "poll_interval": 2}),
+    "e2e_triggerer_restart": (4, 6, "pgbg_e2e", {"max_parallel": 2, "deferrable": True, "poll_interval": 1}),
+    "e2e_blocking_mark_failed": (6, 30, "pgbg_e2e", {"max_parallel": 2, "deferrable": False, "poll_interval": 2}),
+    "e2e_worker_killed": (
+        4,
+        6,
+        "pgbg_e2e",
+        {
+            "max_parallel": 2,
+            "deferrable": False,
+            "poll_interval": 1,
+            "retries": 1,
+            "retry_delay": timedelta(seconds=1),
+        },
+    ),
+    # On a server the scenario restarts; its children are safe to run again.
+    "e2e_db_restart": (
+        4,
+        3,
+        "pgbg_e2e_fleet",
+        {
+            "max_parallel": 2,
+            "deferrable": True,
+            "poll_interval": 1,
+            "retry_lost": True,
+            "statement_retries": 2,
+            "statement_retry_delay": 0.5,
+        },
+    ),
+    # Launched on a worker, then deferred: a mark before the trigger runs is stopped by the API server.
+    "e2e_early_mark": (6, 30, "pgbg_e2e", {"max_parallel": 2, "deferrable": True, "start_from_trigger": False}),
+    "e2e_triggerer_killed_at_launch": (
+        4,
+        3,
+        "pgbg_e2e",
+        {"max_parallel": 2, "deferrable": True, "poll_interval": 1},
+    ),
+}
+for _name, (_children, _seconds, _conn, _options) in SCENARIOS.items():
+    globals()[_name] = _dag(_name, _children, _seconds, _conn, **_options)
+    globals()[f"{_name}_cron"] = _dag(f"{_name}_cron", _children, _seconds, "pgbg_e2e_managed", **_options)
+
 # Started in the triggerer (Airflow 3.3): a mark before the trigger runs means nothing is launched.
 early_mark_in_triggerer = _dag("e2e_early_mark_in_triggerer", 6, 30, max_parallel=2, deferrable=True)
-relaunch = _dag("e2e_triggerer_killed_at_launch", 4, 3, max_parallel=2, deferrable=True, poll_interval=1)
-# On the server like a managed service, where the engine runs on pg_cron jobs.
-managed = _dag("e2e_managed", 6, 2, conn="pgbg_e2e_managed", max_parallel=3, deferrable=True, poll_interval=1)
-managed_mark_failed = _dag(
-    "e2e_managed_mark_failed", 6, 30, conn="pgbg_e2e_managed", max_parallel=2, deferrable=True, poll_interval=1
-)
 # Task callbacks of a deferrable batch task, on success and on failure (a child divides by zero).
 callbacks = _dag("e2e_callbacks", 3, 1, max_parallel=3, deferrable=True, poll_interval=1, **CALLBACKS)
 with DAG("e2e_callbacks_failed", schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as callbacks_failed:
