@@ -68,8 +68,12 @@ class Deployment:
 
     def start(self, name: str, *args: str) -> None:
         log = open(self.home / f"{name}.log", "a")  # noqa: SIM115 - the service writes to it while it runs
+        # From AIRFLOW_HOME, as a deployment runs: from the checkout, `-m` would put the editable
+        # install's egg-info on sys.path, Airflow would see every plugin of this package twice, and its
+        # task runner stops loading plugins at a duplicate (the OpenLineage listener comes after it).
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "airflow", *args],
+            cwd=self.home,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -198,9 +202,11 @@ def running_deployment(
     expected_dags: int,
     fleet_dsn: str | None = None,
     managed_dsn: str | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Iterator[Deployment]:
     """Starts the services with their metadata in ``meta_db`` on the server of ``admin_dsn`` (recreated),
-    the DAGs of ``dags`` and the Airflow ``connections`` (id -> URI); stops them on exit."""
+    the DAGs of ``dags``, the Airflow ``connections`` (id -> URI) and more ``settings`` (environment
+    variables); stops them on exit."""
     params = conninfo_to_dict(admin_dsn)
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {meta_db} WITH (FORCE)")
@@ -237,6 +243,7 @@ def running_deployment(
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         }
     )
+    env.update(settings or {})
     env.update({f"AIRFLOW_CONN_{conn_id.upper()}": uri for conn_id, uri in connections.items()})
     d = Deployment(home, env, url, admin_dsn, fleet_dsn, managed_dsn)
     try:
