@@ -7,6 +7,9 @@ providers keep a ``version_compat`` module of their own.
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Any
+
 from airflow import __version__ as _airflow_version
 from airflow.providers.common.compat.sdk import (
     AirflowException,
@@ -35,6 +38,23 @@ TASK_FAILED_EVENT_RETRIES = AIRFLOW_V_3_3_PLUS
 """Airflow 3.3 retries a task that a trigger ended with ``TaskFailedEvent`` (and runs its retry
 callback); 3.1 and 3.2 fail it for good, so there a failure resumes on a worker, which raises."""
 
+
+def lineage_reported_for(task: Any) -> bool:
+    """Whether Airflow's OpenLineage listener reports ``task``: the provider is installed, a transport
+    is configured and its emission policy (``selective_enable``, ``disabled_for_operators``, rules)
+    lets this task through. The listener runs only in a worker's task process, so such a task must
+    start and end there. Without the provider nothing of it is imported."""
+    if importlib.util.find_spec("airflow.providers.openlineage") is None:
+        return False
+    try:
+        from airflow.providers.openlineage.conf import is_disabled
+        from airflow.providers.openlineage.utils.emission_policy import resolve_task_emission_policy
+
+        return not is_disabled() and resolve_task_emission_policy(task, task.dag_id, task.task_id).emit
+    except Exception:  # an older provider, or a configuration it cannot read: it reports nothing either
+        return False
+
+
 __all__ = [
     "AIRFLOW_VERSION",
     "AIRFLOW_V_3_2_PLUS",
@@ -48,4 +68,5 @@ __all__ = [
     "BaseOperatorLink",
     "conf",
     "hookimpl",
+    "lineage_reported_for",
 ]

@@ -3,7 +3,7 @@
 Workloads (issue 6): W1 400 x pg_sleep(0.02) at cap 8; W2 5,000 x SELECT 1 at cap 2; W3 launching
 10,000 statements and the median poll on a 10,000-child batch; W4 W1 through Airflow (dag.test); W5-W8
 (fleet, polls at 100,000, deadlock retries, worker-free DAG runs); W9 the console's queries at 100,000;
-W1 and W2 again on the pg_cron launcher.
+W1 and W2 again on the pg_cron launcher; W10 the OpenLineage lineage of a 10,000-statement batch.
 Baselines: ``thread_pool`` (a psycopg connection per slot, statements run directly), ``seed_style``
 (one pg_background worker per statement, queued ones started only when a 1 s poll happens), and
 ``ideal`` (work / cap). Figures go to bench/results.json and a table on stdout.
@@ -33,6 +33,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from fleet import w5  # noqa: E402
+from lineage_bench import w10  # noqa: E402
 from worker_free import w8  # noqa: E402
 
 from airflow_pgbg.hooks.install import install_engine_dsn  # noqa: E402
@@ -404,6 +405,7 @@ def main() -> None:
     r.update(w7(dsn))
     r.update(w8(dsn))
     r.update(cron_launcher())
+    r.update(w10(dsn))
 
     r["machine"] = machine(dsn)
     r["when"] = datetime.now(UTC).isoformat(timespec="seconds")

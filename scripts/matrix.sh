@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 LINES=${MATRIX:-"3.1 3.2 3.3 py3.12 py3.13"}
 NEWEST=3.3
 SUITES=${MATRIX_SUITES:-"tests/airflow tests/e2e tests/test_splitting.py"}
-PY_SUITES="tests/airflow/test_operator.py tests/airflow/test_trigger.py tests/airflow/test_examples.py"
+PY_SUITES="tests/airflow/test_operator.py tests/airflow/test_trigger.py tests/airflow/test_examples.py tests/airflow/test_lineage.py"
 DSN=$(bash scripts/db.sh | tail -n 1)
 bash scripts/browser.sh >/dev/null
 RESULTS=()

@@ -115,6 +115,12 @@ class EngineSql:
         self.figures = q("SELECT {s}.pg_background_figures(%s::uuid, %s)")
         self.notes = q("SELECT notes FROM {s}.batch WHERE uuid_parent = %s::uuid")
         self.progress = q("SELECT * FROM {s}.pg_background_progress(%s::uuid)")
+        # Bounded for a lineage event; the partial index on these statuses keeps it cheap at 100,000 children.
+        self.problem_sqlstates = q(
+            "SELECT coalesce(sqlstate, status::text) AS sqlstate, count(*)::int AS n FROM {s}.log_background "
+            "WHERE uuid_parent = %s::uuid AND status IN ('failed', 'lost', 'stopped') "
+            "GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 20"
+        )
         self.stop = q("SELECT {s}.pg_background_stop(%s::uuid)")
         self.stop_claimed = q("SELECT {s}.pg_background_stop(%s::uuid, %s, %s)")
         self.stop_origin = q(
@@ -416,6 +422,15 @@ class PgBackgroundHook(PostgresHook):
     def wait(self, uuid_parent: str, timeout: timedelta | float | None = None) -> str | None:
         """Blocks in the database until the batch ends; its status, or None on timeout."""
         return self._value(self.q.wait, (uuid_parent, seconds(timeout)))
+
+    def outcome(self, uuid_parent: str) -> dict[str, Any] | None:
+        """Counts per status and the 20 most frequent SQLSTATEs of failed, lost and stopped children (a child
+        without one under its status), for lineage; None if the batch is gone."""
+        state = self.poll(uuid_parent)
+        if state is None:
+            return None
+        problems = {r["sqlstate"]: r["n"] for r in self._rows(self.q.problem_sqlstates, (uuid_parent,))}
+        return {"uuid_parent": uuid_parent, "counts": state.counts_json(), "failed_sqlstates": problems}
 
     def summary(self, uuid_parent: str, *, rows: int = 20, problems: int = 5) -> dict[str, Any] | None:
         """The batch's outcome as JSON (``pg_background_summary``): counts, first rows, first problems."""

@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import StartTriggerArgs
 
-from airflow_pgbg.compat import CAN_START_FROM_TRIGGER, AirflowException, AirflowTaskTimeout, BaseOperator, conf
+from airflow_pgbg.compat import (
+    CAN_START_FROM_TRIGGER,
+    AirflowException,
+    AirflowTaskTimeout,
+    BaseOperator,
+    conf,
+    lineage_reported_for,
+)
 from airflow_pgbg.hooks.install import validate_schema
 from airflow_pgbg.hooks.outage import DEFAULT_RECONNECT_TIMEOUT, EngineUnreachable
 from airflow_pgbg.hooks.pgbg import BatchOptions, PgBackgroundHook, seconds
@@ -159,7 +166,14 @@ class PgBackgroundBatchOperator(BaseOperator):
         self.max_result_rows = max_result_rows
         self.uuid_parent: str | None = None
         self.claim: str | None = None
-        if deferrable and CAN_START_FROM_TRIGGER and start_from_trigger is not False:
+        # The OpenLineage listener reports only from a worker's task process: a task it reports starts
+        # and ends on a worker unless told otherwise.
+        self._reported_lineage = lineage_reported_for(self)
+        if (
+            deferrable
+            and CAN_START_FROM_TRIGGER
+            and (start_from_trigger or (start_from_trigger is None and not self._reported_lineage))
+        ):
             self.start_from_trigger = True
             self.start_trigger_args = StartTriggerArgs(
                 trigger_cls=TRIGGER_CLASS,
@@ -188,12 +202,14 @@ class PgBackgroundBatchOperator(BaseOperator):
             "execution_timeout": self.execution_timeout.total_seconds() if self.execution_timeout else None,
             "max_result_rows": self.max_result_rows,
             "resume_on_success": self._resume_on_success(),
+            "resume_on_failure": self._reported_lineage,
         }
 
     def _resume_on_success(self) -> bool:
         """A success callback runs only on a worker: Airflow's DAG processor drops it for a task that its
-        trigger ended (3.3.2: "Task callback requested but is not a failure callback")."""
-        return bool(self.on_success_callback)
+        trigger ended (3.3.2: "Task callback requested but is not a failure callback"); so does the
+        OpenLineage listener."""
+        return bool(self.on_success_callback) or self._reported_lineage
 
     def _option_kwargs(self) -> dict[str, Any]:
         return {
@@ -234,15 +250,15 @@ class PgBackgroundBatchOperator(BaseOperator):
             o["retry_lost"],
         )
 
-    def statements(self) -> list[str]:
-        """The rendered ``sql`` split into statements."""
+    def statements(self, hook: PgBackgroundHook | None = None) -> list[str]:
+        """The rendered ``sql`` split into statements (by ``hook`` if given, when the delimiter is not ``;``)."""
         parts = [self.sql] if isinstance(self.sql, str) else list(self.sql)
         out: list[str] = []
         for part in parts:
             if self.delimiter == DEFAULT_DELIMITER:
                 out.extend(split_statements(part))
             else:
-                out.extend(self.hook.split(part, self.delimiter))
+                out.extend((hook or self.hook).split(part, self.delimiter))
         if not out:
             raise AirflowException(f"{self.task_id}: no SQL statement to run (only blanks or comments)")
         return out
@@ -302,6 +318,8 @@ class PgBackgroundBatchOperator(BaseOperator):
 
         deadline = time.time() + self.execution_timeout.total_seconds() if self.execution_timeout else None
         if self.deferrable:
+            # Asked again now that the DAG is complete: selective_enable marks tasks after they are built.
+            self._reported_lineage = lineage_reported_for(self)
             self.defer(
                 trigger=PgBackgroundBatchTrigger(
                     self.uuid_parent,
@@ -314,6 +332,7 @@ class PgBackgroundBatchOperator(BaseOperator):
                     reconnect_timeout=self.reconnect_timeout or DEFAULT_RECONNECT_TIMEOUT,
                     max_result_rows=self.max_result_rows,
                     resume_on_success=self._resume_on_success(),
+                    resume_on_failure=self._reported_lineage,
                 ),
                 method_name="execute_complete",
                 kwargs={"uuid_parent": self.uuid_parent, "claim": self.claim},
@@ -388,6 +407,47 @@ class PgBackgroundBatchOperator(BaseOperator):
         if trigger_failed:
             raise AirflowException(f"the trigger failed the task although batch {uuid_parent} succeeded; see its log")
         return summary
+
+    # -- lineage (the openlineage extra) ----------------------------------------------------------
+
+    def _lineage(self, *, ended: bool) -> Any:
+        try:
+            from airflow_pgbg.lineage import batch_lineage
+        except ImportError:  # no OpenLineage provider: no lineage, and nothing of it imported
+            return None
+        # A hook of its own: the OpenLineage listener calls these methods in a forked process, where the task's
+        # hook connection, if open, is the parent's socket.
+        hook = PgBackgroundHook(
+            postgres_conn_id=self.postgres_conn_id, database=self.database, engine_schema=self.engine_schema
+        )
+        try:
+            connection = hook.get_connection(self.postgres_conn_id)
+            outcome = hook.outcome(self.uuid_parent) if ended and self.uuid_parent else None
+            return batch_lineage(
+                self.statements(hook),
+                host=connection.host,
+                port=connection.port,
+                database=self.database or connection.schema,
+                query=lambda sql, params: hook.get_records(sql, parameters=params),
+                outcome=outcome,
+            )
+        except Exception:  # lineage never fails the task
+            self.log.warning("OpenLineage: could not build the batch's lineage", exc_info=True)
+            return None
+        finally:
+            hook.close()
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        """Tables the batch's statements read and write, as the official SQL operators report them."""
+        return self._lineage(ended=False)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """The same, with the batch's UUID and counts."""
+        return self._lineage(ended=True)
+
+    def get_openlineage_facets_on_failure(self, task_instance: Any) -> Any:
+        """The same, with the SQLSTATEs of the children that failed."""
+        return self._lineage(ended=True)
 
     # -- kill -------------------------------------------------------------------------------------
 

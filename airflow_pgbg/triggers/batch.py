@@ -59,6 +59,8 @@ class PgBackgroundBatchTrigger(BaseTrigger):
     :param resume_on_success: end a successful task on a worker (``execute_complete``) instead of in
         the triggerer, for what runs only there: Airflow's DAG processor runs no success callback for a
         task that a trigger ended.
+    :param resume_on_failure: end a failed task on a worker too (Airflow < 3.3 always does), for the
+        OpenLineage listener, which reports a task's end only from its worker.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         execution_timeout: float | None = None,
         max_result_rows: int = 20,
         resume_on_success: bool = False,
+        resume_on_failure: bool = False,
     ) -> None:
         super().__init__()
         if uuid_parent is None and sql is None:
@@ -110,6 +113,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         self.execution_timeout = execution_timeout
         self.max_result_rows = max_result_rows
         self.resume_on_success = resume_on_success
+        self.resume_on_failure = resume_on_failure
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -136,6 +140,7 @@ class PgBackgroundBatchTrigger(BaseTrigger):
                 "execution_timeout": self.execution_timeout,
                 "max_result_rows": self.max_result_rows,
                 "resume_on_success": self.resume_on_success,
+                "resume_on_failure": self.resume_on_failure,
             },
         )
 
@@ -185,10 +190,10 @@ class PgBackgroundBatchTrigger(BaseTrigger):
 
     def _failure(self, message: str, *, timeout_stopped: int | None = None) -> TriggerEvent:
         self.log.error("%s", message)
-        if TASK_FAILED_EVENT_RETRIES:
+        if TASK_FAILED_EVENT_RETRIES and not self.resume_on_failure:
             return TaskFailedEvent(xcoms=self._batch_xcom())
         # Airflow < 3.3 would fail a TaskFailedEvent for good: resume on a worker, which raises, so
-        # the task's retries and failure callbacks apply.
+        # the task's retries and failure callbacks apply (and the OpenLineage listener sees the end).
         if timeout_stopped is not None:
             return TriggerEvent({"uuid_parent": self.uuid_parent, "status": "timeout", "stopped": timeout_stopped})
         return TriggerEvent({"uuid_parent": self.uuid_parent, "status": "error", "message": message})

@@ -7,6 +7,7 @@ restartable one (tests.servers.FLEET) that a scenario restarts, and one like a m
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -40,8 +41,28 @@ def _role_and_tables(dsn: str, role_password: str) -> None:
         conn.execute(f"DROP ROLE IF EXISTS {ROLE}")
         conn.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{role_password}' IN ROLE pgbg_user")
         conn.execute(f"CREATE SCHEMA pgbg_e2e AUTHORIZATION {ROLE}")
-        conn.execute("CREATE TABLE pgbg_e2e.marks (run_id text, n int)")
-        conn.execute(f"ALTER TABLE pgbg_e2e.marks OWNER TO {ROLE}")
+        # marks: what children write; lineage_b/_c: the tables the lineage DAGs read and write.
+        for table in ("marks (run_id text, n int)", "lineage_b (n int, label text)", "lineage_c (n int)"):
+            conn.execute(f"CREATE TABLE pgbg_e2e.{table}")
+            conn.execute(f"ALTER TABLE pgbg_e2e.{table.split()[0]} OWNER TO {ROLE}")
+
+
+OPENLINEAGE_EVENTS = "openlineage.jsonl"
+
+
+def _openlineage(home: Path) -> dict[str, str]:
+    """OpenLineage as a user configures it: events to a file (one JSON per line), reported for the
+    lineage DAGs only (an emission policy), so that every other DAG keeps running without a worker."""
+    transport = {"type": "file", "log_file_path": str(home / OPENLINEAGE_EVENTS), "append": True}
+    policy = [
+        {"scope": {}, "controls": {"emit": False}},
+        {"scope": {"dag_id": "e2e_lineage.*"}, "match_mode": "regex", "controls": {"emit": True}},
+    ]
+    return {
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(transport),
+        "AIRFLOW__OPENLINEAGE__EMISSION_POLICY": json.dumps(policy),
+        "AIRFLOW__OPENLINEAGE__NAMESPACE": "pgbg-e2e",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +97,10 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
         connections,
         meta_db=META_DB,
         dag_prefix="e",
-        expected_dags=len(SCENARIOS) * 2 + 3 + len(EXAMPLE_DAGS),
+        expected_dags=len(SCENARIOS) * 2 + 5 + len(EXAMPLE_DAGS),
         fleet_dsn=fleet_dsn,
         managed_dsn=managed_dsn,
+        settings=_openlineage(home),
     ) as d:
         yield d
 

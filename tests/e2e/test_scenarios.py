@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ import psutil
 import pytest
 
 from airflow_pgbg.compat import CAN_START_FROM_TRIGGER
-from tests.e2e.conftest import Deployment, wait_for
+from tests.e2e.conftest import OPENLINEAGE_EVENTS, Deployment, wait_for
 from tests.servers import FLEET, MANAGED, Instance
 
 FINAL = {"done", "failed", "stopped", "lost"}
@@ -388,3 +389,58 @@ def test_13_success_and_failure_callbacks_run(deployment: Deployment) -> None:
         # (The scheduler logs the executor's event a moment after the task has set its own state.)
         wait_for(lambda: d.worker_runs("e2e_callbacks") >= 1, 30, "the worker run to be logged", 0.5)
         assert d.worker_runs("e2e_callbacks") == 1
+
+
+def _lineage_events(d: Deployment, job: str) -> list[dict]:
+    path = d.home / OPENLINEAGE_EVENTS
+    if not path.exists():
+        return []
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in events if e.get("job", {}).get("name") == job]
+
+
+def _tables(datasets: list[dict]) -> set[str]:
+    assert all(ds["namespace"].startswith("postgres://") for ds in datasets), datasets
+    return {ds["name"].split(".", 1)[1] for ds in datasets}  # database.schema.table -> schema.table
+
+
+def test_14_openlineage_reports_the_tables_of_a_batch_from_its_worker(deployment: Deployment) -> None:
+    d = deployment
+    ok, failed = d.trigger("e2e_lineage"), d.trigger("e2e_lineage_failed")
+    wait_for(lambda: d.run_state("e2e_lineage", ok) == "success", 90, "the lineage run to succeed")
+    wait_for(lambda: d.run_state("e2e_lineage_failed", failed) == "failed", 90, "the failing lineage run to fail")
+    ended = wait_for(
+        lambda: [e for e in _lineage_events(d, "e2e_lineage.batch") if e["eventType"] == "COMPLETE"],
+        30,
+        "the COMPLETE event",
+        0.5,
+    )
+    events = _lineage_events(d, "e2e_lineage.batch")
+    started = [e for e in events if e["eventType"] == "START"]
+    assert started, [e["eventType"] for e in events]
+    # Read: b, and a (created by the batch's first statement); written: a and c. VACUUM adds nothing.
+    for event in (started[0], ended[-1]):
+        assert _tables(event["inputs"]) == {"pgbg_e2e.lineage_a", "pgbg_e2e.lineage_b"}, event["inputs"]
+        assert _tables(event["outputs"]) == {"pgbg_e2e.lineage_a", "pgbg_e2e.lineage_c"}, event["outputs"]
+    columns = {
+        ds["name"].rsplit(".", 1)[1]: [f["name"] for f in ds["facets"]["schema"]["fields"]]
+        for ds in ended[-1]["inputs"]
+    }
+    assert columns["lineage_b"] == ["n", "label"]
+    batch = ended[-1]["run"]["facets"]["pgbg_batch"]
+    assert batch["batchUuid"] == d.batches("e2e_lineage", ok)[-1]
+    assert batch["counts"]["done"] == 3
+    assert "vacuum pgbg_e2e.lineage_c" in ended[-1]["job"]["facets"]["sql"]["query"]
+    # The failure: FAIL with the SQLSTATE of the child that failed.
+    fail = wait_for(
+        lambda: [e for e in _lineage_events(d, "e2e_lineage_failed.batch") if e["eventType"] == "FAIL"],
+        30,
+        "the FAIL event",
+        0.5,
+    )
+    assert fail[-1]["run"]["facets"]["pgbg_batch"]["failedSqlstates"] == {"22012": 1}
+    assert _tables(fail[-1]["outputs"]) == {"pgbg_e2e.lineage_c"}
+    # Reported tasks start and end on a worker (the listener runs only there); nothing else changed:
+    # DAGs without lineage still ran without one (scenario 11).
+    wait_for(lambda: d.worker_runs("e2e_lineage") >= 2, 30, "the worker runs to be logged", 0.5)
+    assert d.worker_runs("e2e_lineage") == 2

@@ -96,3 +96,23 @@ with DAG("e2e_callbacks_failed", schedule=None, start_date=datetime(2025, 1, 1),
         deferrable=True,
         **CALLBACKS,
     )
+
+# Lineage (OpenLineage reports these DAGs only, see conftest._openlineage). One at a time, in order: a
+# child reads the table the one before it created.
+LINEAGE_SQL = [
+    "create table pgbg_e2e.lineage_a as select n, label from pgbg_e2e.lineage_b",
+    "insert into pgbg_e2e.lineage_c select n from pgbg_e2e.lineage_a",
+    "vacuum pgbg_e2e.lineage_c",
+]
+with DAG("e2e_lineage", schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as lineage:
+    PgBackgroundBatchOperator(
+        task_id="batch", postgres_conn_id="pgbg_e2e", sql=LINEAGE_SQL, max_parallel=1, deferrable=True, poll_interval=1
+    )
+with DAG("e2e_lineage_failed", schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as lineage_failed:
+    PgBackgroundBatchOperator(
+        task_id="batch",
+        postgres_conn_id="pgbg_e2e",
+        sql=["insert into pgbg_e2e.lineage_c select n from pgbg_e2e.lineage_b", "select 1/0"],
+        deferrable=True,
+        poll_interval=1,
+    )
