@@ -48,9 +48,12 @@ def lineage_reported_for(task: Any) -> bool:
         return False
     try:
         from airflow.providers.openlineage.conf import is_disabled
+
+        if is_disabled():  # no transport configured, or turned off
+            return False
         from airflow.providers.openlineage.utils.emission_policy import resolve_task_emission_policy
 
-        return not is_disabled() and resolve_task_emission_policy(task, task.dag_id, task.task_id).emit
+        return resolve_task_emission_policy(task, task.dag_id, task.task_id).emit
     except Exception:  # an older provider, or a configuration it cannot read: it reports nothing either
         return False
 

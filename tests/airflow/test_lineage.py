@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import uuid
@@ -245,3 +247,32 @@ def test_without_the_openlineage_provider_nothing_of_it_is_imported() -> None:
         "assert 'airflow_pgbg.lineage' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_a_task_openlineage_reports_starts_and_ends_on_a_worker(tmp_path: Path) -> None:
+    # Configured as a user would, in a process of its own (the provider reads its configuration once).
+    policy = [
+        {"scope": {}, "controls": {"emit": False}},
+        {"scope": {"dag_id": "reported"}, "controls": {"emit": True}},
+    ]
+    env = {
+        **os.environ,
+        "AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps({"type": "file", "log_file_path": str(tmp_path / "ol.jsonl")}),
+        "AIRFLOW__OPENLINEAGE__EMISSION_POLICY": json.dumps(policy),
+    }
+    script = (
+        "from airflow.sdk import DAG\n"
+        "from airflow_pgbg.compat import CAN_START_FROM_TRIGGER\n"
+        "from airflow_pgbg.operators.batch import PgBackgroundBatchOperator\n"
+        "with DAG('reported', schedule=None):\n"
+        "    reported = PgBackgroundBatchOperator(task_id='t', sql='select 1', deferrable=True)\n"
+        "with DAG('quiet', schedule=None):\n"
+        "    quiet = PgBackgroundBatchOperator(task_id='t', sql='select 1', deferrable=True)\n"
+        "assert reported._reported_lineage and not quiet._reported_lineage\n"
+        "assert reported._resume_on_success() and not quiet._resume_on_success()\n"
+        "if CAN_START_FROM_TRIGGER:\n"
+        "    assert not reported.start_from_trigger, 'the listener must see its start'\n"
+        "    assert quiet.start_from_trigger\n"
+        "    assert quiet.start_trigger_args.trigger_kwargs['resume_on_failure'] is False\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env=env)
