@@ -105,6 +105,16 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
         yield d
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    """A failed scenario's report carries the services' logs: in CI they are gone with the run."""
+    report = yield
+    deployment = getattr(item, "funcargs", {}).get("deployment")
+    if report.when == "call" and report.failed and deployment is not None:
+        report.sections.append(("airflow services (last lines of each log)", deployment.logs()))
+    return report
+
+
 @pytest.fixture
 def record(request: pytest.FixtureRequest) -> Callable[[str, float, float], None]:
     """Prints a scenario's figure next to its bound, and checks the bound."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from airflow_pgbg.compat import CAN_START_FROM_TRIGGER
+from airflow_pgbg.compat import CAN_START_FROM_TRIGGER, TRIGGER_HAS_ON_KILL
 from tests.e2e.conftest import OPENLINEAGE_EVENTS, Deployment, wait_for
 from tests.servers import FLEET, MANAGED, Instance
 
@@ -135,13 +135,15 @@ def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Dep
     # The first try's trigger is cancelled and stops the running children; the new try, started
     # by Airflow before that cancellation, waits for the old trigger to go before resuming.
     wait_for(
-        lambda: "stopped" in d.statuses(parent) or d.children(parent)[2]["attempt"] > 1,
+        lambda: any(c["status"] == "stopped" or c["attempt"] > 1 for c in d.children(parent)),
         30,
         "the running children stopped",
         0.1,
     )
-    record("children stopped after clear", time.monotonic() - cleared, 2 * 2 + 2)
-    wait_for(lambda: d.run_state(dag_id, run) == "success", 120, "the new try to succeed")
+    # Airflow 3.3 calls the old trigger's on_kill(); before, the stop comes with the triggerer's
+    # cancellation of that trigger, which has been seen to take up to 9 s after the clear.
+    record("children stopped after clear", time.monotonic() - cleared, 2 * 2 + 2 if TRIGGER_HAS_ON_KILL else 20)
+    wait_for(lambda: d.run_state(dag_id, run) == "success", 180, "the new try to succeed")
     assert d.ti(dag_id, run)["try_number"] == 2
     assert d.batches(dag_id, run) == [parent]  # the new try resumed the same batch
     assert d.statuses(parent) == ["done"] * 6
