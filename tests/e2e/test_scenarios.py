@@ -407,6 +407,7 @@ def _tables(datasets: list[dict]) -> set[str]:
 
 
 def test_14_openlineage_reports_the_tables_of_a_batch_from_its_worker(deployment: Deployment) -> None:
+    pytest.importorskip("airflow.providers.openlineage", reason="needs the openlineage extra")
     d = deployment
     ok, failed = d.trigger("e2e_lineage"), d.trigger("e2e_lineage_failed")
     wait_for(lambda: d.run_state("e2e_lineage", ok) == "success", 90, "the lineage run to succeed")
