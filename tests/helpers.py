@@ -17,10 +17,12 @@ def launch(
     monitor: bool = False,
     max_parallel: int | None = None,
     label: str | None = None,
+    statement_timeout: str | None = None,
 ) -> str:
     row = conn.execute(
-        "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => %s, p_max_parallel => %s, p_label => %s)",
-        (list(statements), monitor, max_parallel, label),
+        "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => %s, p_max_parallel => %s, p_label => %s,"
+        " p_statement_timeout => %s::interval)",
+        (list(statements), monitor, max_parallel, label, statement_timeout),
     ).fetchone()
     return str(row[0])
 

@@ -887,6 +887,39 @@ $fn$;
 COMMENT ON FUNCTION @schema@._cron_child_start(text, uuid) IS
     'Schedules the job that runs one child at top level; its runner unschedules it once its run has ended.';
 
+CREATE FUNCTION @schema@._cron_job_command(p_sql text, p_search_path text)
+RETURNS text
+LANGUAGE sql STABLE
+-- A pg_cron job starts a new session of the role, with the role's default search_path (the one
+-- RESET restores here: runners are such sessions too). A statement that only needs a timeout is
+-- preceded by the batch's search_path; one that must be a top-level statement of its own cannot
+-- be, since a second statement in the command puts it in a transaction block.
+RETURN CASE
+    WHEN p_search_path = (SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE s.name = 'search_path') THEN p_sql
+    WHEN NOT @schema@._needs_own_worker(p_sql)
+        THEN format('SELECT pg_catalog.set_config(''search_path'', %L, false); %s', p_search_path, p_sql)
+END;
+COMMENT ON FUNCTION @schema@._cron_job_command(text, text) IS
+    'Command of the pg_cron job that runs a child with the batch''s search_path; NULL when that cannot be done.';
+
+CREATE FUNCTION @schema@._cron_refuse_search_path(p_sql text, p_search_path text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $fn$
+BEGIN
+    RAISE EXCEPTION 'under pg_cron, % runs as a job of its own with the role''s default search_path (%), not the batch''s (%)',
+        split_part(@schema@._statement_head(p_sql), ' ', 1),
+        (SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE s.name = 'search_path'), p_search_path
+        USING ERRCODE = 'feature_not_supported',
+              DETAIL = 'It must be a top-level statement of its own, so the job cannot set search_path before it.',
+              HINT = 'Schema-qualify the names it uses and launch with the default search_path, or make the '
+                     'batch''s search_path the role''s default (ALTER ROLE ... SET search_path).';
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_refuse_search_path(text, text) IS
+    'Raises the error of a child _cron_job_command() cannot run: at launch, or in the runner for a child '
+    'whose role''s default differs from the launching session''s.';
+
 CREATE FUNCTION @schema@._cron_run(p_job bigint)
 RETURNS @schema@.cron_run
 LANGUAGE plpgsql STABLE
@@ -1044,6 +1077,7 @@ DECLARE
     v_seq int;
     v_after int := 0;
     v_sql text;
+    v_command text;
     v_mode text;
     v_result jsonb;
     v_state text;
@@ -1185,8 +1219,11 @@ BEGIN
             v_cancelled := false;
             v_timed_out := false;
             v_gone_since := NULL;
+            v_command := @schema@._cron_job_command(v_sql, v_batch.search_path);
             BEGIN
-                v_job := @schema@._cron_child_start(v_sql, v_child);
+                IF v_command IS NOT NULL THEN
+                    v_job := @schema@._cron_child_start(v_command, v_child);
+                END IF;
             EXCEPTION WHEN query_canceled THEN
                 NULL;  -- stopped before it was scheduled; recorded below
             END;
@@ -1235,6 +1272,8 @@ BEGIN
                 IF pg_current_xact_id_if_assigned() IS NULL THEN
                     PERFORM set_config('synchronous_commit', 'off', true);
                 END IF;
+            ELSIF v_cron AND v_command IS NULL THEN
+                PERFORM @schema@._cron_refuse_search_path(v_sql, v_batch.search_path);
             ELSIF v_cron THEN
                 v_result := @schema@._cron_child_result(v_job, v_run, v_cancelled, v_timed_out);
             ELSIF v_pid IS NULL THEN
@@ -1639,6 +1678,13 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege',
                   HINT = format('GRANT USAGE ON SCHEMA cron TO %I (python -m airflow_pgbg install grants it to pgbg_user).',
                                 current_user);
+    END IF;
+    IF @schema@._launcher() = 'pg_cron' THEN
+        -- Early, for the common case; the runner checks again against its own session's default.
+        PERFORM @schema@._cron_refuse_search_path(q, p_search_path)
+           FROM unnest(p_querys) q
+          WHERE @schema@._cron_job_command(q, p_search_path) IS NULL
+          LIMIT 1;
     END IF;
     INSERT INTO @schema@.batch (uuid_parent, label, user_name, ip_client, max_parallel, search_path,
                                 fail_fast, statement_timeout, origin, retries, retry_delay, retry_backoff,

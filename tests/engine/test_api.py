@@ -232,14 +232,52 @@ def test_unknown_uuid_monitor_is_empty_wait_and_stop_raise(user: psycopg.Connect
         user.execute("SELECT pgbg.pg_background_stop(%s)", (unknown,))
 
 
-def test_children_run_with_the_submitters_search_path(user: psycopg.Connection, scratch: str) -> None:
+@pytest.mark.parametrize("timeout", [None, "1 min"], ids=["in-runner", "own-worker"])
+def test_children_run_with_the_submitters_search_path(
+    user: psycopg.Connection, scratch: str, launcher: str, timeout: str | None
+) -> None:
     user.execute(f"CREATE TABLE {scratch}.t (a int)")
-    # Without public, where pg_background lives: runners and nested workers must not depend on it.
+    # Without public, where pg_background lives: runners, nested workers and pg_cron jobs must not
+    # depend on it. A timeout puts every child in a worker (pg_cron: a job) of its own.
     user.execute(f"SET search_path = {scratch}")
-    parent = launch(user, ["insert into t values (1)", "select count(*) as n from t", "vacuum t"], max_parallel=1)
+    statements = ["insert into t values (1)", "select count(*) as n from t"]
+    if launcher == "pg_background":
+        statements.append("vacuum t")  # pg_cron: see test_cron_top_level_statement_needs_the_default_search_path
+    parent = launch(user, statements, max_parallel=1, statement_timeout=timeout)
     assert wait(user, parent) == "done"
     assert user.execute(f"SELECT count(*) FROM {scratch}.t").fetchone()[0] == 1
-    assert [r["result"]["command"] for r in monitor(user, parent)] == ["INSERT 0 1", "SELECT 1", "VACUUM"]
+    assert [r["result"]["command"] for r in monitor(user, parent)] == ["INSERT 0 1", "SELECT 1", "VACUUM"][
+        : len(statements)
+    ]
+
+
+def test_cron_top_level_statement_needs_the_default_search_path(
+    user: psycopg.Connection, user_dsn: str, scratch: str, launcher: str
+) -> None:
+    if launcher != "pg_cron":
+        pytest.skip("pg_background workers inherit the batch's search_path")
+    user.execute(f"CREATE TABLE {scratch}.t (a int)")
+    # SET in the session: refused at launch, nothing recorded.
+    user.execute(f"SET search_path = {scratch}")
+    before = user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0]
+    with pytest.raises(
+        psycopg.errors.FeatureNotSupported, match="VACUUM runs as a job of its own with the role's default"
+    ):
+        launch(user, ["insert into t values (1)", "vacuum t"])
+    assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == before
+    # Given at connection time, the launching session's default is not the job's: the runner, a
+    # session like the job's, refuses that child alone, with the same message.
+    with psycopg.connect(user_dsn, autocommit=True, options=f"-c search_path={scratch}") as other:
+        parent = launch(other, ["insert into t values (1)", "vacuum t"], max_parallel=1)
+        assert wait(other, parent) == "failed"
+        rows = monitor(other, parent)
+    assert statuses(rows) == ["done", "failed"]
+    assert rows[1]["sqlstate"] == "0A000"
+    assert "runs as a job of its own with the role's default search_path" in rows[1]["error"]
+    # Schema-qualified, with the default search_path, it runs.
+    user.execute("RESET search_path")
+    parent = launch(user, [f"vacuum {scratch}.t"])
+    assert wait(user, parent) == "done"
 
 
 def test_vocabulary_and_monitor_shape_match_python(user: psycopg.Connection) -> None:
