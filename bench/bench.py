@@ -353,23 +353,39 @@ def cron_launcher(runs: int = 3) -> dict[str, object]:
     install_engine_dsn(dsn, launcher="pg_cron")
     w1 = [engine_run_detail(dsn, ["select pg_sleep(0.02)"] * 400, 8) for _ in range(runs)]
     w2 = [engine_run_detail(dsn, ["select 1"] * 5000, 2) for _ in range(runs)]
-    # W1 and W2 launch right after the batch before: pg_cron must first see the last run of a parked job
-    # end. A batch launched after a pause (as Airflow tasks are) waits only for pg_cron's next loop.
+    # W1 and W2 launch right after the batch before, which the role's runners, still there for
+    # settings.cron_linger, take at once. A batch launched after they parked waits for pg_cron to start
+    # their jobs again: within its next loop, or up to 2 s if the last run has only just ended.
+    linger = fetch_linger(dsn)
     pauses = random.Random(0)
-    after_pause = []
-    for _ in range(8):
-        time.sleep(pauses.uniform(1.5, 3.0))
-        makespan, from_first_start = engine_run_detail(dsn, ["select 1"] * 4, 2)
-        after_pause.append(makespan - from_first_start)
+
+    def first_starts(samples: int, low: float, high: float) -> list[float]:
+        starts = []
+        for _ in range(samples):
+            time.sleep(pauses.uniform(low, high))
+            makespan, from_first_start = engine_run_detail(dsn, ["select 1"] * 4, 2)
+            starts.append(makespan - from_first_start)
+        return starts
+
+    lingering = first_starts(6, 0.2, linger * 0.8)
+    parked = first_starts(6, linger + 1.5, linger + 3.0)
     return {
         "cron_w1_makespan": statistics.median(r[0] for r in w1),
         "cron_w1_from_first_start": statistics.median(r[1] for r in w1),
         "cron_w1_first_start": statistics.median(r[0] - r[1] for r in w1),
         "cron_w2_children_per_s": statistics.median(5000 / r[0] for r in w2),
         "cron_w2_from_first_start_per_s": statistics.median(5000 / r[1] for r in w2),
-        "cron_first_start_after_pause_median": statistics.median(after_pause),
-        "cron_first_start_after_pause_max": max(after_pause),
+        "cron_linger_s": linger,
+        "cron_first_start_lingering_median": statistics.median(lingering),
+        "cron_first_start_lingering_max": max(lingering),
+        "cron_first_start_parked_median": statistics.median(parked),
+        "cron_first_start_parked_max": max(parked),
     }
+
+
+def fetch_linger(dsn: str) -> float:
+    with psycopg.connect(dsn) as conn:
+        return float(conn.execute("SELECT extract(epoch FROM cron_linger) FROM pgbg.settings").fetchone()[0])
 
 
 # -- main ------------------------------------------------------------------------------------------

@@ -50,7 +50,8 @@ CREATE TABLE @schema@.settings (
     preview_rows int NOT NULL DEFAULT 100 CHECK (preview_rows >= 0),
     preview_bytes int NOT NULL DEFAULT 65536 CHECK (preview_bytes >= 0),
     launcher text NOT NULL DEFAULT 'pg_background' CHECK (launcher IN ('pg_background', 'pg_cron')),
-    cron_max_running_jobs int CHECK (cron_max_running_jobs > 0)
+    cron_max_running_jobs int CHECK (cron_max_running_jobs > 0),
+    cron_linger interval NOT NULL DEFAULT '5 s' CHECK (cron_linger >= interval '0')
 );
 COMMENT ON TABLE @schema@.settings IS 'Engine-wide settings; only pgbg_admin may change them.';
 COMMENT ON COLUMN @schema@.settings.max_workers IS
@@ -61,6 +62,10 @@ COMMENT ON COLUMN @schema@.settings.launcher IS
 COMMENT ON COLUMN @schema@.settings.cron_max_running_jobs IS
     'cron.max_running_jobs, which only superusers may read, recorded by the installer (it changes only '
     'with a restart; run the installer again after one).';
+COMMENT ON COLUMN @schema@.settings.cron_linger IS
+    'pg_cron: how long a runner with nothing left to run stays for its role''s next batch before it parks '
+    'its job. A batch launched meanwhile starts within 20 ms; a parked job takes pg_cron up to 2 s to start '
+    'again. Each lingering runner holds one of cron.max_running_jobs.';
 INSERT INTO @schema@.settings DEFAULT VALUES;
 
 CREATE TABLE @schema@.batch (
@@ -1370,6 +1375,9 @@ DECLARE
     v_ran boolean;
     v_parents uuid[];
     v_settled boolean := false;
+    v_idle_since timestamptz := clock_timestamp();
+    v_linger interval := (SELECT s.cron_linger FROM @schema@.settings s);
+    v_woken boolean;
 BEGIN
     PERFORM set_config('application_name', 'pgbg:cron', false);
     -- The finished runs of this role's runner jobs (job_run_details would grow every second otherwise).
@@ -1394,6 +1402,7 @@ BEGIN
         PERFORM set_config('application_name', 'pgbg:cron', false);
         IF v_ran THEN
             v_settled := false;
+            v_idle_since := clock_timestamp();
         END IF;
         -- A runner of this role killed mid-child (its job runs again a second later: this may be it)
         -- left that child 'running'. Settle it here, lost or queued again: a poll could, but a
@@ -1415,6 +1424,26 @@ BEGIN
             -- Work, but no free slot: this job runs again in a second.
             RETURN;
         END IF;
+        -- Idle: stay a moment (settings.cron_linger) before parking. The role's next batch often
+        -- follows soon (a script's next launch, a DAG's next task): a runner still here takes it
+        -- within 20 ms, where a parked job starts only after pg_cron has seen this run end (up to
+        -- 2 s). The probe reads the small index of queued children. A run of a parked job does not
+        -- linger: pg_cron started it for a tick that came while the last run lingered, or at its own
+        -- start, and nothing is about to be launched for it.
+        v_woken := false;
+        IF clock_timestamp() < v_idle_since + v_linger
+           AND NOT EXISTS (SELECT 1 FROM cron.job_run_details d JOIN cron.job j USING (jobid)
+                            WHERE d.job_pid = pg_backend_pid() AND d.status IN ('starting', 'running')
+                              AND j.schedule = '@reboot') THEN
+            WHILE NOT v_woken AND clock_timestamp() < v_idle_since + v_linger LOOP
+                COMMIT;
+                PERFORM pg_sleep(0.02);
+                v_woken := EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
+                                    WHERE x.status = 'queued' AND bt.role_name = current_user
+                                      AND bt.stop_requested_at IS NULL);
+            END LOOP;
+        END IF;
+        CONTINUE WHEN v_woken;
         -- Nothing left: leave for good, unless work was queued meanwhile (which waits for this lock,
         -- then schedules a job if none is left).
         PERFORM pg_advisory_xact_lock(@schema@._role_key());
@@ -1435,7 +1464,7 @@ END
 $fn$;
 COMMENT ON PROCEDURE @schema@._cron_runner() IS
     'Body of a pg_cron runner job: runs the batches of its role like a pg_background runner, then '
-    'parks its job (schedule @reboot) when the role has no queued work left.';
+    'parks its job (schedule @reboot) once the role has had no queued work for settings.cron_linger.';
 
 CREATE FUNCTION @schema@._launch_runners(p_parent uuid, p_enqueue_xid xid8, p_count int)
 RETURNS int
