@@ -189,6 +189,22 @@ $fn$;
 COMMENT ON FUNCTION @schema@._cron_ensure_runners(int) IS
     'Schedules runner jobs of the caller''s role until it has p_wanted of them; returns how many it added.';
 
+CREATE FUNCTION @schema@._cron_park()
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    -- Parked rather than removed: '@reboot' runs it only when pg_cron starts (after a server
+    -- restart, when it resumes the role's queued work), and the job keeps its id for a fast
+    -- next start. A role has at most as many as its largest cap.
+    PERFORM cron.schedule(j.jobname, '@reboot', j.command)
+       FROM cron.job_run_details d JOIN cron.job j USING (jobid)
+      WHERE d.job_pid = pg_backend_pid() AND d.status IN ('starting', 'running');
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_park() IS
+    'Parks the pg_cron runner job this session is a run of (schedule @reboot), for the next batch to wake.';
+
 CREATE PROCEDURE @schema@._cron_runner()
 LANGUAGE plpgsql
 AS $fn$
@@ -243,7 +259,17 @@ BEGIN
         IF NOT v_ran AND EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
                                   WHERE x.status = 'queued' AND bt.role_name = current_user
                                     AND bt.stop_requested_at IS NULL) THEN
-            -- Work, but no free slot: this job runs again in a second.
+            -- Work, but no free slot. A runner of the role at work takes it once a slot frees (runners
+            -- adopt their role's other batches before they leave): park, rather than run again every
+            -- second for as long as that lasts, as lingering runners woken by a batch with a smaller
+            -- cap would. Alone, this job runs again in a second.
+            IF EXISTS (SELECT 1 FROM pg_stat_activity a
+                        WHERE a.usename = current_user AND a.pid <> pg_backend_pid()
+                          AND a.application_name ~ '^pgbg:[0-9a-f-]{36}$') THEN
+                PERFORM pg_advisory_xact_lock(@schema@._role_key());
+                PERFORM @schema@._cron_park();
+                COMMIT;
+            END IF;
             RETURN;
         END IF;
         -- Idle: stay a moment (settings.cron_linger) before parking. The role's next batch often
@@ -271,12 +297,7 @@ BEGIN
         PERFORM pg_advisory_xact_lock(@schema@._role_key());
         IF NOT EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
                         WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL) THEN
-            -- Parked rather than removed: '@reboot' runs it only when pg_cron starts (after a server
-            -- restart, when it resumes the role's queued work), and the job keeps its id for a fast
-            -- next start. A role has at most as many as its largest cap.
-            PERFORM cron.schedule(j.jobname, '@reboot', j.command)
-               FROM cron.job_run_details d JOIN cron.job j USING (jobid)
-              WHERE d.job_pid = pg_backend_pid() AND d.status IN ('starting', 'running');
+            PERFORM @schema@._cron_park();
             COMMIT;
             RETURN;
         END IF;

@@ -126,6 +126,23 @@ def test_a_runner_takes_the_roles_next_batch_before_it_parks(user: psycopg.Conne
     assert monitor(user, second)[0]["pid"] == monitor(user, first)[0]["pid"]
 
 
+def test_runners_without_a_slot_park_instead_of_running_every_second(
+    admin: psycopg.Connection, user: psycopg.Connection
+) -> None:
+    role = user.info.user
+    first = launch(user, ["select pg_sleep(0.3)"] * 4, max_parallel=4)
+    assert wait(user, first) == "done"
+    # Its runners linger; a batch with cap 1 wakes them all, and those without a slot (its next
+    # children wait for the first) park.
+    slow = launch(user, ["select pg_sleep(2)"] * 3, max_parallel=1)
+    poll_until(lambda: len(_jobs(admin, role)) == 1, 5, what="the runners without a slot to park")
+    time.sleep(1.5)  # pg_cron runs a parked job once more for a tick it missed: let those come and go
+    runs = admin.execute("SELECT last_value FROM cron.runid_seq").fetchone()[0]
+    time.sleep(2)
+    assert admin.execute("SELECT last_value FROM cron.runid_seq").fetchone()[0] == runs
+    assert wait(user, slow) == "done"
+
+
 def test_top_level_children_run_in_jobs_of_their_own(
     admin: psycopg.Connection, user: psycopg.Connection, scratch: str
 ) -> None:
