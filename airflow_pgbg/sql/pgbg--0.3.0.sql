@@ -1367,7 +1367,29 @@ $fn$;
 COMMENT ON PROCEDURE @schema@._runner(uuid, xid8) IS
     'Body of a pg_background runner worker (see _work()). Started by _launch_runners().';
 
-CREATE FUNCTION @schema@._cron_park()
+CREATE FUNCTION @schema@._cron_own_job()
+RETURNS bigint
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_job bigint;
+    v_deadline timestamptz := clock_timestamp() + interval '2 s';
+BEGIN
+    -- pg_cron records the pid of a run from its own loop, after the run has begun: a run that
+    -- parks at once may get here first.
+    LOOP
+        SELECT d.jobid INTO v_job FROM cron.job_run_details d
+         WHERE d.job_pid = pg_backend_pid() AND d.status IN ('starting', 'running');
+        EXIT WHEN v_job IS NOT NULL OR clock_timestamp() > v_deadline;
+        PERFORM pg_sleep(0.01);
+    END LOOP;
+    RETURN v_job;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_own_job() IS
+    'The pg_cron job this session is a run of (NULL if pg_cron has not said so within 2 s).';
+
+CREATE FUNCTION @schema@._cron_park(p_job bigint)
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
@@ -1375,13 +1397,11 @@ BEGIN
     -- Parked rather than removed: '@reboot' runs it only when pg_cron starts (after a server
     -- restart, when it resumes the role's queued work), and the job keeps its id for a fast
     -- next start. A role has at most as many as its largest cap.
-    PERFORM cron.schedule(j.jobname, '@reboot', j.command)
-       FROM cron.job_run_details d JOIN cron.job j USING (jobid)
-      WHERE d.job_pid = pg_backend_pid() AND d.status IN ('starting', 'running');
+    PERFORM cron.schedule(j.jobname, '@reboot', j.command) FROM cron.job j WHERE j.jobid = p_job;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._cron_park() IS
-    'Parks the pg_cron runner job this session is a run of (schedule @reboot), for the next batch to wake.';
+COMMENT ON FUNCTION @schema@._cron_park(bigint) IS
+    'Parks a pg_cron runner job (schedule @reboot), for the next batch of its role to wake.';
 
 CREATE PROCEDURE @schema@._cron_runner()
 LANGUAGE plpgsql
@@ -1394,6 +1414,7 @@ DECLARE
     v_idle_since timestamptz := clock_timestamp();
     v_linger interval := (SELECT s.cron_linger FROM @schema@.settings s);
     v_woken boolean;
+    v_job bigint;
 BEGIN
     PERFORM set_config('application_name', 'pgbg:cron', false);
     -- The finished runs of this role's runner jobs (job_run_details would grow every second otherwise).
@@ -1437,15 +1458,22 @@ BEGIN
         IF NOT v_ran AND EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
                                   WHERE x.status = 'queued' AND bt.role_name = current_user
                                     AND bt.stop_requested_at IS NULL) THEN
-            -- Work, but no free slot. A runner of the role at work takes it once a slot frees (runners
-            -- adopt their role's other batches before they leave): park, rather than run again every
-            -- second for as long as that lasts, as lingering runners woken by a batch with a smaller
-            -- cap would. Alone, this job runs again in a second.
-            IF EXISTS (SELECT 1 FROM pg_stat_activity a
-                        WHERE a.usename = current_user AND a.pid <> pg_backend_pid()
-                          AND a.application_name ~ '^pgbg:[0-9a-f-]{36}$') THEN
+            -- Work, but no free slot. When every batch with queued children has all its slots taken,
+            -- the runners holding them run the rest: park, rather than run again every second for as
+            -- long as that lasts, as lingering runners woken by a batch with a smaller cap would.
+            -- Short of a global slot only, this job runs again in a second.
+            IF NOT EXISTS (
+                SELECT 1 FROM @schema@.batch bt
+                 WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+                   AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                                WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+                   AND (SELECT count(*) FROM pg_locks l
+                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                           AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+                           AND l.classid = @schema@._batch_lock_key(bt.uuid_parent)::oid) < bt.max_parallel) THEN
+                v_job := @schema@._cron_own_job();
                 PERFORM pg_advisory_xact_lock(@schema@._role_key());
-                PERFORM @schema@._cron_park();
+                PERFORM @schema@._cron_park(v_job);
                 COMMIT;
             END IF;
             RETURN;
@@ -1457,25 +1485,26 @@ BEGIN
         -- linger: pg_cron started it for a tick that came while the last run lingered, or at its own
         -- start, and nothing is about to be launched for it.
         v_woken := false;
-        IF clock_timestamp() < v_idle_since + v_linger
-           AND NOT EXISTS (SELECT 1 FROM cron.job_run_details d JOIN cron.job j USING (jobid)
-                            WHERE d.job_pid = pg_backend_pid() AND d.status IN ('starting', 'running')
-                              AND j.schedule = '@reboot') THEN
-            WHILE NOT v_woken AND clock_timestamp() < v_idle_since + v_linger LOOP
-                COMMIT;
-                PERFORM pg_sleep(0.02);
-                v_woken := EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                                    WHERE x.status = 'queued' AND bt.role_name = current_user
-                                      AND bt.stop_requested_at IS NULL);
-            END LOOP;
+        IF clock_timestamp() < v_idle_since + v_linger THEN
+            v_job := @schema@._cron_own_job();
+            IF NOT EXISTS (SELECT 1 FROM cron.job j WHERE j.jobid = v_job AND j.schedule = '@reboot') THEN
+                WHILE NOT v_woken AND clock_timestamp() < v_idle_since + v_linger LOOP
+                    COMMIT;
+                    PERFORM pg_sleep(0.02);
+                    v_woken := EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
+                                        WHERE x.status = 'queued' AND bt.role_name = current_user
+                                          AND bt.stop_requested_at IS NULL);
+                END LOOP;
+            END IF;
         END IF;
         CONTINUE WHEN v_woken;
         -- Nothing left: leave for good, unless work was queued meanwhile (which waits for this lock,
         -- then schedules a job if none is left).
+        v_job := @schema@._cron_own_job();
         PERFORM pg_advisory_xact_lock(@schema@._role_key());
         IF NOT EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
                         WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL) THEN
-            PERFORM @schema@._cron_park();
+            PERFORM @schema@._cron_park(v_job);
             COMMIT;
             RETURN;
         END IF;
