@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv db test test-pg-cron test-engine demo bench ui clean lint matrix dist-check ci
+.PHONY: venv db engine test test-pg-cron test-engine demo bench ui clean lint matrix dist-check ci
 
 venv: $(STAMP)
 
@@ -42,8 +42,15 @@ test-engine: venv
 clean:
 	rm -rf $(VENV) .venv-airflow-* .matrix-logs .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
 
-# Lint, format and type checks (ruff, mypy; versions pinned in the dev extra).
+# The engine's installable SQL (airflow_pgbg/sql/pgbg--*.sql) from its sources (airflow_pgbg/sql/src,
+# airflow_pgbg/sql/migrations): run after editing them.
+engine:
+	@$(PYTHON) scripts/build_engine.py
+
+# Lint, format and type checks (ruff, mypy; versions pinned in the dev extra), and built engine files
+# that match their sources.
 lint: venv
+	$(PY) scripts/build_engine.py --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

@@ -1,4 +1,4 @@
-"""The engine's console API: pages of children, one child, figures and progress (engine 0.3.0)."""
+"""The engine's console API: pages of children, one child, figures and progress (engine 1.0.0)."""
 
 from __future__ import annotations
 

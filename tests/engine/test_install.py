@@ -88,6 +88,15 @@ def test_upgrade_plans_follow_the_shipped_scripts() -> None:
         scripts.plan("0.0.1")
 
 
+def test_the_built_engine_files_are_what_their_sources_build() -> None:
+    """pgbg--<version>.sql and its upgrade script are built from src/ and migrations/, and the files of a
+    released engine are byte for byte those of its release."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_engine.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_sql_command_prints_a_reviewable_script() -> None:
     result = _cli("sql", "--schema", "pgbg")
     assert result.returncode == 0
@@ -98,7 +107,7 @@ def test_sql_command_prints_a_reviewable_script() -> None:
 
 def test_upgrade_while_a_batch_runs(fresh_db: str) -> None:
     """0.1.0 installed and running a batch; the upgrade lands mid-batch. The running batch ends right
-    (its 0.1.0 runners finish it), a batch launched right after is run by 0.2.0 runners only, and the
+    (its 0.1.0 runners finish it), a batch launched right after is run by 1.0.0 runners only, and the
     new features work."""
     assert install_engine_dsn(fresh_db, target="0.1.0") == "0.1.0"
     with psycopg.connect(fresh_db, autocommit=True) as conn:
@@ -131,7 +140,7 @@ def test_upgrade_while_a_batch_runs(fresh_db: str) -> None:
                 "SELECT children, done, queued, running FROM pgbg.batches WHERE uuid_parent = %s", (parent,)
             ).fetchone()
             assert row == (6, 6, 0, 0), (parent, row)
-        # What 0.2.0 adds works on the upgraded engine.
+        # What 1.0.0 adds works on the upgraded engine.
         retried = str(
             conn.execute(
                 "SELECT pgbg.pg_background_launch_num(ARRAY['select 1/0'], p_monitor => false, p_retries => 1, "
@@ -158,7 +167,6 @@ def test_a_fresh_install_and_an_upgraded_one_are_the_same_engine(dsn: str, fresh
     try:
         upgraded = make_conninfo(fresh_db, dbname=chain)
         install_engine_dsn(upgraded, target="0.1.0")
-        install_engine_dsn(upgraded, target="0.2.0")
         install_engine_dsn(upgraded)
         install_engine_dsn(fresh_db)
         fresh, chained = catalog(fresh_db), catalog(upgraded)
@@ -167,7 +175,7 @@ def test_a_fresh_install_and_an_upgraded_one_are_the_same_engine(dsn: str, fresh
             conn.execute(f"DROP DATABASE {chain} WITH (FORCE)")
     for kind in fresh:
         if kind == "routines":
-            # Kept on upgraded engines for runners of 0.1.0/0.2.0 that finish during the upgrade.
+            # Kept on upgraded engines for runners of 0.1.0 that finish during the upgrade.
             extra = {r[0] for r in chained[kind] - fresh[kind]}
             assert extra == {
                 "pgbg._launch_top_level(text,uuid,interval)",

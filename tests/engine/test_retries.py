@@ -1,4 +1,4 @@
-"""Automatic retries of transient failures and of lost children (engine 0.2.0)."""
+"""Automatic retries of transient failures and of lost children (engine 1.0.0)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What waiters use (engine 0.2.0): submit, watch locks, polls of many batches, end notifications."""
+"""What waiters use (engine 1.0.0): submit, watch locks, polls of many batches, end notifications."""
 
 from __future__ import annotations
 

@@ -1,12 +1,10 @@
--- airflow_pgbg engine, version 0.3.0: batches of SQL statements run by pg_background workers or by
--- pg_cron jobs.
+-- airflow_pgbg engine: version 1.0.0, installed from nothing.
 --
--- Rendered by the installer (python -m airflow_pgbg install): @schema@ becomes the target schema and
--- @pgbg_ext@ the schema holding the pg_background extension (2.x, "v2" API; the engine schema when
--- the server has no pg_background). This file installs 0.3.0 from nothing; the upgrade scripts
--- pgbg--0.1.0--0.2.0.sql and pgbg--0.2.0--0.3.0.sql bring older engines to the same state, and a
--- test checks that both ways give the same engine.
---
+-- Built by scripts/build_engine.py from airflow_pgbg/sql/src and airflow_pgbg/sql/migrations: edit those,
+-- not this file. The installer (python -m airflow_pgbg install) renders @schema@ as the engine's schema
+-- and @pgbg_ext@ as the schema of the pg_background extension (the engine's schema where the server
+-- has none).
+
 -- How a batch runs. pg_background_launch_num() records the batch and its children (one row per
 -- statement in log_background, status 'queued') and starts up to max_parallel *runners*. A runner
 -- holds one slot (a session advisory lock) and loops: record the outcome of the child it just ran,
@@ -28,6 +26,10 @@
 --
 -- Seed status words map onto the vocabulary as: running -> running, sleep -> queued,
 -- stop -> stopped; done / failed / lost are new (the seed recorded no outcome).
+
+-- The engine's state: its tables, their indexes and row-level security. Only a fresh install runs
+-- this file; an upgrade runs a hand-written step of ../migrations/ in its place, after dropping the
+-- routines and views that the files after this one create anew (a test keeps both ways equal).
 
 CREATE TABLE @schema@.meta (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -120,7 +122,7 @@ COMMENT ON COLUMN @schema@.batch.requeue_on_takeover IS
     'when a newer claim takes the batch over, its running children are stopped and queued again.';
 COMMENT ON COLUMN @schema@.batch.stop_requested_by IS 'Who asked for the stop (free text, e.g. an Airflow user).';
 COMMENT ON COLUMN @schema@.batch.counted IS
-    'false for batches that were running when engine 0.2.0 was installed: they are counted row by row.';
+    'false for batches that were running when engine 1.0.0 was installed over 0.1.0: they are counted row by row.';
 COMMENT ON COLUMN @schema@.batch.notes IS 'What the engine wants the submitter to know, e.g. a cap it lowered.';
 
 CREATE TABLE @schema@.log_background (
@@ -222,6 +224,8 @@ CREATE POLICY owner_or_admin ON @schema@.batch_progress
                 AND EXISTS (SELECT 1 FROM @schema@.batch b
                              WHERE b.uuid_parent = batch_progress.uuid_parent AND b.role_name = batch_progress.role_name));
 
+-- Row shapes returned by the engine's functions (not stored in tables).
+
 CREATE TYPE @schema@.monitor_row AS (
     uuid_parent uuid,
     uuid_child uuid,
@@ -248,9 +252,7 @@ COMMENT ON TYPE @schema@.monitor_row IS 'Row shape of pg_background_monitor(); a
 CREATE TYPE @schema@.cron_run AS (status text, job_pid int, start_time timestamptz, return_message text);
 COMMENT ON TYPE @schema@.cron_run IS 'The run of a pg_cron job that runs one child (see _cron_run()).';
 
-------------------------------------------------------------------------------------------------
--- Splitting and classifying statements
-------------------------------------------------------------------------------------------------
+-- Splitting batch text into statements, and classifying a statement by its leading keywords.
 
 CREATE FUNCTION @schema@.split_statements(p_text text, p_delimiter text DEFAULT ';')
 RETURNS text[]
@@ -444,9 +446,7 @@ COMMENT ON FUNCTION @schema@._needs_own_worker(text) IS
     'True for statements that must be a top-level statement of their own: they refuse to run in a '
     'function or transaction block, may commit (CALL, DO), or would change the runner''s session (SET).';
 
-------------------------------------------------------------------------------------------------
--- Executing one child in the runner
-------------------------------------------------------------------------------------------------
+-- Executing one child inside the runner's transaction, and its result document.
 
 CREATE FUNCTION @schema@._command_tag(p_sql text, p_rows bigint)
 RETURNS text
@@ -531,9 +531,7 @@ $fn$;
 COMMENT ON FUNCTION @schema@._execute_inline(text, int, int) IS
     'Executes one statement in the caller''s transaction and returns its result document.';
 
-------------------------------------------------------------------------------------------------
--- Counting: a batch's children per status in constant time
-------------------------------------------------------------------------------------------------
+-- Counting a batch's children per status in constant time, and announcing a batch's end.
 
 CREATE FUNCTION @schema@._count(p_parent uuid, p_role name, p_shard int, p_queued bigint, p_running bigint,
                                p_done bigint, p_failed bigint, p_stopped bigint, p_lost bigint,
@@ -577,7 +575,7 @@ AS $fn$
 $fn$;
 COMMENT ON FUNCTION @schema@._batch_counts(uuid, boolean) IS
     'Children of a batch per status: the sum of its counter rows, or a count of its children for a '
-    'batch that was running when 0.2.0 was installed.';
+    'batch that was running when 1.0.0 was installed over 0.1.0.';
 
 CREATE FUNCTION @schema@._status_of(p_children bigint, p_queued bigint, p_running bigint, p_failed bigint,
                                    p_stopped bigint, p_lost bigint)
@@ -642,9 +640,7 @@ $fn$;
 COMMENT ON FUNCTION @schema@._notify_if_ended(uuid[]) IS
     'Notifies the end of those batches that have no queued or running child left (sent on commit).';
 
-------------------------------------------------------------------------------------------------
--- Retries
-------------------------------------------------------------------------------------------------
+-- Automatic retries: which failures are transient, when the next attempt is due.
 
 CREATE FUNCTION @schema@._is_transient(p_sqlstate text)
 RETURNS boolean
@@ -691,9 +687,8 @@ $fn$;
 COMMENT ON FUNCTION @schema@._validate_retries(int, interval, float8) IS
     'Rejects bad retry options before anything is recorded.';
 
-------------------------------------------------------------------------------------------------
--- Launchers and slots (session advisory locks held by runners, freed if a runner dies)
-------------------------------------------------------------------------------------------------
+-- The launcher in use, the caps, and slots: session advisory locks held by runners, freed when a
+-- runner dies.
 
 CREATE FUNCTION @schema@._launcher()
 RETURNS text
@@ -772,12 +767,11 @@ RETURNS int
 LANGUAGE sql VOLATILE
 RETURN NULL::int;
 COMMENT ON FUNCTION @schema@._try_slot(int, int) IS
-    'Slot taking of engine 0.1.0, refused since 0.2.0: a 0.1.0 runner still running after the upgrade '
+    'Slot taking of engine 0.1.0, refused since 1.0.0: a 0.1.0 runner still running after the upgrade '
     'finishes its own batch but adopts no other, whose counters it would not keep.';
 
-------------------------------------------------------------------------------------------------
--- pg_background: a nested worker for a child that runs at top level
-------------------------------------------------------------------------------------------------
+-- The pg_background launcher: runners are pg_background workers, and a child that must run at top
+-- level runs in a nested worker of its own.
 
 CREATE FUNCTION @schema@._start_top_level(p_sql text, p_child uuid, p_timeout interval)
 RETURNS TABLE (pid int, cookie bigint)
@@ -840,9 +834,50 @@ $fn$;
 COMMENT ON FUNCTION @schema@._top_level_result(int, bigint) IS
     'Result document of a finished nested worker; re-raises its error with SQLSTATE, detail and hint.';
 
-------------------------------------------------------------------------------------------------
--- pg_cron: runner jobs, and a job of its own for a child that runs at top level
-------------------------------------------------------------------------------------------------
+CREATE PROCEDURE @schema@._runner(p_parent uuid, p_enqueue_xid xid8)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_ran boolean;
+BEGIN
+    CALL @schema@._work(p_parent, p_enqueue_xid, v_ran);
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._runner(uuid, xid8) IS
+    'Body of a pg_background runner worker (see _work()). Started by _launch_runners().';
+
+CREATE FUNCTION @schema@._launch_runners(p_parent uuid, p_enqueue_xid xid8, p_count int)
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_pid int;
+    v_cookie bigint;
+    v_started int := 0;
+BEGIN
+    FOR k IN 1..coalesce(p_count, 0) LOOP
+        BEGIN
+            SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @pgbg_ext@.pg_background_submit_v2(
+                format('CALL @schema@._runner(%L::uuid, %L::xid8)', p_parent, p_enqueue_xid)) h;
+            -- Detached handles do not count against pg_background.max_workers of this session.
+            PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
+            v_started := v_started + 1;
+        EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
+            -- No worker slot in the server right now: the children stay queued for a later call.
+            EXIT;
+        END;
+    END LOOP;
+    RETURN v_started;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._launch_runners(uuid, xid8, int) IS
+    'Starts up to p_count runners for a batch; stops quietly when the server has no worker slot free.';
+
+-- The pg_cron launcher (managed services): runners are pg_cron jobs of the submitting role, and a
+-- child that must run at top level runs as the command of a job of its own.
+--
+-- Routines that name the cron schema are PL/pgSQL: a server using pg_background may not have that
+-- schema, and PL/pgSQL bodies are not checked against it when they are created.
 
 CREATE FUNCTION @schema@._cron_runner_job(p_n int DEFAULT NULL)
 RETURNS text
@@ -995,9 +1030,174 @@ COMMENT ON FUNCTION @schema@._cron_child_result(bigint, @schema@.cron_run, boole
     'Result document of a child run by a job of its own, or its error re-raised (pg_cron records the '
     'text without the SQLSTATE: common ones are named by their message, XX000 otherwise); forgets the run.';
 
-------------------------------------------------------------------------------------------------
--- Runners: one loop for both launchers
-------------------------------------------------------------------------------------------------
+CREATE FUNCTION @schema@._cron_own_job()
+RETURNS bigint
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_job bigint;
+    v_deadline timestamptz := clock_timestamp() + interval '2 s';
+BEGIN
+    -- pg_cron records the pid of a run from its own loop, after the run has begun: a run that
+    -- parks at once may get here first.
+    LOOP
+        SELECT d.jobid INTO v_job FROM cron.job_run_details d
+         WHERE d.job_pid = pg_backend_pid() AND d.status IN ('starting', 'running');
+        EXIT WHEN v_job IS NOT NULL OR clock_timestamp() > v_deadline;
+        PERFORM pg_sleep(0.01);
+    END LOOP;
+    RETURN v_job;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_own_job() IS
+    'The pg_cron job this session is a run of (NULL if pg_cron has not said so within 2 s).';
+
+CREATE FUNCTION @schema@._cron_park(p_job bigint)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    -- Parked rather than removed: '@reboot' runs it only when pg_cron starts (after a server
+    -- restart, when it resumes the role's queued work), and the job keeps its id for a fast
+    -- next start. A role has at most as many as its largest cap.
+    PERFORM cron.schedule(j.jobname, '@reboot', j.command) FROM cron.job j WHERE j.jobid = p_job;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_park(bigint) IS
+    'Parks a pg_cron runner job (schedule @reboot), for the next batch of its role to wake.';
+
+CREATE PROCEDURE @schema@._cron_runner()
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    b record;
+    v_ran boolean;
+    v_parents uuid[];
+    v_settled boolean := false;
+    v_idle_since timestamptz := clock_timestamp();
+    v_linger interval := (SELECT s.cron_linger FROM @schema@.settings s);
+    v_woken boolean;
+    v_job bigint;
+BEGIN
+    PERFORM set_config('application_name', 'pgbg:cron', false);
+    -- The finished runs of this role's runner jobs (job_run_details would grow every second otherwise).
+    DELETE FROM cron.job_run_details
+     WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
+    COMMIT;
+    LOOP
+        v_ran := false;
+        FOR b IN
+            SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
+             WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+               AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                            WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+             ORDER BY bt.created_at
+             LIMIT 20
+        LOOP
+            -- The runner's loop, as in a pg_background worker: it adopts other batches of the role
+            -- until none needs a runner.
+            CALL @schema@._work(b.uuid_parent, b.enqueue_xid, v_ran);
+            EXIT WHEN v_ran;
+        END LOOP;
+        PERFORM set_config('application_name', 'pgbg:cron', false);
+        IF v_ran THEN
+            v_settled := false;
+            v_idle_since := clock_timestamp();
+        END IF;
+        -- A runner of this role killed mid-child (its job runs again a second later: this may be it)
+        -- left that child 'running'. Settle it here, lost or queued again: a poll could, but a
+        -- pg_background_wait() would schedule the runner job only when its own statement ends.
+        v_parents := ARRAY(SELECT DISTINCT x.uuid_parent FROM @schema@.log_background x
+                             JOIN @schema@.batch bt USING (uuid_parent)
+                            WHERE x.status = 'running' AND bt.role_name = current_user
+                              AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                               WHERE a.pid = x.pid AND a.backend_start = x.backend_start));
+        IF cardinality(v_parents) > 0 AND NOT v_settled THEN
+            PERFORM @schema@._housekeep(v_parents);
+            COMMIT;
+            v_settled := true;  -- once per idle turn: rows locked by another session stay theirs
+            CONTINUE;
+        END IF;
+        IF NOT v_ran AND EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
+                                  WHERE x.status = 'queued' AND bt.role_name = current_user
+                                    AND bt.stop_requested_at IS NULL) THEN
+            -- Work, but no free slot. When every batch with queued children has all its slots taken,
+            -- the runners holding them run the rest: park, rather than run again every second for as
+            -- long as that lasts, as lingering runners woken by a batch with a smaller cap would.
+            -- Short of a global slot only, this job runs again in a second.
+            IF NOT EXISTS (
+                SELECT 1 FROM @schema@.batch bt
+                 WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+                   AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                                WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+                   AND (SELECT count(*) FROM pg_locks l
+                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                           AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+                           AND l.classid = @schema@._batch_lock_key(bt.uuid_parent)::oid) < bt.max_parallel) THEN
+                v_job := @schema@._cron_own_job();
+                PERFORM pg_advisory_xact_lock(@schema@._role_key());
+                PERFORM @schema@._cron_park(v_job);
+                COMMIT;
+            END IF;
+            RETURN;
+        END IF;
+        -- Idle: stay a moment (settings.cron_linger) before parking. The role's next batch often
+        -- follows soon (a script's next launch, a DAG's next task): a runner still here takes it
+        -- within 20 ms, where a parked job starts only after pg_cron has seen this run end (up to
+        -- 2 s). The probe reads the small index of queued children. A run of a parked job does not
+        -- linger: pg_cron started it for a tick that came while the last run lingered, or at its own
+        -- start, and nothing is about to be launched for it.
+        v_woken := false;
+        IF clock_timestamp() < v_idle_since + v_linger THEN
+            v_job := @schema@._cron_own_job();
+            IF NOT EXISTS (SELECT 1 FROM cron.job j WHERE j.jobid = v_job AND j.schedule = '@reboot') THEN
+                WHILE NOT v_woken AND clock_timestamp() < v_idle_since + v_linger LOOP
+                    COMMIT;
+                    PERFORM pg_sleep(0.02);
+                    v_woken := EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
+                                        WHERE x.status = 'queued' AND bt.role_name = current_user
+                                          AND bt.stop_requested_at IS NULL);
+                END LOOP;
+            END IF;
+        END IF;
+        CONTINUE WHEN v_woken;
+        -- Nothing left: leave for good, unless work was queued meanwhile (which waits for this lock,
+        -- then schedules a job if none is left).
+        v_job := @schema@._cron_own_job();
+        PERFORM pg_advisory_xact_lock(@schema@._role_key());
+        IF NOT EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
+                        WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL) THEN
+            PERFORM @schema@._cron_park(v_job);
+            COMMIT;
+            RETURN;
+        END IF;
+        COMMIT;
+    END LOOP;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._cron_runner() IS
+    'Body of a pg_cron runner job: runs the batches of its role like a pg_background runner, then '
+    'parks its job (schedule @reboot) once the role has had no queued work for settings.cron_linger.';
+
+CREATE FUNCTION @schema@._cron_child_pid(p_child uuid)
+RETURNS int
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+    v_pid int;
+BEGIN
+    IF @schema@._launcher() <> 'pg_cron' THEN
+        RETURN NULL;  -- and schema cron may not exist: this body is parsed only when it gets here
+    END IF;
+    SELECT d.job_pid INTO v_pid FROM cron.job j JOIN cron.job_run_details d USING (jobid)
+     WHERE j.jobname = 'pgbg_child:' || p_child AND d.status = 'running' LIMIT 1;
+    RETURN v_pid;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_child_pid(uuid) IS
+    'The backend of the pg_cron job that runs a child at top level, while it runs; NULL otherwise.';
+
+-- Runners: one loop for both launchers.
 
 CREATE FUNCTION @schema@._claim(p_parent uuid, p_shard int, p_backend_start timestamptz,
                                p_settled @schema@.child_status, p_claim boolean, p_after int)
@@ -1355,197 +1555,7 @@ COMMENT ON PROCEDURE @schema@._work(uuid, xid8, boolean) IS
     'outcome in the transaction of its work together with the claim of the next child. p_ran: it got '
     'its slots.';
 
-CREATE PROCEDURE @schema@._runner(p_parent uuid, p_enqueue_xid xid8)
-LANGUAGE plpgsql
-AS $fn$
-DECLARE
-    v_ran boolean;
-BEGIN
-    CALL @schema@._work(p_parent, p_enqueue_xid, v_ran);
-END
-$fn$;
-COMMENT ON PROCEDURE @schema@._runner(uuid, xid8) IS
-    'Body of a pg_background runner worker (see _work()). Started by _launch_runners().';
-
-CREATE FUNCTION @schema@._cron_own_job()
-RETURNS bigint
-LANGUAGE plpgsql
-AS $fn$
-DECLARE
-    v_job bigint;
-    v_deadline timestamptz := clock_timestamp() + interval '2 s';
-BEGIN
-    -- pg_cron records the pid of a run from its own loop, after the run has begun: a run that
-    -- parks at once may get here first.
-    LOOP
-        SELECT d.jobid INTO v_job FROM cron.job_run_details d
-         WHERE d.job_pid = pg_backend_pid() AND d.status IN ('starting', 'running');
-        EXIT WHEN v_job IS NOT NULL OR clock_timestamp() > v_deadline;
-        PERFORM pg_sleep(0.01);
-    END LOOP;
-    RETURN v_job;
-END
-$fn$;
-COMMENT ON FUNCTION @schema@._cron_own_job() IS
-    'The pg_cron job this session is a run of (NULL if pg_cron has not said so within 2 s).';
-
-CREATE FUNCTION @schema@._cron_park(p_job bigint)
-RETURNS void
-LANGUAGE plpgsql
-AS $fn$
-BEGIN
-    -- Parked rather than removed: '@reboot' runs it only when pg_cron starts (after a server
-    -- restart, when it resumes the role's queued work), and the job keeps its id for a fast
-    -- next start. A role has at most as many as its largest cap.
-    PERFORM cron.schedule(j.jobname, '@reboot', j.command) FROM cron.job j WHERE j.jobid = p_job;
-END
-$fn$;
-COMMENT ON FUNCTION @schema@._cron_park(bigint) IS
-    'Parks a pg_cron runner job (schedule @reboot), for the next batch of its role to wake.';
-
-CREATE PROCEDURE @schema@._cron_runner()
-LANGUAGE plpgsql
-AS $fn$
-DECLARE
-    b record;
-    v_ran boolean;
-    v_parents uuid[];
-    v_settled boolean := false;
-    v_idle_since timestamptz := clock_timestamp();
-    v_linger interval := (SELECT s.cron_linger FROM @schema@.settings s);
-    v_woken boolean;
-    v_job bigint;
-BEGIN
-    PERFORM set_config('application_name', 'pgbg:cron', false);
-    -- The finished runs of this role's runner jobs (job_run_details would grow every second otherwise).
-    DELETE FROM cron.job_run_details
-     WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
-    COMMIT;
-    LOOP
-        v_ran := false;
-        FOR b IN
-            SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
-             WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-               AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                            WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
-             ORDER BY bt.created_at
-             LIMIT 20
-        LOOP
-            -- The runner's loop, as in a pg_background worker: it adopts other batches of the role
-            -- until none needs a runner.
-            CALL @schema@._work(b.uuid_parent, b.enqueue_xid, v_ran);
-            EXIT WHEN v_ran;
-        END LOOP;
-        PERFORM set_config('application_name', 'pgbg:cron', false);
-        IF v_ran THEN
-            v_settled := false;
-            v_idle_since := clock_timestamp();
-        END IF;
-        -- A runner of this role killed mid-child (its job runs again a second later: this may be it)
-        -- left that child 'running'. Settle it here, lost or queued again: a poll could, but a
-        -- pg_background_wait() would schedule the runner job only when its own statement ends.
-        v_parents := ARRAY(SELECT DISTINCT x.uuid_parent FROM @schema@.log_background x
-                             JOIN @schema@.batch bt USING (uuid_parent)
-                            WHERE x.status = 'running' AND bt.role_name = current_user
-                              AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                                               WHERE a.pid = x.pid AND a.backend_start = x.backend_start));
-        IF cardinality(v_parents) > 0 AND NOT v_settled THEN
-            PERFORM @schema@._housekeep(v_parents);
-            COMMIT;
-            v_settled := true;  -- once per idle turn: rows locked by another session stay theirs
-            CONTINUE;
-        END IF;
-        IF NOT v_ran AND EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                                  WHERE x.status = 'queued' AND bt.role_name = current_user
-                                    AND bt.stop_requested_at IS NULL) THEN
-            -- Work, but no free slot. When every batch with queued children has all its slots taken,
-            -- the runners holding them run the rest: park, rather than run again every second for as
-            -- long as that lasts, as lingering runners woken by a batch with a smaller cap would.
-            -- Short of a global slot only, this job runs again in a second.
-            IF NOT EXISTS (
-                SELECT 1 FROM @schema@.batch bt
-                 WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-                   AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                                WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
-                   AND (SELECT count(*) FROM pg_locks l
-                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                           AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
-                           AND l.classid = @schema@._batch_lock_key(bt.uuid_parent)::oid) < bt.max_parallel) THEN
-                v_job := @schema@._cron_own_job();
-                PERFORM pg_advisory_xact_lock(@schema@._role_key());
-                PERFORM @schema@._cron_park(v_job);
-                COMMIT;
-            END IF;
-            RETURN;
-        END IF;
-        -- Idle: stay a moment (settings.cron_linger) before parking. The role's next batch often
-        -- follows soon (a script's next launch, a DAG's next task): a runner still here takes it
-        -- within 20 ms, where a parked job starts only after pg_cron has seen this run end (up to
-        -- 2 s). The probe reads the small index of queued children. A run of a parked job does not
-        -- linger: pg_cron started it for a tick that came while the last run lingered, or at its own
-        -- start, and nothing is about to be launched for it.
-        v_woken := false;
-        IF clock_timestamp() < v_idle_since + v_linger THEN
-            v_job := @schema@._cron_own_job();
-            IF NOT EXISTS (SELECT 1 FROM cron.job j WHERE j.jobid = v_job AND j.schedule = '@reboot') THEN
-                WHILE NOT v_woken AND clock_timestamp() < v_idle_since + v_linger LOOP
-                    COMMIT;
-                    PERFORM pg_sleep(0.02);
-                    v_woken := EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                                        WHERE x.status = 'queued' AND bt.role_name = current_user
-                                          AND bt.stop_requested_at IS NULL);
-                END LOOP;
-            END IF;
-        END IF;
-        CONTINUE WHEN v_woken;
-        -- Nothing left: leave for good, unless work was queued meanwhile (which waits for this lock,
-        -- then schedules a job if none is left).
-        v_job := @schema@._cron_own_job();
-        PERFORM pg_advisory_xact_lock(@schema@._role_key());
-        IF NOT EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                        WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL) THEN
-            PERFORM @schema@._cron_park(v_job);
-            COMMIT;
-            RETURN;
-        END IF;
-        COMMIT;
-    END LOOP;
-END
-$fn$;
-COMMENT ON PROCEDURE @schema@._cron_runner() IS
-    'Body of a pg_cron runner job: runs the batches of its role like a pg_background runner, then '
-    'parks its job (schedule @reboot) once the role has had no queued work for settings.cron_linger.';
-
-CREATE FUNCTION @schema@._launch_runners(p_parent uuid, p_enqueue_xid xid8, p_count int)
-RETURNS int
-LANGUAGE plpgsql
-AS $fn$
-DECLARE
-    v_pid int;
-    v_cookie bigint;
-    v_started int := 0;
-BEGIN
-    FOR k IN 1..coalesce(p_count, 0) LOOP
-        BEGIN
-            SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @pgbg_ext@.pg_background_submit_v2(
-                format('CALL @schema@._runner(%L::uuid, %L::xid8)', p_parent, p_enqueue_xid)) h;
-            -- Detached handles do not count against pg_background.max_workers of this session.
-            PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
-            v_started := v_started + 1;
-        EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
-            -- No worker slot in the server right now: the children stay queued for a later call.
-            EXIT;
-        END;
-    END LOOP;
-    RETURN v_started;
-END
-$fn$;
-COMMENT ON FUNCTION @schema@._launch_runners(uuid, xid8, int) IS
-    'Starts up to p_count runners for a batch; stops quietly when the server has no worker slot free.';
-
-------------------------------------------------------------------------------------------------
--- Housekeeping: lost children, and runners where slots are free
-------------------------------------------------------------------------------------------------
+-- Housekeeping: children of runners that died, and runners where slots are free.
 
 CREATE FUNCTION @schema@._housekeep(p_parents uuid[])
 RETURNS void
@@ -1681,9 +1691,7 @@ COMMENT ON FUNCTION @schema@._housekeep(uuid) IS
     'Marks children of dead workers lost and starts runners for the caller''s batches where slots are '
     'free. Run by every monitor, wait and launch call, so polling is enough to drive a batch.';
 
-------------------------------------------------------------------------------------------------
--- Submitting
-------------------------------------------------------------------------------------------------
+-- Submitting: validating a batch, recording it and starting its first runners.
 
 CREATE FUNCTION @schema@._one_statement(p_sql text, p_k int)
 RETURNS text
@@ -1998,9 +2006,7 @@ COMMENT ON FUNCTION @schema@.pg_background_submit(text[], text, text, boolean, b
     '(ended without success: failed, lost and stopped children queued again, done ones kept) or launched '
     '(a new batch; also when the latest one succeeded or holds other statements).';
 
-------------------------------------------------------------------------------------------------
--- Watching and polling
-------------------------------------------------------------------------------------------------
+-- Watching, polling and waiting.
 
 CREATE FUNCTION @schema@._watch_key(p_parent uuid)
 RETURNS int
@@ -2160,9 +2166,7 @@ COMMENT ON FUNCTION @schema@.pg_background_monitor(uuid, boolean) IS
     'housekeeping, so polling it drives a batch to its end. p_show_verbose => false shortens the query '
     'and leaves out the result preview.';
 
-------------------------------------------------------------------------------------------------
--- Stopping, claiming, retrying, purging
-------------------------------------------------------------------------------------------------
+-- Stopping, claiming, retrying and purging batches.
 
 CREATE FUNCTION @schema@._signal(p_parent uuid, p_role name, p_children uuid[], p_pids int[], p_whole_batch boolean)
 RETURNS int
@@ -2410,9 +2414,7 @@ $fn$;
 COMMENT ON FUNCTION @schema@.pg_background_purge(interval) IS
     'Deletes the caller''s finished batches (all finished batches for pgbg_admin) older than p_older_than.';
 
-------------------------------------------------------------------------------------------------
--- Summaries: the outcome of a batch as one bounded document
-------------------------------------------------------------------------------------------------
+-- Summaries: the outcome of a batch as one bounded document.
 
 CREATE FUNCTION @schema@._summary_row(c @schema@.log_background)
 RETURNS jsonb
@@ -2466,10 +2468,7 @@ $fn$;
 COMMENT ON FUNCTION @schema@.pg_background_summaries(uuid[], int, int) IS
     'pg_background_summary() of several batches in one round trip (a watcher''s batches that just ended).';
 
-
-------------------------------------------------------------------------------------------------
--- The batch console: pages of children and figures that cost the same at any batch size
-------------------------------------------------------------------------------------------------
+-- The batch console: pages of children and figures that cost the same at any batch size.
 
 CREATE FUNCTION @schema@._console_sorts()
 RETURNS text[]
@@ -2638,24 +2637,6 @@ COMMENT ON FUNCTION @schema@.pg_background_figures(uuid, int) IS
     'each of p_bins time bins and children ended in it (the timeline at any size), p50/p95 run time and queue '
     'wait, and throughput (ended children per second since the first start).';
 
-CREATE FUNCTION @schema@._cron_child_pid(p_child uuid)
-RETURNS int
-LANGUAGE plpgsql STABLE
-AS $fn$
-DECLARE
-    v_pid int;
-BEGIN
-    IF @schema@._launcher() <> 'pg_cron' THEN
-        RETURN NULL;  -- and schema cron may not exist: this body is parsed only when it gets here
-    END IF;
-    SELECT d.job_pid INTO v_pid FROM cron.job j JOIN cron.job_run_details d USING (jobid)
-     WHERE j.jobname = 'pgbg_child:' || p_child AND d.status = 'running' LIMIT 1;
-    RETURN v_pid;
-END
-$fn$;
-COMMENT ON FUNCTION @schema@._cron_child_pid(uuid) IS
-    'The backend of the pg_cron job that runs a child at top level, while it runs; NULL otherwise.';
-
 CREATE FUNCTION @schema@.pg_background_progress(p_parent uuid)
 RETURNS TABLE (uuid_child uuid, pid int, command text, phase text, percent numeric)
 LANGUAGE plpgsql STABLE
@@ -2707,9 +2688,8 @@ COMMENT ON FUNCTION @schema@.pg_background_progress(uuid) IS
     'CREATE INDEX incl. CONCURRENTLY, CLUSTER / VACUUM FULL, COPY, ANALYZE), from pg_stat_progress_*; one row '
     'per such child, none for the others. Bounded by the batch''s cap.';
 
-------------------------------------------------------------------------------------------------
 -- Privileges: nothing for PUBLIC; pgbg_user submits and manages its own batches; pgbg_admin all.
-------------------------------------------------------------------------------------------------
+-- Run by every install and upgrade, after the routines are (re)created.
 
 REVOKE ALL ON SCHEMA @schema@ FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA @schema@ FROM PUBLIC;

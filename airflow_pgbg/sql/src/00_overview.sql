@@ -1,0 +1,21 @@
+-- How a batch runs. pg_background_launch_num() records the batch and its children (one row per
+-- statement in log_background, status 'queued') and starts up to max_parallel *runners*. A runner
+-- holds one slot (a session advisory lock) and loops: record the outcome of the child it just ran,
+-- in the transaction of its work, together with the claim of the next queued child (FOR UPDATE SKIP
+-- LOCKED), commit, execute that child. So a freed slot is refilled by the runner itself within
+-- milliseconds, nobody needs to poll, and the launching session may disconnect. Children whose
+-- failure is transient are queued again after a delay; the counts per status are kept as deltas in
+-- batch_progress, so a poll costs the same whatever the size of the batch; the runner that records a
+-- batch's last outcome announces it on batch_end_channel().
+--
+-- Launchers (settings.launcher). pg_background: runners are pg_background workers, and a child that
+-- cannot run inside a function or a transaction block (VACUUM, CREATE INDEX CONCURRENTLY, CALL of a
+-- procedure that commits, ...) runs in a nested worker of its own. pg_cron (managed services):
+-- runners are pg_cron jobs of the submitting role that exist only while it has work, and such a
+-- child runs as the command of a job of its own.
+--
+-- There is no SECURITY DEFINER here: runners run as the role that submitted the batch, row-level
+-- security limits every role to its own batches, and pgbg_admin sees all.
+--
+-- Seed status words map onto the vocabulary as: running -> running, sleep -> queued,
+-- stop -> stopped; done / failed / lost are new (the seed recorded no outcome).
