@@ -41,7 +41,8 @@ class Submission:
 
     uuid_parent: str
     action: str
-    """launched, attached, reconnected, resumed, or waiting (another claim's waiter still watches)."""
+    """launched, attached, reconnected, resumed, finished (an earlier try's success nobody took: nothing
+    runs, the batch's outcome is this try's), or waiting (another claim's waiter still watches)."""
     claimed_at: datetime | None
     previous_holder: str | None
 
@@ -134,6 +135,7 @@ class EngineSql:
         self.retry = q("SELECT {s}.pg_background_retry(%s::uuid, %s)")
         self.wait = q("SELECT {s}.pg_background_wait(%s::uuid, make_interval(secs => %s))")
         self.summary = q("SELECT {s}.pg_background_summary(%s::uuid, %s, %s)")
+        self.take_outcome = q("SELECT {s}.pg_background_take_outcome(%s::uuid, %s, %s, %s)")
         self.summaries = q("SELECT * FROM {s}.pg_background_summaries(%s::uuid[], %s, %s)")
         self.watch = q("SELECT {s}.pg_background_watch(%s::uuid[], %s::text[])")
         self.unwatch = q("SELECT {s}.pg_background_unwatch(%s::uuid[], %s::text[])")
@@ -436,6 +438,11 @@ class PgBackgroundHook(PostgresHook):
         """The batch's outcome as JSON (``pg_background_summary``): counts, first rows, first problems."""
         return self._value(self.q.summary, (uuid_parent, rows, problems))
 
+    def take_outcome(self, uuid_parent: str, claimed_by: str, *, rows: int = 20) -> dict[str, Any] | None:
+        """:meth:`summary` of an ended batch, recording in the engine that ``claimed_by`` took its outcome
+        (what ends a task's wait): a later try then runs a succeeded batch anew instead of taking it."""
+        return self._value(self.q.take_outcome, (uuid_parent, claimed_by, rows, 5))
+
     def watch(self, uuid_parent: str, claimed_by: str) -> None:
         """Shows, until :meth:`close`, that ``claimed_by`` waits for the batch (a watch lock held by the
         hook's connection, taken again after a reconnect)."""
@@ -534,6 +541,12 @@ class PgBackgroundHook(PostgresHook):
     ) -> dict[str, Any] | None:
         """:meth:`summary` on an async connection."""
         return await self._avalue(conn, self.q.summary, (uuid_parent, rows, problems))
+
+    async def atake_outcome(
+        self, conn: psycopg.AsyncConnection[Any], uuid_parent: str, claimed_by: str, *, rows: int = 20
+    ) -> dict[str, Any] | None:
+        """:meth:`take_outcome` on an async connection."""
+        return await self._avalue(conn, self.q.take_outcome, (uuid_parent, claimed_by, rows, 5))
 
     async def asummaries(
         self, conn: psycopg.AsyncConnection[Any], uuid_parents: Sequence[str], *, rows: int = 20, problems: int = 5

@@ -38,11 +38,59 @@ def test_submit_launches_once_per_claim_and_resumes_for_a_new_one(user: psycopg.
     assert wait(user, parent) == "failed"  # 1/0 again, the inserts did not run twice
     assert sorted(r[0] for r in user.execute(f"SELECT n FROM {scratch}.effects").fetchall()) == [1, 3]
     assert [r["attempt"] for r in monitor(user, parent)] == [1, 2, 1]
-    # Other statements, or an earlier batch that succeeded, give a new batch.
+    # Other statements, or an earlier batch whose success a try took (its task completed), give a new batch.
     assert submit(user, ["select 2"], "dag/run/task/-1", "try 3")["action"] == "launched"
     done = submit(user, ["select 2"], "dag/run/task/-1", "try 3")
     assert wait(user, str(done["uuid_parent"])) == "done"
+    take_outcome(user, str(done["uuid_parent"]), "try 3")
     assert submit(user, ["select 2"], "dag/run/task/-1", "try 4")["action"] == "launched"
+
+
+def take_outcome(conn: psycopg.Connection, parent: str, claim: str) -> dict[str, Any]:
+    return conn.execute("SELECT pgbg.pg_background_take_outcome(%s, %s)", (parent, claim)).fetchone()[0]
+
+
+def test_a_success_nobody_took_is_taken_by_the_next_try_not_run_again(user: psycopg.Connection, scratch: str) -> None:
+    """A try whose worker died after its batch succeeded: the retry takes that outcome; only a try after
+    one that took it (a clear of a task that completed) runs the statements again."""
+    user.execute(f"CREATE TABLE {scratch}.effects (n int)")
+    statements = [f"insert into {scratch}.effects values ({i})" for i in range(3)]
+    origin = "dag/run/taken/-1"
+    parent = str(submit(user, statements, origin, "try 1")["uuid_parent"])
+    assert wait(user, parent) == "done"
+    # try 1 died before it took the outcome: try 2 gets the same batch, finished, and nothing runs.
+    second = submit(user, statements, origin, "try 2")
+    assert (second["action"], str(second["uuid_parent"]), second["previous_holder"]) == ("finished", parent, "try 1")
+    # A late call of try 1 records nothing; try 2's records that it took the success.
+    assert take_outcome(user, parent, "try 1")["status"] == "done"
+    assert user.execute("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] is None
+    summary = take_outcome(user, parent, "try 2")
+    assert (summary["status"], summary["counts"]["done"]) == ("done", 3)
+    row = user.execute(
+        "SELECT outcome_taken_by, outcome_taken_at IS NOT NULL FROM pgbg.batches WHERE uuid_parent = %s", (parent,)
+    ).fetchone()
+    assert row == ("try 2", True)
+    assert sorted(r[0] for r in user.execute(f"SELECT n FROM {scratch}.effects").fetchall()) == [0, 1, 2]
+    # The task completed with try 2: try 3 is a clear, and runs the statements again in a new batch.
+    third = submit(user, statements, origin, "try 3")
+    assert third["action"] == "launched"
+    assert wait(user, str(third["uuid_parent"])) == "done"
+    assert len(user.execute(f"SELECT n FROM {scratch}.effects").fetchall()) == 6
+
+
+def test_a_taken_failure_is_resumed_and_its_new_outcome_taken_again(user: psycopg.Connection) -> None:
+    origin = "dag/run/retaken/-1"
+    parent = str(submit(user, ["select 1", "select 1/0"], origin, "try 1")["uuid_parent"])
+    assert wait(user, parent) == "failed"
+    assert take_outcome(user, parent, "try 1")["status"] == "failed"
+    # A failure is resumed whoever took it; what runs again has an outcome of its own to take.
+    assert submit(user, ["select 1", "select 1/0"], origin, "try 2")["action"] == "resumed"
+    assert user.execute("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] is None
+    assert wait(user, parent) == "failed"
+    take_outcome(user, parent, "try 2")
+    assert user.execute("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] == (
+        "try 2"
+    )
 
 
 def test_a_watched_batch_waits_for_its_watcher_then_is_taken_over(user_dsn: str, user: psycopg.Connection) -> None:
