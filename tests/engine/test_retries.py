@@ -173,11 +173,15 @@ def test_an_inline_child_whose_runner_was_interrupted_runs_again_without_using_a
     assert (failures, interruptions) == (0, 1)
 
 
-def test_a_child_that_keeps_taking_its_runner_down_ends_lost(admin: psycopg.Connection, user: psycopg.Connection) -> None:
+def test_a_child_that_keeps_taking_its_runner_down_ends_lost(
+    admin: psycopg.Connection, user: psycopg.Connection
+) -> None:
     parent = _launch(user, ["select pg_sleep(30)"])
     for attempt in (1, 2, 3):
         poll_until(
-            lambda attempt=attempt: [(r["status"], r["attempt"]) for r in monitor(user, parent)] == [("running", attempt)],
+            lambda attempt=attempt: (
+                [(r["status"], r["attempt"]) for r in monitor(user, parent)] == [("running", attempt)]
+            ),
             30,
             what=f"attempt {attempt} running",
         )

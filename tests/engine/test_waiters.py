@@ -63,7 +63,9 @@ def test_a_success_nobody_took_is_taken_by_the_next_try_not_run_again(user: psyc
     assert (second["action"], str(second["uuid_parent"]), second["previous_holder"]) == ("finished", parent, "try 1")
     # A late call of try 1 records nothing; try 2's records that it took the success.
     assert take_outcome(user, parent, "try 1")["status"] == "done"
-    assert user.execute("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] is None
+    assert (
+        user.execute("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] is None
+    )
     summary = take_outcome(user, parent, "try 2")
     assert (summary["status"], summary["counts"]["done"]) == ("done", 3)
     row = user.execute(
@@ -85,7 +87,9 @@ def test_a_taken_failure_is_resumed_and_its_new_outcome_taken_again(user: psycop
     assert take_outcome(user, parent, "try 1")["status"] == "failed"
     # A failure is resumed whoever took it; what runs again has an outcome of its own to take.
     assert submit(user, ["select 1", "select 1/0"], origin, "try 2")["action"] == "resumed"
-    assert user.execute("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] is None
+    assert (
+        user.execute("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] is None
+    )
     assert wait(user, parent) == "failed"
     take_outcome(user, parent, "try 2")
     assert user.execute("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] == (
