@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import io
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Reques
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
 
+from airflow_pgbg.get_provider_info import ACTION_TOKEN_TTL
 from airflow_pgbg.hooks.pgbg import PgBackgroundHook
 from airflow_pgbg.identity import XCOM_BATCH_KEY
 from airflow_pgbg.links.batch import PLUGIN_PREFIX, PgBackgroundBatchLink
@@ -342,15 +344,41 @@ def batch_csv(dag_id: str, run_id: str, task_id: str, session: SessionDep, map_i
 
 # The page is authenticated by Airflow's cookie, which a browser also sends with a form posted from
 # another site: every action needs a token that only a page of this server, for this user and this
-# task instance, carries (HMAC with the API server's JWT secret, as every API worker shares it).
+# task instance, carries (HMAC with the API server's JWT secret, as every API worker shares it). A
+# token also expires, so that one that leaked (a proxy's log, a screenshot) soon opens nothing; the page
+# renews its token while it is open.
 _FALLBACK_SECRET = secrets.token_bytes(32)
 
 
-def _csrf_token(user: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
+def _token_ttl() -> int:
+    return max(1, conf.getint("pgbg", "action_token_ttl", fallback=ACTION_TOKEN_TTL))
+
+
+def _action_token(user: Any, dag_id: str, run_id: str, task_id: str, map_index: int, expires: int) -> str:
     secret = conf.get("api_auth", "jwt_secret", fallback="") or ""
     key = secret.encode() if secret else _FALLBACK_SECRET
-    message = "\x1f".join(["pgbg-action", str(user.get_id()), dag_id, run_id, task_id, str(map_index)])
-    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+    message = "\x1f".join(["pgbg-action", str(user.get_id()), dag_id, run_id, task_id, str(map_index), str(expires)])
+    return f"{expires}.{hmac.new(key, message.encode(), hashlib.sha256).hexdigest()}"
+
+
+def _new_token(user: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> dict[str, Any]:
+    ttl = _token_ttl()
+    expires = int(time.time()) + ttl
+    return {"token": _action_token(user, dag_id, run_id, task_id, map_index, expires), "ttl": ttl}
+
+
+def _check_token(token: str | None, user: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> None:
+    expires, _, _ = (token or "").partition(".")
+    valid = expires.isascii() and expires.isdigit()
+    expected = _action_token(user, dag_id, run_id, task_id, map_index, int(expires)) if valid else ""
+    if not token or not valid or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise HTTPException(
+            403,
+            "missing or wrong X-Pgbg-Token: actions are taken from the batch page of this task instance, "
+            "by the user who opened it",
+        )
+    if int(expires) <= time.time():
+        raise HTTPException(403, "X-Pgbg-Token expired: the batch page renews it while open; reload the page")
 
 
 def _can_edit(user: Any, dag_id: str) -> bool:
@@ -361,11 +389,6 @@ def _can_edit(user: Any, dag_id: str) -> bool:
 
 def _actor(user: Any) -> str:
     return f"airflow user {user.get_name()}"
-
-
-def _check_csrf(token: str | None, user: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> None:
-    if not token or not hmac.compare_digest(token, _csrf_token(user, dag_id, run_id, task_id, map_index)):
-        raise HTTPException(403, "missing or wrong X-Pgbg-Token: actions are taken from the batch page")
 
 
 def _task_waits(session: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> bool:
@@ -380,6 +403,14 @@ def _task_waits(session: Any, dag_id: str, run_id: str, task_id: str, map_index:
     return state in ("deferred", "running", "queued", "scheduled", "up_for_retry")
 
 
+@app.get(TI_PATH + "/token.json", dependencies=[EditTaskInstances])
+def action_token(dag_id: str, run_id: str, task_id: str, user: GetUserDep, map_index: MapIndex = "-1") -> Response:
+    """A fresh action token, for the page to renew its own (read with the user's cookie, which another
+    site cannot do)."""
+    body = _new_token(user, dag_id, run_id, task_id, _index(map_index))
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
 @app.post(TI_PATH + "/stop.json", dependencies=[EditTaskInstances])
 def stop_action(
     dag_id: str,
@@ -392,7 +423,7 @@ def stop_action(
     map_index: MapIndex = "-1",
 ) -> dict:
     index = _index(map_index)
-    _check_csrf(x_pgbg_token, user, dag_id, run_id, task_id, index)
+    _check_token(x_pgbg_token, user, dag_id, run_id, task_id, index)
     hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, index)
     try:
         if child is not None:
@@ -416,7 +447,7 @@ def requeue_action(
     map_index: MapIndex = "-1",
 ) -> dict:
     index = _index(map_index)
-    _check_csrf(x_pgbg_token, user, dag_id, run_id, task_id, index)
+    _check_token(x_pgbg_token, user, dag_id, run_id, task_id, index)
     hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, index)
     try:
         queued = hook.retry(uuid_parent, requested_by=_actor(user))
@@ -470,7 +501,8 @@ def batch_page(
             actions={
                 "stop_url": f"{path}/stop.json?{urlencode(base)}",
                 "requeue_url": f"{path}/requeue.json?{urlencode(base)}",
-                "token": _csrf_token(user, dag_id, run_id, task_id, _index(map_index)),
+                "token_url": f"{path}/token.json?{urlencode(base)}",
+                **_new_token(user, dag_id, run_id, task_id, _index(map_index)),
             }
             if _can_edit(user, dag_id)
             else None,
