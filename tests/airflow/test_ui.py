@@ -7,10 +7,7 @@ import io
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,101 +19,24 @@ import psycopg
 import pytest
 
 from airflow_pgbg.links.batch import batch_page_path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ApiServer:
-    def __init__(self, url: str, password: str, viewer_password: str) -> None:
-        self.url = url
-        self.password = password
-        self.viewer_password = viewer_password
-
-    def token(self, username: str = "admin") -> str:
-        password = self.password if username == "admin" else self.viewer_password
-        r = httpx.post(f"{self.url}/auth/token", json={"username": username, "password": password})
-        r.raise_for_status()
-        return r.json()["access_token"]
-
-    def auth(self, username: str = "admin") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token(username)}"}
+from tests.airflow.apiserver import ApiServer, chromium
+from tests.airflow.apiserver import api_server as running_api_server
+from tests.airflow.apiserver import console_state as _state
+from tests.airflow.apiserver import page_url as _page
 
 
 @pytest.fixture(scope="module")
 def api_server(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     """A real API server on the tests' Airflow home, with an admin and a read-only user ("viewer")."""
     out = tmp_path_factory.mktemp("api-server")
-    password, viewer_password = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
-    passwords = out / "passwords.json"
-    passwords.write_text(json.dumps({"admin": password, "viewer": viewer_password}))
-    port = _free_port()
+    passwords = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
+    (out / "passwords.json").write_text(json.dumps(passwords))
     env = {
-        **os.environ,
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(out / "passwords.json"),
     }
-    log = open(out / "api-server.log", "w")  # noqa: SIM115 - the server writes to it for as long as it runs
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/api/v2/monitor/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"api-server did not start:\n{(out / 'api-server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield ApiServer(url, password, viewer_password)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-@pytest.fixture
-def stored_connection(pgbg_conn: str) -> str:
-    """The API server finds the connection where a deployment keeps it: in the metadata database."""
-    from airflow.models import Connection
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        session.query(Connection).filter(Connection.conn_id == "pgbg_test").delete()
-        session.add(Connection(conn_id="pgbg_test", uri=os.environ["AIRFLOW_CONN_PGBG_TEST"]))
-    return pgbg_conn
-
-
-@pytest.fixture
-def finished_run(
-    run_dag: Callable[..., Any], user: psycopg.Connection, scratch: str, stored_connection: str
-) -> dict[str, Any]:
-    """A DAG run whose batch has done, failed and hostile-looking children."""
-    user.execute(f"CREATE TABLE {scratch}.marks (n int)")
-    dr = run_dag("ui_batch")
-    (ti,) = dr.get_task_instances()
-    return {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id, "state": ti.state}
-
-
-def _page(server: ApiServer, run: dict[str, Any], suffix: str = "") -> str:
-    path = batch_page_path(run["dag_id"], run["run_id"], run["task_id"])
-    base, _, query = path.partition("?")
-    return f"{server.url}{base}{suffix}?{query}"
+    with running_api_server(out, passwords, env) as server:
+        yield server
 
 
 def test_endpoints_need_an_authenticated_user(api_server: ApiServer, finished_run: dict[str, Any]) -> None:
@@ -124,12 +44,6 @@ def test_endpoints_need_an_authenticated_user(api_server: ApiServer, finished_ru
         r = httpx.get(_page(api_server, finished_run, suffix))
         assert r.status_code in (401, 403), (suffix, r.status_code)
         assert "marks" not in r.text
-
-
-def _state(html: str) -> dict[str, Any]:
-    """The page's state block (URLs, and the action token for users who may edit)."""
-    block = html.split('<script type="application/json" id="console-state">', 1)[1].split("</script>", 1)[0]
-    return json.loads(block)
 
 
 def test_json_csv_and_page(api_server: ApiServer, finished_run: dict[str, Any], pgbg_conn: str) -> None:
@@ -317,18 +231,7 @@ def test_in_a_real_browser(api_server: ApiServer, finished_run: dict[str, Any], 
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=os.environ.get("PGBG_CHROMIUM", "/usr/bin/chromium"),
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             # Log in through Airflow's own login page.
@@ -408,10 +311,7 @@ def test_live_updates_and_an_editor_stops_one_child_in_a_browser(
 
         run = poll_until(running_run, 60, 0.5, "the live batch to run")
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=os.environ.get("PGBG_CHROMIUM", "/usr/bin/chromium"),
-                args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"],
-            )
+            browser = chromium(p)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(f"{api_server.url}/")
