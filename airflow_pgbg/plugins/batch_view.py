@@ -1,8 +1,9 @@
 """The Airflow plugin: the batch console per task instance (HTML, JSON, CSV) and its task-instance tab.
 
 Mounted by the API server under ``/pgbg``. Every endpoint requires an Airflow user allowed to read
-the DAG's task instances (Airflow's auth manager decides); the batch is found through the task
-instance's ``pgbg_batch`` XCom, so a URL never names a connection or a batch directly. Pages of
+the DAG's task instances (Airflow's auth manager decides); a URL names a task instance, never a
+connection or a batch: the batch is the one its try published (``pgbg_batch`` XCom), read where the
+task's own definition runs it (:mod:`airflow_pgbg.plugins.task_batch`). Pages of
 children are cut, sorted and filtered by the engine (``pg_background_children_page``), so what a
 request costs does not grow with the batch; result previews load one child at a time.
 """
@@ -28,7 +29,6 @@ from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_da
 from airflow.configuration import conf
 from airflow.exceptions import AirflowNotFoundException
 from airflow.models.taskinstance import TaskInstance
-from airflow.models.xcom import XComModel
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -36,10 +36,10 @@ from sqlalchemy import select
 
 from airflow_pgbg.get_provider_info import ACTION_TOKEN_TTL
 from airflow_pgbg.hooks.pgbg import PgBackgroundHook
-from airflow_pgbg.identity import XCOM_BATCH_KEY
 from airflow_pgbg.links.batch import PLUGIN_PREFIX, PgBackgroundBatchLink
 from airflow_pgbg.plugins import listener
 from airflow_pgbg.plugins.page import render_batch, render_message
+from airflow_pgbg.plugins.task_batch import BatchNotFound, BatchRefused, find_task_batch
 from airflow_pgbg.status import CONSOLE_SORTS, PROBLEM_STATUSES, ChildStatus
 
 PER_PAGE = 100
@@ -73,10 +73,6 @@ MapIndex = Annotated[str, Query(pattern=r"^(-1|\d+|\{MAP_INDEX\})$")]
 
 def _index(map_index: str) -> int:
     return int(map_index) if map_index.lstrip("-").isdigit() else -1
-
-
-class BatchNotFound(Exception):
-    """A clear 404 for an unknown task instance, a try without a batch, or a purged batch."""
 
 
 class BadView(Exception):
@@ -142,22 +138,16 @@ def _view(params: dict[str, str | None], batch_status: str) -> View:
     )
 
 
-def _hook_and_ref(session: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> tuple[PgBackgroundHook, str]:
-    row = session.scalars(
-        XComModel.get_many(run_id=run_id, key=XCOM_BATCH_KEY, dag_ids=dag_id, task_ids=task_id, map_indexes=map_index)
-    ).first()
-    if row is None:
-        raise BatchNotFound(
-            f"No batch for task {dag_id}.{task_id} (map index {map_index}) in run {run_id}: "
-            "the task instance does not exist or has not launched a batch."
-        )
-    ref = XComModel.deserialize_value(row)
-    hook = PgBackgroundHook(
-        postgres_conn_id=ref["postgres_conn_id"],
-        database=ref.get("database"),
-        engine_schema=ref.get("engine_schema") or "pgbg",
-    )
-    return hook, ref["uuid_parent"]
+def _open_batch(session: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> tuple[PgBackgroundHook, str]:
+    """A hook on the task instance's batch, where its definition runs it, once the engine confirmed it."""
+    found = find_task_batch(session, dag_id, run_id, task_id, map_index)
+    hook = found.hook()
+    try:
+        found.check_recorded(hook)
+    except Exception:
+        hook.close()
+        raise
+    return hook, found.uuid_parent
 
 
 def _batch(hook: PgBackgroundHook, uuid_parent: str) -> dict[str, Any]:
@@ -182,7 +172,7 @@ def _batch(hook: PgBackgroundHook, uuid_parent: str) -> dict[str, Any]:
 def _load(
     session: Any, dag_id: str, run_id: str, task_id: str, map_index: int, params: dict[str, str | None]
 ) -> dict[str, Any]:
-    hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, map_index)
+    hook, uuid_parent = _open_batch(session, dag_id, run_id, task_id, map_index)
     try:
         batch = _batch(hook, uuid_parent)
         view = _view(params, batch["status"])
@@ -258,6 +248,13 @@ async def _not_found(request: Request, exc: BatchNotFound) -> Response:
     return HTMLResponse(render_message("Batch not found", str(exc)), status_code=404)
 
 
+@app.exception_handler(BatchRefused)
+async def _refused(request: Request, exc: BatchRefused) -> Response:
+    if _api(request):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+    return HTMLResponse(render_message("Batch reference refused", str(exc)), status_code=409)
+
+
 @app.exception_handler(BadView)
 async def _bad_view(request: Request, exc: BadView) -> Response:
     if _api(request):
@@ -297,7 +294,7 @@ def batch_json(
 def child_json(
     dag_id: str, run_id: str, task_id: str, uuid_child: str, session: SessionDep, map_index: MapIndex = "-1"
 ) -> dict:
-    hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, _index(map_index))
+    hook, uuid_parent = _open_batch(session, dag_id, run_id, task_id, _index(map_index))
     try:
         child = hook.child(uuid_child)
     finally:
@@ -310,7 +307,7 @@ def child_json(
 
 @app.get(TI_PATH + ".csv", dependencies=[ReadTaskInstances])
 def batch_csv(dag_id: str, run_id: str, task_id: str, session: SessionDep, map_index: MapIndex = "-1") -> Response:
-    hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, _index(map_index))
+    hook, uuid_parent = _open_batch(session, dag_id, run_id, task_id, _index(map_index))
     if hook.poll(uuid_parent) is None:
         hook.close()
         raise BatchNotFound(f"Batch {uuid_parent} is no longer in the database (purged?).")
@@ -424,7 +421,7 @@ def stop_action(
 ) -> dict:
     index = _index(map_index)
     _check_token(x_pgbg_token, user, dag_id, run_id, task_id, index)
-    hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, index)
+    hook, uuid_parent = _open_batch(session, dag_id, run_id, task_id, index)
     try:
         if child is not None:
             found = hook.child(child)
@@ -448,7 +445,7 @@ def requeue_action(
 ) -> dict:
     index = _index(map_index)
     _check_token(x_pgbg_token, user, dag_id, run_id, task_id, index)
-    hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, index)
+    hook, uuid_parent = _open_batch(session, dag_id, run_id, task_id, index)
     try:
         queued = hook.retry(uuid_parent, requested_by=_actor(user))
     finally:

@@ -70,8 +70,8 @@ def run_dag(pgbg_conn: str, scratch: str) -> Callable[..., Any]:
     """Runs one of the test DAGs with dag.test(); the scratch schema is passed as run conf."""
     dags = _load_dags()
 
-    def run(name: str, **kwargs: Any) -> Any:
-        return getattr(dags, name).test(run_conf={"schema": scratch}, **kwargs)
+    def run(name: str, conf: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        return getattr(dags, name).test(run_conf={"schema": scratch, **(conf or {})}, **kwargs)
 
     return run
 

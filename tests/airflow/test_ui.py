@@ -10,6 +10,7 @@ import secrets
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from html import unescape
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -362,3 +363,122 @@ def test_live_updates_and_an_editor_stops_one_child_in_a_browser(
         user.execute("SELECT pgbg.pg_background_stop(uuid_parent) FROM pgbg.batch WHERE role_name = current_user")
         proc.wait(90)
     print(f"\nscreenshots: {tmp_path}")
+
+
+# -- what a task's own code cannot make the console or the listener do -----------------------------
+
+
+def _launch_elsewhere(conn: psycopg.Connection, origin: str) -> str:
+    """A running batch that belongs to another task instance (another team's, say)."""
+    row = conn.execute(
+        "SELECT pgbg.pg_background_launch_num(ARRAY['select pg_sleep(60)', 'select pg_sleep(60)'], "
+        "p_monitor => false, p_origin => %s)",
+        (origin,),
+    ).fetchone()
+    return str(row[0])
+
+
+def _statuses(conn: psycopg.Connection, parent: str) -> set[str]:
+    rows = conn.execute("SELECT status::text FROM pgbg.log_background WHERE uuid_parent = %s", (parent,))
+    return {r[0] for r in rows}
+
+
+def _mark(server: ApiServer, run: dict[str, Any], state: str) -> None:
+    reply = httpx.patch(
+        f"{server.url}/api/v2/dags/{run['dag_id']}/dagRuns/{quote(run['run_id'], safe='')}"
+        f"/taskInstances/{run['task_id']}",
+        headers=server.auth(),
+        json={"new_state": state},
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
+
+
+def _every_endpoint_refuses(server: ApiServer, run: dict[str, Any], victim: str, says: str) -> None:
+    """Page, JSON, CSV, a child, and both actions (with a valid token) are refused, saying why."""
+    auth = server.auth()
+    path, _, query = _page(server, run).partition("?")
+    token = httpx.get(_page(server, run, "/token.json"), headers=auth).json()["token"]
+    replies = {
+        "page": httpx.get(_page(server, run), headers=auth),
+        "json": httpx.get(_page(server, run, ".json"), headers=auth),
+        "csv": httpx.get(_page(server, run, ".csv"), headers=auth),
+        "child": httpx.get(f"{path}/children/{victim}.json?{query}", headers=auth),
+        "stop": httpx.post(f"{path}/stop.json?{query}", headers={**auth, "X-Pgbg-Token": token}, json={}),
+        "requeue": httpx.post(f"{path}/requeue.json?{query}", headers={**auth, "X-Pgbg-Token": token}, json={}),
+    }
+    for name, reply in replies.items():
+        assert reply.status_code == 409, (name, reply.status_code, reply.text[-500:])
+        assert says in unescape(reply.text), (name, reply.text[-500:])
+        assert "pg_sleep" not in reply.text, name  # nothing of the other batch is shown
+    assert "Batch reference refused" in replies["page"].text
+
+
+def _listener_refuses(server: ApiServer, run: dict[str, Any], what: str, conn: psycopg.Connection, victim: str) -> None:
+    """A person marks the task: the listener refuses the reference (logged) instead of stopping the batch."""
+    from tests.helpers import poll_until
+
+    refusals = server.log_text().count(what)
+    _mark(server, run, "failed")
+    poll_until(
+        lambda: server.log_text().count(what) > refusals or "stopped" in _statuses(conn, victim),
+        30,
+        0.2,
+        "the listener to act",
+    )
+    time.sleep(1)  # a stop would have come by now
+    assert "stopped" not in _statuses(conn, victim)
+    assert server.log_text().count(what) > refusals
+
+
+def test_a_reference_to_another_connection_is_refused_by_the_console_and_the_listener(
+    api_server: ApiServer,
+    run_dag: Callable[..., Any],
+    stored_connection: str,
+    make_role: Callable[..., str],
+) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    from tests.airflow.conftest import store_connection
+
+    # Another team's role and its Airflow connection, with a batch of theirs running.
+    other_dsn = make_role()
+    p = conninfo_to_dict(other_dsn)
+    store_connection("pgbg_other", f"postgresql://{p['user']}:{p['password']}@{p['host']}:{p['port']}/{p['dbname']}")
+    with psycopg.connect(other_dsn, autocommit=True) as other:
+        victim = _launch_elsewhere(other, "team_b_dag/run/load/-1")
+        dr = run_dag("forged_ref", conf={"victim": victim, "conn": "pgbg_other"})
+        (ti,) = dr.get_task_instances()
+        assert ti.state == "success"
+        run = {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id}
+        says = "XCom names connection 'pgbg_other'"
+        _every_endpoint_refuses(api_server, run, victim, says)
+        assert "but the task is defined with connection 'pgbg_test'" in api_server.log_text()
+        _listener_refuses(api_server, run, "refused the batch of task pgbg_forged_ref.batch", other, victim)
+        other.execute("SELECT pgbg.pg_background_stop(%s)", (victim,))
+
+
+def test_a_reference_to_another_task_instances_batch_is_refused(
+    api_server: ApiServer, run_dag: Callable[..., Any], stored_connection: str, user: psycopg.Connection
+) -> None:
+    # Same connection and role, but a batch the engine records as another task instance's.
+    victim = _launch_elsewhere(user, "another_dag/manual__1/other_task/-1")
+    dr = run_dag("forged_ref", conf={"victim": victim})
+    (ti,) = dr.get_task_instances()
+    run = {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id}
+    _every_endpoint_refuses(api_server, run, victim, "was launched by 'another_dag/manual__1/other_task/-1'")
+    _listener_refuses(api_server, run, f"batch {victim} was launched by", user, victim)
+    user.execute("SELECT pgbg.pg_background_stop(%s)", (victim,))
+
+
+def test_a_reference_published_by_a_task_that_runs_no_batch_is_refused(
+    api_server: ApiServer, run_dag: Callable[..., Any], stored_connection: str, user: psycopg.Connection
+) -> None:
+    victim = _launch_elsewhere(user, "another_dag/manual__1/other_task/-1")
+    dr = run_dag("forger", conf={"victim": victim})
+    (ti,) = dr.get_task_instances()
+    assert ti.state == "success"
+    run = {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id}
+    _every_endpoint_refuses(api_server, run, victim, "its definition names no connection")
+    _listener_refuses(api_server, run, "refused the batch of task pgbg_forger.batch", user, victim)
+    user.execute("SELECT pgbg.pg_background_stop(%s)", (victim,))
