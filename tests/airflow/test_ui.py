@@ -25,6 +25,9 @@ from tests.airflow.apiserver import api_server as running_api_server
 from tests.airflow.apiserver import console_state as _state
 from tests.airflow.apiserver import page_url as _page
 
+PAGE_BOUND_SECONDS = 2.0
+"""The first page of a 10,000-child batch with 64 KB previews, through the API server."""
+
 
 @pytest.fixture(scope="module")
 def api_server(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
@@ -181,12 +184,16 @@ def test_a_big_batch_opens_within_the_bound(
     (ti,) = dr.get_task_instances()
     run = {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id}
     auth = api_server.auth()
-    started = time.monotonic()
-    page = httpx.get(_page(api_server, run), headers=auth, timeout=60)
-    took = time.monotonic() - started
-    assert page.status_code == 200, page.text[-2000:]
-    print(f"\n[ui] first page of a 10,000-child batch: {len(page.content) / 1024:.0f} KiB in {took:.2f} s")
+    took = []
+    for _ in range(3):  # the best of three: this machine's other work is not the page's cost
+        started = time.monotonic()
+        page = httpx.get(_page(api_server, run), headers=auth, timeout=60)
+        took.append(time.monotonic() - started)
+        assert page.status_code == 200, page.text[-2000:]
+    print(f"\n[ui] first page of a 10,000-child batch: {len(page.content) / 1024:.0f} KiB in {min(took):.2f} s")
     assert len(page.content) <= 1024 * 1024
+    # README: 0.37 s on 2 cores; the page that read every preview (132.7 MB) took far longer.
+    assert min(took) <= PAGE_BOUND_SECONDS, took
     data = httpx.get(_page(api_server, run, ".json"), headers=auth, timeout=60).json()
     assert data["batch"]["children"] == 10_000
     assert data["view"]["matching"] == 10_000
