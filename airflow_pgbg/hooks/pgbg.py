@@ -115,6 +115,7 @@ class EngineSql:
         self.child = q("SELECT * FROM {s}.pg_background_child(%s::uuid)")
         self.figures = q("SELECT {s}.pg_background_figures(%s::uuid, %s)")
         self.notes = q("SELECT notes FROM {s}.batch WHERE uuid_parent = %s::uuid")
+        self.origin = q("SELECT origin FROM {s}.batch WHERE uuid_parent = %s::uuid")
         self.progress = q("SELECT * FROM {s}.pg_background_progress(%s::uuid)")
         # Bounded for a lineage event; the partial index on these statuses keeps it cheap at 100,000 children.
         self.problem_sqlstates = q(
@@ -391,6 +392,10 @@ class PgBackgroundHook(PostgresHook):
     def batch_notes(self, uuid_parent: str) -> str | None:
         """What the engine noted for the submitter (e.g. a cap it lowered)."""
         return self._value(self.q.notes, (uuid_parent,))
+
+    def recorded_origin(self, uuid_parent: str) -> str | None:
+        """The task instance that launched the batch (``origin``); None for a batch this role cannot see."""
+        return self._value(self.q.origin, (uuid_parent,))
 
     def stop(
         self, uuid_parent_or_child: str, *, if_claimed_by: str | None = None, stopped_by: str | None = None

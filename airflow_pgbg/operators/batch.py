@@ -21,7 +21,14 @@ from airflow_pgbg.compat import (
 from airflow_pgbg.hooks.install import validate_schema
 from airflow_pgbg.hooks.outage import DEFAULT_RECONNECT_TIMEOUT, EngineUnreachable
 from airflow_pgbg.hooks.pgbg import BatchOptions, PgBackgroundHook, seconds
-from airflow_pgbg.identity import EARLIER_TRIGGER_GRACE, XCOM_BATCH_KEY, batch_ref, origin_of, try_claim
+from airflow_pgbg.identity import (
+    BATCH_LOCATION_FIELDS,
+    EARLIER_TRIGGER_GRACE,
+    XCOM_BATCH_KEY,
+    batch_ref,
+    origin_of,
+    try_claim,
+)
 from airflow_pgbg.links.batch import PgBackgroundBatchLink
 from airflow_pgbg.outcome import failure_message, succeeded, summary_line
 from airflow_pgbg.splitting import split_statements
@@ -184,6 +191,13 @@ class PgBackgroundBatchOperator(BaseOperator):
             )
         elif start_from_trigger:
             raise ValueError(f"{tid}: start_from_trigger needs deferrable=True and Airflow 3.3 or later")
+
+    @classmethod
+    def get_serialized_fields(cls) -> frozenset[str]:
+        # Where the batch runs goes into the serialized DAG (as Airflow's sensors add their mode), so
+        # that the API server's console and listener take it from the task's definition, never from
+        # an XCom that any task's code could have written.
+        return super().get_serialized_fields() | set(BATCH_LOCATION_FIELDS)
 
     def _launch_trigger_kwargs(self) -> dict[str, Any]:
         """What the trigger needs to launch the batch itself; ``sql`` and ``batch_label`` are rendered
