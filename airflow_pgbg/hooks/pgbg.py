@@ -134,7 +134,7 @@ class EngineSql:
             "SELECT uuid_parent FROM {s}.batch WHERE origin = %s AND claimed_by = %s ORDER BY created_at DESC LIMIT 1"
         )
         self.retry = q("SELECT {s}.pg_background_retry(%s::uuid, %s)")
-        self.wait = q("SELECT {s}.pg_background_wait(%s::uuid, make_interval(secs => %s))")
+        self.wait = q("CALL {s}.pg_background_await(%s::uuid, make_interval(secs => %s), NULL)")
         self.summary = q("SELECT {s}.pg_background_summary(%s::uuid, %s, %s)")
         self.take_outcome = q("SELECT {s}.pg_background_take_outcome(%s::uuid, %s, %s, %s)")
         self.summaries = q("SELECT * FROM {s}.pg_background_summaries(%s::uuid[], %s, %s)")
@@ -318,10 +318,17 @@ class PgBackgroundHook(PostgresHook):
     def poll(self, uuid_parent: str, wait: float | None = None) -> BatchState | None:
         """Status and counts of a batch, after the engine's housekeeping; None if unknown.
 
-        With ``wait`` (seconds), the database first waits up to that long for the batch to end.
+        With ``wait`` (seconds), waits up to that long for the batch to end: in the database, or here for a
+        batch the database does not wait for (a waiting statement would hold back its CONCURRENTLY
+        statements; it returns at once then).
         """
+        started = time.monotonic()
         rows = self._rows(self.q.poll, (uuid_parent, wait))
-        return BatchState.from_row(rows[0]) if rows else None
+        state = BatchState.from_row(rows[0]) if rows else None
+        left = (wait or 0.0) - (time.monotonic() - started)
+        if state is not None and not state.is_final and left > 0:
+            time.sleep(left)
+        return state
 
     def poll_many(self, uuid_parents: Sequence[str]) -> dict[str, BatchState]:
         """States of several batches in one round trip; unknown ones are missing."""
@@ -427,7 +434,8 @@ class PgBackgroundHook(PostgresHook):
         return int(self._value(self.q.retry, (uuid_parent, requested_by)))
 
     def wait(self, uuid_parent: str, timeout: timedelta | float | None = None) -> str | None:
-        """Blocks in the database until the batch ends; its status, or None on timeout."""
+        """Blocks in the database until the batch ends; its status, or None on timeout. Commits between its
+        checks (``pg_background_await``), so it never holds back the batch's CONCURRENTLY statements."""
         return self._value(self.q.wait, (uuid_parent, seconds(timeout)))
 
     def outcome(self, uuid_parent: str) -> dict[str, Any] | None:

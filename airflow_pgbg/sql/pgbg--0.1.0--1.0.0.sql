@@ -1424,7 +1424,7 @@ BEGIN
                start_time_exec = clock_timestamp(), end_time_exec = NULL, attempt = c.attempt + 1,
                not_before = NULL, stop_requested = false, requeue_on_stop = false, result = NULL,
                sqlstate = NULL
-         WHERE p_claim
+         WHERE p_claim AND c.status = 'queued'
            AND c.id = (SELECT x.id FROM @schema@.log_background x
                         WHERE x.uuid_parent = p_parent AND x.status = 'queued' AND x.role_name = current_user
                           AND (x.not_before IS NULL OR x.not_before <= clock_timestamp())

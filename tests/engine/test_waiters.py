@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -114,9 +115,14 @@ def test_a_watched_batch_waits_for_its_watcher_then_is_taken_over(user_dsn: str,
         assert user.execute("SELECT pgbg.pg_background_watched(%s, 'try 2 deferred')", (parent,)).fetchone()[0]
         assert not user.execute("SELECT pgbg.pg_background_watched(%s, 'try 1 deferred')", (parent,)).fetchone()[0]
         assert submit(user, ["select pg_sleep(30)"] * 2, origin, "try 2 deferred")["action"] == "waiting"
-    # The watcher's connection is gone: the new try takes over. Its holder waited from the triggerer,
-    # so the running child is stopped and queued again, as that holder's kill would have done.
-    assert not user.execute("SELECT pgbg.pg_background_watched(%s, 'try 2 deferred')", (parent,)).fetchone()[0]
+    # The watcher's connection is gone (its backend a moment later): the new try takes over. Its holder
+    # waited from the triggerer, so the running child is stopped and queued again, as that holder's kill
+    # would have done.
+    poll_until(
+        lambda: not user.execute("SELECT pgbg.pg_background_watched(%s, 'try 2 deferred')", (parent,)).fetchone()[0],
+        10,
+        what="the watcher's session to end",
+    )
     second = submit(user, ["select pg_sleep(30)"] * 2, origin, "try 2 deferred", requeue_on_takeover=True)
     assert second["action"] == "reconnected"
     # The cut-short child waits behind the rest; the runner goes on with the next one.
@@ -190,3 +196,67 @@ def test_submit_needs_an_origin_and_a_claim(user: psycopg.Connection, claim: str
             submit(user, ["select 1"], "o", None)  # type: ignore[arg-type]
     else:
         assert submit(user, ["select 1"], "o", claim)["action"] == "launched"
+
+
+@pytest.fixture
+def concurrent_build(user: psycopg.Connection, scratch: str) -> Callable[[], str]:
+    """Launches a batch that builds an index CONCURRENTLY (and reindexes it so), which waits for every
+    snapshot older than its own: a waiter that held one would hold it back until the waiter's end."""
+    user.execute(f"CREATE TABLE {scratch}.big AS SELECT g AS a FROM generate_series(1, 20000) g")
+    names = iter(range(100))
+
+    def launch_build() -> str:
+        k = next(names)
+        return launch(
+            user,
+            [
+                f"create index concurrently big_{k} on {scratch}.big (a)",
+                f"reindex index concurrently {scratch}.big_{k}",
+            ],
+            max_parallel=1,
+        )
+
+    return launch_build
+
+
+def test_a_wait_in_one_statement_refuses_a_batch_it_would_hold_back(
+    user: psycopg.Connection, concurrent_build: Callable[[], str]
+) -> None:
+    parent = concurrent_build()
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="would hold back") as refused:
+        wait(user, parent, "60 s")
+    assert time.monotonic() - started < 2  # at once, not after its timeout
+    assert "pg_background_await" in refused.value.diag.message_hint
+    # The form that works: a procedure that commits between its checks.
+    started = time.monotonic()
+    assert user.execute("CALL pgbg.pg_background_await(%s, '60 s', NULL)", (parent,)).fetchone()[0] == "done"
+    assert time.monotonic() - started < 20
+    assert statuses(monitor(user, parent)) == ["done", "done"]
+    # Nothing left to hold back: the function waits for it too.
+    assert wait(user, parent, "5 s") == "done"
+
+
+def test_a_poll_that_would_hold_a_batch_back_does_not_wait(
+    user: psycopg.Connection, concurrent_build: Callable[[], str]
+) -> None:
+    parent = concurrent_build()
+    started = time.monotonic()
+    polls = 0
+    while True:
+        polls += 1
+        status = user.execute("SELECT status FROM pgbg.pg_background_poll(%s, '10 s')", (parent,)).fetchone()[0]
+        if status not in ("queued", "running"):
+            break
+        time.sleep(0.2)  # the poller waits between calls, holding no snapshot
+    assert status == "done"
+    assert time.monotonic() - started < 20  # no poll held it for its 10 s
+    assert polls > 1
+
+
+def test_a_synchronous_launch_refuses_a_batch_it_would_hold_back(user: psycopg.Connection, scratch: str) -> None:
+    user.execute(f"CREATE TABLE {scratch}.t (a int)")
+    before = user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0]
+    with pytest.raises(psycopg.errors.FeatureNotSupported):
+        launch(user, [f"create index concurrently on {scratch}.t (a)"], monitor=True)
+    assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == before
