@@ -16,7 +16,7 @@ S = "{{ dag_run.conf['schema'] }}"
 
 def _dag(dag_id: str, **task_kwargs) -> DAG:
     with DAG(dag_id, schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as dag:
-        PgBackgroundBatchOperator(task_id="batch", postgres_conn_id=CONN, poll_interval=0.2, **task_kwargs)
+        PgBackgroundBatchOperator(task_id="batch", postgres_conn_id=CONN, **{"poll_interval": 0.2, **task_kwargs})
     return dag
 
 
@@ -82,6 +82,19 @@ big_batch = _dag(
     sql=["select 1/0" if i % 1000 == 0 else "select repeat('x', 65536) as x" for i in range(1, 10_001)],
     max_parallel=8,
     deferrable=False,
+)
+# Statements that wait for every older snapshot, one after the other; polled rarely, so that a poll that
+# held a snapshot while it waited would hold each of them back for seconds.
+_CONCURRENTLY = [
+    f"create index concurrently big_a on {S}.big (a)",
+    f"reindex index concurrently {S}.big_a",
+    f"alter table {S}.parted detach partition {S}.parted_1 concurrently",
+]
+concurrent_blocking = _dag(
+    "pgbg_concurrent_blocking", sql=_CONCURRENTLY, max_parallel=1, deferrable=False, poll_interval=8
+)
+concurrent_deferrable = _dag(
+    "pgbg_concurrent_deferrable", sql=_CONCURRENTLY, max_parallel=1, deferrable=True, poll_interval=8
 )
 # Watched while it runs (the console's live updates and actions).
 ui_live = _dag("pgbg_ui_live", sql=["select pg_sleep(4)"] * 8, max_parallel=2, deferrable=False)
