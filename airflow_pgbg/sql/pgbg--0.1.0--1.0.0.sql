@@ -174,7 +174,8 @@ UPDATE @schema@.batch SET counted = false
 ALTER TABLE @schema@.settings
     ADD COLUMN launcher text NOT NULL DEFAULT 'pg_background' CHECK (launcher IN ('pg_background', 'pg_cron')),
     ADD COLUMN cron_max_running_jobs int CHECK (cron_max_running_jobs > 0),
-    ADD COLUMN cron_linger interval NOT NULL DEFAULT '5 s' CHECK (cron_linger >= interval '0');
+    ADD COLUMN cron_linger interval NOT NULL DEFAULT '5 s' CHECK (cron_linger >= interval '0'),
+    ADD COLUMN linger interval NOT NULL DEFAULT '2 s' CHECK (linger >= interval '0');
 COMMENT ON COLUMN @schema@.settings.launcher IS
     'What starts runners: pg_background workers, or pg_cron jobs (chosen by the installer).';
 COMMENT ON COLUMN @schema@.settings.cron_max_running_jobs IS
@@ -184,6 +185,10 @@ COMMENT ON COLUMN @schema@.settings.cron_linger IS
     'pg_cron: how long a runner with nothing left to run stays for its role''s next batch before it parks '
     'its job. A batch launched meanwhile starts within 20 ms; a parked job takes pg_cron up to 2 s to start '
     'again. Each lingering runner holds one of cron.max_running_jobs.';
+COMMENT ON COLUMN @schema@.settings.linger IS
+    'pg_background: how long a runner with nothing left to run stays for its role''s next batch, which it '
+    'starts within 20 ms rather than the few tens of ms new runners take. It holds no slot meanwhile, but one '
+    'of max_worker_processes. 0: runners leave at once.';
 
 ALTER TABLE @schema@.batch ADD COLUMN notes text, ADD COLUMN outcome_taken_by text, ADD COLUMN outcome_taken_at timestamptz;
 COMMENT ON COLUMN @schema@.batch.notes IS 'What the engine wants the submitter to know, e.g. a cap it lowered.';
@@ -438,10 +443,10 @@ COMMENT ON FUNCTION @schema@._waits_for_older_snapshots(text) IS
 
 -- Executing one child inside the runner's transaction, and its result document.
 
-CREATE FUNCTION @schema@._command_tag(p_sql text, p_rows bigint)
+CREATE FUNCTION @schema@._command_tag(p_head text, p_rows bigint)
 RETURNS text
 LANGUAGE sql IMMUTABLE
-RETURN CASE split_part(@schema@._statement_head(p_sql), ' ', 1)
+RETURN CASE split_part(p_head, ' ', 1)
     WHEN 'INSERT' THEN 'INSERT 0 ' || p_rows
     WHEN 'UPDATE' THEN 'UPDATE ' || p_rows
     WHEN 'DELETE' THEN 'DELETE ' || p_rows
@@ -451,13 +456,14 @@ RETURN CASE split_part(@schema@._statement_head(p_sql), ' ', 1)
     WHEN 'TABLE' THEN 'SELECT ' || p_rows
     WHEN 'WITH' THEN 'WITH ' || p_rows
     WHEN 'COPY' THEN 'COPY ' || p_rows
-    WHEN 'CREATE' THEN substring(@schema@._statement_head(p_sql) FROM '^CREATE (?:OR REPLACE |UNIQUE |TEMP |TEMPORARY |UNLOGGED )*[A-Z]+')
-    WHEN 'DROP' THEN substring(@schema@._statement_head(p_sql) FROM '^DROP [A-Z]+')
-    WHEN 'ALTER' THEN substring(@schema@._statement_head(p_sql) FROM '^ALTER [A-Z]+')
-    ELSE split_part(@schema@._statement_head(p_sql), ' ', 1)
+    WHEN 'CREATE' THEN substring(p_head FROM '^CREATE (?:OR REPLACE |UNIQUE |TEMP |TEMPORARY |UNLOGGED )*[A-Z]+')
+    WHEN 'DROP' THEN substring(p_head FROM '^DROP [A-Z]+')
+    WHEN 'ALTER' THEN substring(p_head FROM '^ALTER [A-Z]+')
+    ELSE split_part(p_head, ' ', 1)
 END;
 COMMENT ON FUNCTION @schema@._command_tag(text, bigint) IS
-    'PL/pgSQL does not expose the command tag of a dynamic statement; this rebuilds it from the keywords.';
+    'PL/pgSQL does not expose the command tag of a dynamic statement; this rebuilds it from its leading '
+    'keywords (_statement_head()).';
 
 CREATE FUNCTION @schema@._bounded_preview(p_rows jsonb, p_total bigint, p_max_bytes int)
 RETURNS jsonb
@@ -475,6 +481,33 @@ $fn$;
 COMMENT ON FUNCTION @schema@._bounded_preview(jsonb, bigint, int) IS
     'Keeps the longest prefix of rows that fits in p_max_bytes and says whether rows were left out.';
 
+CREATE FUNCTION @schema@._rows_document(p_sql text, p_head text, p_preview_rows int, p_preview_bytes int)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_total bigint := 0;
+    v_rows jsonb[] := '{}';
+    v_preview jsonb;
+    r record;
+BEGIN
+    -- Every row is read (the statement runs to completion); only the first p_preview_rows become JSON.
+    FOR r IN EXECUTE p_sql LOOP
+        v_total := v_total + 1;
+        IF v_total <= p_preview_rows THEN
+            v_rows := v_rows || to_jsonb(r);
+        END IF;
+    END LOOP;
+    v_preview := to_jsonb(v_rows);
+    RETURN jsonb_build_object('command', @schema@._command_tag(p_head, v_total), 'rows', v_total)
+           || CASE WHEN octet_length(v_preview::text) <= p_preview_bytes  -- the usual, cheap case
+                   THEN jsonb_build_object('preview', v_preview, 'truncated', cardinality(v_rows) < v_total)
+                   ELSE @schema@._bounded_preview(v_preview, v_total, p_preview_bytes) END;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._rows_document(text, text, int, int) IS
+    'Runs a statement that returns rows; its result document with a bounded preview of them.';
+
 CREATE FUNCTION @schema@._execute_inline(p_sql text, p_preview_rows int, p_preview_bytes int)
 RETURNS jsonb
 LANGUAGE plpgsql
@@ -483,39 +516,20 @@ DECLARE
     v_head text := @schema@._statement_head(p_sql);
     v_verb text := split_part(v_head, ' ', 1);
     v_total bigint;
-    v_rows jsonb;
-    v_wrapped text;
 BEGIN
-    IF v_verb IN ('SELECT', 'VALUES', 'TABLE', 'WITH')
+    IF v_verb IN ('SELECT', 'VALUES', 'TABLE')
        OR (v_verb IN ('INSERT', 'UPDATE', 'DELETE', 'MERGE') AND p_sql ~* '\mRETURNING\M') THEN
-        -- Count every row (so the statement runs to completion) but turn only the first
-        -- p_preview_rows into JSON. The newlines keep a trailing -- comment from eating the wrapper.
-        v_wrapped := CASE WHEN v_verb IN ('INSERT', 'UPDATE', 'DELETE', 'MERGE')
-            THEN format(E'WITH q AS (\n%s\n) ', p_sql)
-                 || format('SELECT count(*), jsonb_agg(j) FILTER (WHERE j IS NOT NULL) FROM '
-                           '(SELECT CASE WHEN row_number() OVER () <= %s THEN to_jsonb(q.*) END AS j FROM q) s',
-                           p_preview_rows)
-            ELSE format('SELECT count(*), jsonb_agg(j) FILTER (WHERE j IS NOT NULL) FROM '
-                        '(SELECT CASE WHEN row_number() OVER () <= %s THEN to_jsonb(q.*) END AS j FROM ',
-                        p_preview_rows)
-                 || format(E'(\n%s\n) AS q) s', p_sql)
-        END;
+        RETURN @schema@._rows_document(p_sql, v_head, p_preview_rows, p_preview_bytes);
+    ELSIF v_verb = 'WITH' THEN
         BEGIN
-            EXECUTE v_wrapped INTO v_total, v_rows;
-            v_rows := coalesce(v_rows, '[]'::jsonb);
-            RETURN jsonb_build_object('command', @schema@._command_tag(p_sql, v_total), 'rows', v_total)
-                   || CASE WHEN octet_length(v_rows::text) <= p_preview_bytes  -- the usual, cheap case
-                           THEN jsonb_build_object('preview', v_rows, 'truncated', jsonb_array_length(v_rows) < v_total)
-                           ELSE @schema@._bounded_preview(v_rows, v_total, p_preview_bytes) END;
-        EXCEPTION WHEN syntax_error OR feature_not_supported THEN
-            -- The wrapper does not fit every statement (SELECT ... INTO, a data-modifying WITH):
-            -- its failed parse ran nothing, so run the statement as written, without a preview.
-            NULL;
+            RETURN @schema@._rows_document(p_sql, v_head, p_preview_rows, p_preview_bytes);
+        EXCEPTION WHEN invalid_cursor_definition THEN
+            NULL;  -- a data-modifying WITH that returns no rows: refused before it ran, so run it as it is
         END;
     END IF;
     EXECUTE p_sql;
     GET DIAGNOSTICS v_total = ROW_COUNT;
-    RETURN jsonb_build_object('command', @schema@._command_tag(p_sql, v_total), 'rows', v_total);
+    RETURN jsonb_build_object('command', @schema@._command_tag(v_head, v_total), 'rows', v_total);
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._execute_inline(text, int, int) IS
@@ -896,46 +910,98 @@ COMMENT ON PROCEDURE @schema@._run_in_worker(text, uuid, interval, @schema@.chil
     'Runs a child at top level in a nested pg_background worker (with the batch''s statement timeout) and '
     'returns how it ended; a cancel of the runner cancels the statement.';
 
-CREATE PROCEDURE @schema@._runner(p_parent uuid, p_starter xid8)
-LANGUAGE plpgsql
-AS $fn$
-DECLARE
-    v_ran boolean;
-BEGIN
-    CALL @schema@._work(p_parent, p_starter, v_ran);
-END
-$fn$;
-COMMENT ON PROCEDURE @schema@._runner(uuid, xid8) IS
-    'Body of a pg_background runner worker (see _work()). Started by _launch_runners().';
-
-CREATE FUNCTION @schema@._launch_runners(p_parent uuid, p_count int)
-RETURNS int
+CREATE FUNCTION @schema@._launch_runner(p_parent uuid, p_starter xid8, p_spawn int)
+RETURNS boolean
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_pid int;
     v_cookie bigint;
-    v_started int := 0;
 BEGIN
-    FOR k IN 1..coalesce(p_count, 0) LOOP
-        BEGIN
-            -- Runners wait for this transaction to end: it may be queuing what they are started for.
-            SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @pgbg_ext@.pg_background_submit_v2(
-                format('CALL @schema@._runner(%L::uuid, %L::xid8)', p_parent, pg_current_xact_id())) h;
-            -- Detached handles do not count against pg_background.max_workers of this session.
-            PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
-            v_started := v_started + 1;
-        EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
-            -- No worker slot in the server right now: the children stay queued for a later call.
-            EXIT;
-        END;
+    SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @pgbg_ext@.pg_background_submit_v2(
+        format('CALL @schema@._runner(%L::uuid, %L::xid8, %s)', p_parent, p_starter, p_spawn)) h;
+    -- Detached handles do not count against pg_background.max_workers of this session.
+    PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
+    RETURN true;
+EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
+    -- No worker slot in the server right now: the children stay queued for a later call.
+    RETURN false;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._launch_runner(uuid, xid8, int) IS
+    'Starts one runner worker for a batch, which starts p_spawn more (see _runner()); false when the server '
+    'has no worker slot free.';
+
+CREATE FUNCTION @schema@._lingerers()
+RETURNS int
+LANGUAGE sql STABLE
+RETURN (SELECT count(*)::int FROM pg_stat_activity a
+         WHERE a.application_name = 'pgbg:lingering' AND a.usename = current_user
+           AND a.backend_type = 'pg_background' AND a.datname = current_database());
+COMMENT ON FUNCTION @schema@._lingerers() IS
+    'pg_background runners of the caller''s role that wait for its next batch (see _runner()).';
+
+CREATE PROCEDURE @schema@._runner(p_parent uuid, p_starter xid8, p_spawn int DEFAULT 0)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_ran boolean := false;
+    v_woken boolean;
+    v_linger interval;
+BEGIN
+    -- The postmaster starts workers one at a time, about 4 ms each here: a launch that started all of a
+    -- batch's runners would keep its transaction open, and the batch waiting, for as many. It starts one,
+    -- and each runner starts two of the rest before it begins, so eight run after three rounds. Until they
+    -- have, its name says how many it stands for (see _runners_of()).
+    IF p_spawn > 0 THEN
+        PERFORM set_config('application_name', format('pgbg:%s+%s', p_parent, p_spawn), false);
+        IF @schema@._launch_runner(p_parent, p_starter, (p_spawn - 1) / 2) AND p_spawn > 1 THEN
+            PERFORM @schema@._launch_runner(p_parent, p_starter, p_spawn - 1 - (p_spawn - 1) / 2);
+        END IF;
+        COMMIT;
+    END IF;
+    CALL @schema@._work(p_parent, p_starter, v_ran);
+    COMMIT;
+    v_linger := (SELECT s.linger FROM @schema@.settings s);
+    LOOP
+        -- A runner that has run stays for its role's next batch (see _linger()); one that found no slot
+        -- leaves at once, or more would linger than ever ran. Ordered against a launch of the role, which
+        -- counts the lingering runners it need not start (see _start_runners()).
+        EXIT WHEN NOT v_ran OR v_linger <= interval '0';
+        PERFORM set_config('application_name', 'pgbg:lingering', false);
+        CALL @schema@._linger(clock_timestamp() + v_linger, v_woken);
+        IF NOT v_woken THEN
+            PERFORM pg_advisory_xact_lock(@schema@._role_key());
+            PERFORM set_config('application_name', 'pgbg:exiting', false);
+            v_woken := @schema@._role_has_queued() AND @schema@._role_slots_free();
+            COMMIT;
+            EXIT WHEN NOT v_woken;
+        END IF;
+        CALL @schema@._work_role(v_ran);
+        COMMIT;
     END LOOP;
-    RETURN v_started;
+    PERFORM set_config('application_name', 'pgbg:exiting', false);
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._runner(uuid, xid8, int) IS
+    'Body of a pg_background runner worker: starts p_spawn more runners for the batch (two, passing the rest '
+    'on), runs the batch (see _work()), then stays for settings.linger to run the next batch of its role.';
+
+CREATE FUNCTION @schema@._launch_runners(p_parent uuid, p_count int)
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    -- Runners wait for this transaction to end: it may be queuing what they are started for.
+    IF coalesce(p_count, 0) > 0 AND @schema@._launch_runner(p_parent, pg_current_xact_id(), p_count - 1) THEN
+        RETURN p_count;
+    END IF;
+    RETURN 0;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._launch_runners(uuid, int) IS
-    'Starts up to p_count runners for a batch, which begin once the calling transaction has ended; stops '
-    'quietly when the server has no worker slot free.';
+    'Starts p_count runners for a batch (one, which starts the others), which begin once the calling '
+    'transaction has ended; returns p_count, or 0 when the server has no worker slot free.';
 
 -- The pg_cron launcher (managed services): runners are pg_cron jobs of the submitting role, and a
 -- child that must run at top level runs as the command of a job of its own.
@@ -1144,6 +1210,7 @@ DECLARE
     v_run @schema@.cron_run;
     v_defused boolean := false;
     v_cancelled boolean := false;
+    v_cancelled_pid int;
     v_timed_out boolean := false;
     v_gone_since timestamptz;
 BEGIN
@@ -1176,6 +1243,11 @@ BEGIN
             EXIT WHEN v_cancelled AND v_run.status IS NULL AND clock_timestamp() > v_gone_since + interval '1.5 s';
             -- The job's own clock: pg_cron's start_time is when it began to start the job, and it learns
             -- of the end a moment late; the backend knows when it began.
+            -- A stop that came before pg_cron had started the run, or before it told which backend runs it.
+            IF v_cancelled AND v_run.job_pid IS DISTINCT FROM v_cancelled_pid AND v_run.job_pid IS NOT NULL THEN
+                PERFORM pg_cancel_backend(v_run.job_pid);
+                v_cancelled_pid := v_run.job_pid;
+            END IF;
             IF p_timeout IS NOT NULL AND NOT v_timed_out AND v_run.job_pid IS NOT NULL
                AND EXISTS (SELECT 1 FROM pg_stat_activity a
                             WHERE a.pid = v_run.job_pid AND a.state = 'active'
@@ -1192,6 +1264,7 @@ BEGIN
             PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
             IF v_run.job_pid IS NOT NULL THEN
                 PERFORM pg_cancel_backend(v_run.job_pid);
+                v_cancelled_pid := v_run.job_pid;
             END IF;
         END;
         COMMIT;
@@ -1203,8 +1276,12 @@ BEGIN
         GET STACKED DIAGNOSTICS p_outcome.sqlstate = RETURNED_SQLSTATE, p_outcome.message = MESSAGE_TEXT,
                                 p_outcome.detail = PG_EXCEPTION_DETAIL, p_outcome.hint = PG_EXCEPTION_HINT;
     END;
-    -- What _cron_exec() recorded, when it ran the statement, rather than what pg_cron makes of it.
+    -- What _cron_exec() recorded, when it ran the statement, rather than what pg_cron makes of it; the
+    -- cancel that enforced the timeout was this runner's, so it says so.
     p_outcome := coalesce(@schema@._cron_recorded(p_child), p_outcome);
+    IF v_timed_out AND p_outcome.sqlstate = '57014' THEN
+        p_outcome.message := 'canceling statement due to statement timeout';
+    END IF;
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._run_in_cron_job(text, uuid, text, interval, @schema@.child_outcome) IS
@@ -1279,44 +1356,19 @@ COMMENT ON FUNCTION @schema@._cron_schedule_runners() IS
     'pg_cron housekeeping: unschedules the jobs of children no runner runs any more, and schedules runner '
     'jobs of the caller''s role for its batches with queued children.';
 
-CREATE FUNCTION @schema@._role_has_queued()
-RETURNS boolean
-LANGUAGE sql STABLE
-RETURN EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL);
-COMMENT ON FUNCTION @schema@._role_has_queued() IS 'Whether a batch of the caller''s role, not stopped, has queued children.';
-
-CREATE FUNCTION @schema@._role_slots_free()
-RETURNS boolean
-LANGUAGE sql VOLATILE
-RETURN EXISTS (SELECT 1 FROM @schema@.batch bt
-                WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-                  AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                               WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
-                  AND @schema@._slot_holders(@schema@._batch_lock_key(bt.uuid_parent), current_user) < bt.max_parallel);
-COMMENT ON FUNCTION @schema@._role_slots_free() IS
-    'Whether a batch of the caller''s role with queued children has a batch slot no runner holds.';
-
 CREATE PROCEDURE @schema@._cron_linger(p_until timestamptz, INOUT p_woken boolean)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_job bigint := @schema@._cron_own_job();
 BEGIN
-    -- The role's next batch often follows soon (a script's next launch, a DAG's next task): a runner
-    -- still here takes it within 20 ms, where a parked job starts only after pg_cron has seen this run
-    -- end (up to 2 s). The probe reads the small index of queued children. A run of a parked job does
-    -- not linger: pg_cron started it for a tick that came while the last run lingered, or at its own
-    -- start, and nothing is about to be launched for it.
+    -- A parked job starts only after pg_cron has seen this run end (up to 2 s). A run of a parked job
+    -- does not linger: pg_cron started it for a tick that came while the last run lingered, or at its
+    -- own start, and nothing is about to be launched for it.
     p_woken := false;
-    IF EXISTS (SELECT 1 FROM cron.job j WHERE j.jobid = v_job AND j.schedule = '@reboot') THEN
-        RETURN;
+    IF NOT EXISTS (SELECT 1 FROM cron.job j WHERE j.jobid = v_job AND j.schedule = '@reboot') THEN
+        CALL @schema@._linger(p_until, p_woken);
     END IF;
-    WHILE NOT p_woken AND clock_timestamp() < p_until LOOP
-        COMMIT;
-        PERFORM pg_sleep(0.02);
-        p_woken := @schema@._role_has_queued();
-    END LOOP;
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._cron_linger(timestamptz, boolean) IS
@@ -1326,7 +1378,6 @@ CREATE PROCEDURE @schema@._cron_runner()
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    b record;
     v_ran boolean;
     v_settled boolean := false;
     v_idle_since timestamptz := clock_timestamp();
@@ -1339,18 +1390,7 @@ BEGIN
     DELETE FROM cron.job_run_details WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
     COMMIT;
     LOOP
-        v_ran := false;
-        FOR b IN SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
-                  WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-                    AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                                 WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
-                  ORDER BY bt.created_at LIMIT 20
-        LOOP
-            -- The runner's loop, as in a pg_background worker: it adopts other batches of the role until
-            -- none needs a runner.
-            CALL @schema@._work(b.uuid_parent, b.enqueue_xid, v_ran);
-            EXIT WHEN v_ran;
-        END LOOP;
+        CALL @schema@._work_role(v_ran);
         PERFORM set_config('application_name', 'pgbg:cron', false);
         IF v_ran THEN
             v_settled := false;
@@ -1411,7 +1451,7 @@ COMMENT ON FUNCTION @schema@._cron_child_pid(uuid) IS
 
 CREATE FUNCTION @schema@._claim(p_parent uuid, p_shard int, p_backend_start timestamptz,
                                p_settled @schema@.child_status, p_claim boolean, p_after int)
-RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int)
+RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int, attempt int)
 LANGUAGE plpgsql
 AS $fn$
 #variable_conflict use_column
@@ -1432,7 +1472,7 @@ BEGIN
                         ORDER BY x.seq
                         LIMIT 1
                         FOR UPDATE SKIP LOCKED)
-        RETURNING c.id, c.uuid_child, c.query, c.run_mode, c.seq),
+        RETURNING c.id, c.uuid_child, c.query, c.run_mode, c.seq, c.attempt),
     n AS (SELECT count(*) AS claimed FROM c),
     counted AS (
         INSERT INTO @schema@.batch_progress AS p (uuid_parent, shard, role_name, queued, running, done, failed,
@@ -1452,7 +1492,7 @@ BEGIN
                stopped = p.stopped + excluded.stopped, lost = p.lost + excluded.lost,
                first_start = least(p.first_start, excluded.first_start),
                last_end = greatest(p.last_end, excluded.last_end))
-    SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq FROM c;
+    SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq, c.attempt FROM c;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._claim(uuid, int, timestamptz, @schema@.child_status, boolean, int) IS
@@ -1463,7 +1503,7 @@ COMMENT ON FUNCTION @schema@._claim(uuid, int, timestamptz, @schema@.child_statu
 
 CREATE FUNCTION @schema@._claim_next(p_parent uuid, p_shard int, p_backend_start timestamptz,
                                     p_settled @schema@.child_status, p_claim boolean, p_after int)
-RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int)
+RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int, attempt int)
 LANGUAGE plpgsql
 AS $fn$
 BEGIN
@@ -1508,64 +1548,103 @@ COMMENT ON FUNCTION @schema@._verdict(@schema@.child_outcome, boolean, @schema@.
     'lost (it may have committed in a worker of its own, or its runner died under it 3 times). p_gone: '
     'its runner died without an outcome.';
 
-CREATE FUNCTION @schema@._settle(p_id bigint, p_outcome @schema@.child_outcome, p_gone boolean DEFAULT false)
+CREATE FUNCTION @schema@._status_of_verdict(p_verdict text)
+RETURNS @schema@.child_status
+LANGUAGE sql IMMUTABLE
+RETURN CASE p_verdict WHEN 'done' THEN 'done' WHEN 'stopped' THEN 'stopped' WHEN 'timed out' THEN 'failed'
+                      WHEN 'failed' THEN 'failed' WHEN 'lost' THEN 'lost' ELSE 'queued' END::@schema@.child_status;
+COMMENT ON FUNCTION @schema@._status_of_verdict(text) IS 'The status a verdict of _verdict() gives a child.';
+
+CREATE FUNCTION @schema@._settle_many(p_ids bigint[], p_attempts int[], p_outcomes @schema@.child_outcome[],
+                                      p_started timestamptz[], p_gone boolean, p_backend_start timestamptz)
+RETURNS TABLE (id bigint, uuid_child uuid, status @schema@.child_status, verdict text)
+LANGUAGE plpgsql
+AS $fn$
+#variable_conflict use_column
+BEGIN
+    -- A child claimed and committed as running is settled while that claim (its attempt) still holds. A
+    -- child of a burst (p_started) was claimed by its row lock alone: still queued, it is settled from
+    -- there, as the attempt after its last. The rows first: a stop holds a row while it marks it and
+    -- signals the runner, and a stop of the whole batch marks the batch's row first; both are seen as they
+    -- committed.
+    RETURN QUERY
+    WITH u AS (
+        -- The rows by their primary key (= ANY), each with its place in the arrays.
+        SELECT c.id, array_position(p_ids, c.id) AS k FROM @schema@.log_background c WHERE c.id = ANY (p_ids)),
+    d AS (
+        SELECT c.id, p_outcomes[u.k] AS o, p_started[u.k] AS started, @schema@._verdict(p_outcomes[u.k], p_gone, c, b) AS v,
+               c.failures, c.interruptions, c.errors, c.run_mode, c.stopped_by,
+               c.attempt + (p_started[u.k] IS NOT NULL)::int AS attempt, b.retry_delay, b.retry_backoff
+          FROM u
+          JOIN @schema@.log_background c ON c.id = u.id
+          JOIN @schema@.batch b ON b.uuid_parent = c.uuid_parent
+         WHERE CASE WHEN p_started[u.k] IS NULL THEN c.status = 'running' AND c.attempt = p_attempts[u.k]
+                    ELSE c.status = 'queued' END
+           FOR UPDATE OF c)
+    UPDATE @schema@.log_background x
+       SET status = @schema@._status_of_verdict(d.v),
+           attempt = d.attempt,
+           pid = CASE WHEN d.started IS NOT NULL THEN pg_backend_pid() ELSE x.pid END,
+           backend_start = coalesce(p_backend_start, x.backend_start),
+           start_time_exec = coalesce(d.started, x.start_time_exec),
+           result = (d.o).result,
+           sqlstate = (d.o).sqlstate,
+           error = CASE d.v
+               WHEN 'requeued' THEN 'cut short and queued again: ' || coalesce(d.stopped_by, 'takeover')
+               WHEN 'stopped' THEN 'stopped by pg_background_stop()'
+               WHEN 'interrupted' THEN 'its runner was interrupted; rolled back and queued again: ' || (d.o).message
+               WHEN 'lost' THEN CASE WHEN d.run_mode = 'inline'
+                                     THEN 'its runner was interrupted 3 times while running it (each time rolled back)'
+                                     WHEN p_gone THEN 'worker process ended without recording an outcome '
+                                                      '(terminated, crashed or server restarted)'
+                                     ELSE 'worker process was cancelled or terminated from outside: ' || (d.o).message END
+               ELSE (d.o).message END,
+           error_detail = nullif((d.o).detail, ''),
+           error_hint = nullif((d.o).hint, ''),
+           error_context = nullif((d.o).context, ''),
+           end_time_exec = clock_timestamp(),
+           failures = d.failures + (d.v IN ('retry', 'retry lost') OR d.v = 'lost' AND d.run_mode <> 'inline'
+                                    OR d.v = 'failed' AND @schema@._is_transient((d.o).sqlstate))::int,
+           interruptions = d.interruptions + (d.v IN ('interrupted', 'lost') AND d.run_mode = 'inline')::int,
+           not_before = CASE WHEN d.v IN ('retry', 'retry lost')
+                             THEN @schema@._retry_at(d.retry_delay, d.retry_backoff, d.failures) END,
+           errors = CASE WHEN d.v IN ('done', 'requeued', 'stopped') THEN d.errors
+                         ELSE coalesce(d.errors, '[]') || @schema@._attempt_error(
+                             d.attempt, CASE WHEN d.v IN ('timed out', 'retry', 'failed') THEN 'failed'
+                                             WHEN d.v = 'interrupted' THEN 'interrupted' ELSE 'lost' END,
+                             (d.o).sqlstate, coalesce((d.o).message, 'worker process ended without recording an outcome'))
+                    END
+      FROM d
+     WHERE x.id = d.id
+    RETURNING x.id, x.uuid_child, x.status, d.v;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._settle_many(bigint[], int[], @schema@.child_outcome[], timestamptz[], boolean, timestamptz) IS
+    'Records how children ended (see _verdict()): status, result or error, retries and interruptions used, '
+    'and the attempt in errors; a child whose claim (attempt) no longer holds is left alone, and not '
+    'returned. p_started: children of a burst, claimed by their row lock alone and still queued. p_gone: '
+    'their runner died; housekeeping settles them.';
+
+CREATE FUNCTION @schema@._settle(p_id bigint, p_attempt int, p_outcome @schema@.child_outcome,
+                                 p_gone boolean DEFAULT false)
 RETURNS TABLE (status @schema@.child_status, leave boolean)
 LANGUAGE plpgsql
 AS $fn$
 #variable_conflict use_column
 DECLARE
-    c @schema@.log_background;
-    b @schema@.batch;
     v text;
-    v_failed boolean;
 BEGIN
-    -- The child's row first: a stop holds it while it marks it and signals the runner, and a stop of
-    -- the whole batch marks the batch's row first; both are seen as they committed.
-    SELECT * INTO c FROM @schema@.log_background x WHERE x.id = p_id FOR UPDATE;
-    SELECT * INTO b FROM @schema@.batch x WHERE x.uuid_parent = c.uuid_parent;
-    v := @schema@._verdict(p_outcome, p_gone, c, b);
-    v_failed := v IN ('timed out', 'retry', 'failed');
-    UPDATE @schema@.log_background x
-       SET status = CASE v WHEN 'done' THEN 'done' WHEN 'stopped' THEN 'stopped' WHEN 'timed out' THEN 'failed'
-                           WHEN 'failed' THEN 'failed' WHEN 'lost' THEN 'lost' ELSE 'queued' END::@schema@.child_status,
-           result = p_outcome.result,
-           sqlstate = p_outcome.sqlstate,
-           error = CASE v
-               WHEN 'requeued' THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
-               WHEN 'stopped' THEN 'stopped by pg_background_stop()'
-               WHEN 'interrupted' THEN 'its runner was interrupted; rolled back and queued again: ' || p_outcome.message
-               WHEN 'lost' THEN CASE WHEN c.run_mode = 'inline'
-                                     THEN 'its runner was interrupted 3 times while running it (each time rolled back)'
-                                     WHEN p_gone THEN 'worker process ended without recording an outcome '
-                                                      '(terminated, crashed or server restarted)'
-                                     ELSE 'worker process was cancelled or terminated from outside: ' || p_outcome.message END
-               ELSE p_outcome.message END,
-           error_detail = nullif(p_outcome.detail, ''),
-           error_hint = nullif(p_outcome.hint, ''),
-           error_context = nullif(p_outcome.context, ''),
-           end_time_exec = clock_timestamp(),
-           failures = c.failures + (v IN ('retry', 'retry lost') OR v = 'lost' AND c.run_mode <> 'inline'
-                                    OR v = 'failed' AND @schema@._is_transient(p_outcome.sqlstate))::int,
-           interruptions = c.interruptions + (v IN ('interrupted', 'lost') AND c.run_mode = 'inline')::int,
-           not_before = CASE WHEN v IN ('retry', 'retry lost')
-                             THEN @schema@._retry_at(b.retry_delay, b.retry_backoff, c.failures) END,
-           errors = CASE WHEN v IN ('done', 'requeued', 'stopped') THEN c.errors
-                         ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
-                             c.attempt, CASE WHEN v_failed THEN 'failed' WHEN v = 'interrupted' THEN 'interrupted'
-                                             ELSE 'lost' END,
-                             p_outcome.sqlstate, coalesce(p_outcome.message, 'worker process ended without recording an outcome')) END
-     WHERE x.id = p_id;
-    -- A runner cancelled or terminated from outside leaves; others start where work remains.
-    RETURN QUERY SELECT CASE v WHEN 'done' THEN 'done' WHEN 'stopped' THEN 'stopped' WHEN 'timed out' THEN 'failed'
-                               WHEN 'failed' THEN 'failed' WHEN 'lost' THEN 'lost'
-                               ELSE 'queued' END::@schema@.child_status,
-                        v IN ('interrupted', 'retry lost', 'lost') AND NOT p_gone;
+    SELECT s.verdict INTO v FROM @schema@._settle_many(ARRAY[p_id], ARRAY[p_attempt], ARRAY[p_outcome],
+                                                       ARRAY[NULL::timestamptz], p_gone, NULL) s;
+    -- A runner cancelled or terminated from outside leaves; others start where work remains. NULL: not
+    -- this claim's to record any more (settled meanwhile, or claimed again).
+    RETURN QUERY SELECT CASE WHEN v IS NOT NULL THEN @schema@._status_of_verdict(v) END,
+                        coalesce(v IN ('interrupted', 'retry lost', 'lost') AND NOT p_gone, false);
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._settle(bigint, @schema@.child_outcome, boolean) IS
-    'Records how a running child ended (see _verdict()): its status, result or error, retries and '
-    'interruptions used, and the attempt in errors. Returns the status, and whether its runner should '
-    'leave. p_gone: its runner died; housekeeping settles it.';
+COMMENT ON FUNCTION @schema@._settle(bigint, int, @schema@.child_outcome, boolean) IS
+    '_settle_many() of one child claimed as running (attempt p_attempt): its status, NULL when that claim no '
+    'longer holds, and whether its runner should leave.';
 
 CREATE FUNCTION @schema@._run_inline(p_sql text, p_settings @schema@.settings)
 RETURNS @schema@.child_outcome
@@ -1591,18 +1670,79 @@ COMMENT ON FUNCTION @schema@._run_inline(text, @schema@.settings) IS
     'Runs a child in the runner''s own transaction (its effects commit with its outcome, or roll back '
     'with its error) and returns how it ended.';
 
+CREATE FUNCTION @schema@._burst(p_batch @schema@.batch, p_shard int, p_backend_start timestamptz, p_after int,
+                               p_settings @schema@.settings, OUT after int, OUT cut boolean, OUT failed uuid)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    x record;
+    v_ids bigint[] := '{}';
+    v_attempts int[] := '{}';
+    v_outcomes @schema@.child_outcome[] := '{}';
+    v_started timestamptz[] := '{}';
+    v_t0 timestamptz;
+    v_deadline timestamptz := clock_timestamp() + interval '5 ms';
+    o @schema@.child_outcome;
+    s record;
+BEGIN
+    -- Short inline children, one after the other in the runner's transaction, each in a subtransaction of
+    -- its own, claimed by their row lock alone and settled together: one commit for them all (bounded to a
+    -- few milliseconds, so that monitors stay current, and to 30 subtransactions, under the 64 that a
+    -- snapshot can track). Nothing of them is committed before they all are: a runner that dies here
+    -- leaves them queued, as if none had run. The burst ends at a child of its own worker (claimed and
+    -- committed first, by the loop) or a long one.
+    after := p_after;
+    cut := false;
+    FOR x IN SELECT c.id, c.query, c.run_mode, c.seq, c.attempt FROM @schema@.log_background c
+              WHERE c.uuid_parent = p_batch.uuid_parent AND c.status = 'queued' AND c.role_name = current_user
+                AND (c.not_before IS NULL OR c.not_before <= clock_timestamp()) AND c.seq > p_after
+              ORDER BY c.seq
+              LIMIT 30
+                FOR UPDATE SKIP LOCKED
+    LOOP
+        EXIT WHEN x.run_mode <> 'inline' OR clock_timestamp() >= v_deadline;
+        v_t0 := clock_timestamp();
+        o := @schema@._run_inline(x.query, p_settings);
+        IF o.sqlstate IN ('57014', '57P01', '57P02') THEN
+            cut := true;  -- a stop or a terminate: it rolled back and stays queued, for the stop to find
+            EXIT;
+        END IF;
+        v_ids := v_ids || x.id;
+        v_attempts := v_attempts || x.attempt;
+        v_outcomes := v_outcomes || o;
+        v_started := v_started || v_t0;
+        after := x.seq;
+        EXIT WHEN clock_timestamp() - v_t0 >= interval '1 ms';
+    END LOOP;
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT count(*) FILTER (WHERE m.status = 'queued') AS queued, count(*) FILTER (WHERE m.status = 'done') AS done,
+           count(*) FILTER (WHERE m.status = 'failed') AS failed, count(*) AS n,
+           (array_agg(m.uuid_child) FILTER (WHERE m.status = 'failed'))[1] AS first_failed
+      INTO s FROM @schema@._settle_many(v_ids, v_attempts, v_outcomes, v_started, false, p_backend_start) m;
+    PERFORM @schema@._count(p_batch.uuid_parent, current_user, p_shard, s.queued - s.n, 0, s.done, s.failed, 0, 0,
+                            v_started[1], clock_timestamp());
+    failed := CASE WHEN p_batch.fail_fast THEN s.first_failed END;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._burst(@schema@.batch, int, timestamptz, int, @schema@.settings) IS
+    'Runs the next short inline children of the batch in the runner''s transaction and settles them in one '
+    'statement; after: the seq of the last it ran; cut: a stop or terminate cut it short; failed: the first '
+    'that failed for good, when the batch fails fast.';
+
 CREATE FUNCTION @schema@._await_starter(p_starter xid8)
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    v_nap float8 := 0.002;
+    v_since timestamptz := clock_timestamp();
 BEGIN
     -- Whoever starts a runner (a launch, a poll, a retry, housekeeping) may still be writing the work
-    -- it started it for; what the runner looks for is visible once that transaction has ended.
+    -- it started it for; what the runner looks for is visible once that transaction has ended. A launch
+    -- ends within milliseconds: look every millisecond for a while (the check costs microseconds).
     WHILE pg_xact_status(p_starter) = 'in progress' LOOP
-        PERFORM pg_sleep(v_nap);
-        v_nap := least(v_nap * 2, 0.1);
+        PERFORM pg_sleep(CASE WHEN clock_timestamp() - v_since < interval '200 ms' THEN 0.001 ELSE 0.05 END);
     END LOOP;
 END
 $fn$;
@@ -1665,14 +1805,112 @@ COMMENT ON FUNCTION @schema@._adopt(@schema@.batch, int) IS
     'Moves the runner to another batch of its role with queued children and a free slot (its batch '
     'slot swapped in p_slot); next is NULL when there is none.';
 
+CREATE FUNCTION @schema@._start(p_parent uuid, p_starter xid8, OUT batch @schema@.batch, OUT global_slot int,
+                               OUT batch_slot int, OUT backend_start timestamptz)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_slots record;
+BEGIN
+    PERFORM set_config('application_name', 'pgbg:' || p_parent, false);
+    PERFORM @schema@._await_starter(p_starter);
+    SELECT * INTO batch FROM @schema@.batch b WHERE b.uuid_parent = p_parent AND b.role_name = current_user;
+    IF FOUND THEN  -- else its starter rolled back
+        v_slots := @schema@._take_slots(batch);
+        global_slot := v_slots.global_slot;
+        batch_slot := v_slots.batch_slot;
+        SELECT a.backend_start INTO backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
+        PERFORM set_config('search_path', batch.search_path, false);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._start(uuid, xid8) IS
+    'A runner''s start: once its starter has ended, its batch and its slots (global_slot NULL when it got none).';
+
+CREATE PROCEDURE @schema@._run(p_query text, p_child uuid, p_mode text, p_batch @schema@.batch,
+                               p_settings @schema@.settings, INOUT p_outcome @schema@.child_outcome)
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    IF p_mode = 'inline' THEN
+        p_outcome := @schema@._run_inline(p_query, p_settings);
+    ELSIF p_settings.launcher = 'pg_cron' THEN
+        CALL @schema@._run_in_cron_job(p_query, p_child, p_batch.search_path, p_batch.statement_timeout, p_outcome);
+    ELSE
+        CALL @schema@._run_in_worker(p_query, p_child, p_batch.statement_timeout, p_outcome);
+    END IF;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._run(text, uuid, text, @schema@.batch, @schema@.settings, @schema@.child_outcome) IS
+    'Runs one claimed child where its run mode and the launcher say, and returns how it ended.';
+
+CREATE FUNCTION @schema@._role_has_queued()
+RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
+                WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL);
+COMMENT ON FUNCTION @schema@._role_has_queued() IS 'Whether a batch of the caller''s role, not stopped, has queued children.';
+
+CREATE FUNCTION @schema@._role_slots_free()
+RETURNS boolean
+LANGUAGE sql VOLATILE
+RETURN EXISTS (SELECT 1 FROM @schema@.batch bt
+                WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+                  AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                               WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+                  AND @schema@._slot_holders(@schema@._batch_lock_key(bt.uuid_parent), current_user) < bt.max_parallel);
+COMMENT ON FUNCTION @schema@._role_slots_free() IS
+    'Whether a batch of the caller''s role with queued children has a batch slot no runner holds.';
+
+CREATE PROCEDURE @schema@._linger(p_until timestamptz, INOUT p_woken boolean)
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    -- The role's next batch often follows soon (a script's next launch, a DAG's next task): a runner still
+    -- here takes it within 20 ms, where a new one waits for the server to start it and compiles the
+    -- engine's routines first. It holds no slot meanwhile; the probe reads the small index of queued
+    -- children, and the slots only then.
+    p_woken := false;
+    WHILE NOT p_woken AND clock_timestamp() < p_until LOOP
+        COMMIT;
+        PERFORM pg_sleep(0.02);
+        p_woken := @schema@._role_has_queued() AND @schema@._role_slots_free();
+    END LOOP;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._linger(timestamptz, boolean) IS
+    'A runner with nothing left stays until p_until for its role''s next batch; p_woken when one came with a '
+    'batch slot free.';
+
+CREATE PROCEDURE @schema@._work_role(INOUT p_ran boolean DEFAULT false)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    b record;
+BEGIN
+    p_ran := false;
+    FOR b IN SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
+              WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+                AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                             WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+              ORDER BY bt.created_at LIMIT 20
+    LOOP
+        -- It adopts other batches of the role from there, until none needs a runner.
+        CALL @schema@._work(b.uuid_parent, b.enqueue_xid, p_ran);
+        EXIT WHEN p_ran;
+    END LOOP;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._work_role(boolean) IS
+    'Runs the batches of the caller''s role that have queued children (_work()); p_ran: it got slots for one.';
+
 CREATE PROCEDURE @schema@._work(p_parent uuid, p_starter xid8, INOUT p_ran boolean DEFAULT false)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    v_batch @schema@.batch;
-    v_settings @schema@.settings;
-    v_slots record;
-    v_backend_start timestamptz;
+    r record := @schema@._start(p_parent, p_starter);
+    v_batch @schema@.batch := r.batch;
+    v_settings @schema@.settings := (SELECT s FROM @schema@.settings s);
     c record;
     v_after int := 0;
     v_outcome @schema@.child_outcome;
@@ -1680,21 +1918,13 @@ DECLARE
     v_leave boolean := false;
     v_fail_fast uuid;
     v_adopted record;
+    v_t0 timestamptz;
 BEGIN
-    PERFORM set_config('application_name', 'pgbg:' || p_parent, false);
-    PERFORM @schema@._await_starter(p_starter);
-    SELECT * INTO v_settings FROM @schema@.settings;
-    SELECT * INTO v_batch FROM @schema@.batch WHERE uuid_parent = p_parent AND role_name = current_user;
-    IF NOT FOUND THEN
-        RETURN;  -- its starter rolled back
-    END IF;
-    v_slots := @schema@._take_slots(v_batch);
-    IF v_slots.global_slot IS NULL THEN
-        RETURN;  -- the caps are reached
+    p_ran := false;
+    IF r.global_slot IS NULL THEN
+        RETURN;  -- its starter rolled back, or the caps are reached
     END IF;
     p_ran := true;
-    SELECT backend_start INTO v_backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid();
-    PERFORM set_config('search_path', v_batch.search_path, false);
     COMMIT;
     LOOP
         -- One transaction per child: the outcome of the one before (and an inline one's work), its count,
@@ -1703,8 +1933,8 @@ BEGIN
         IF v_settled IS NULL THEN
             PERFORM set_config('synchronous_commit', 'off', true);
         END IF;
-        SELECT * INTO c FROM @schema@._claim_next(v_batch.uuid_parent, v_slots.global_slot, v_backend_start,
-                                                  v_settled, v_fail_fast IS NULL AND NOT v_leave, v_after);
+        SELECT * INTO c FROM @schema@._claim_next(v_batch.uuid_parent, r.global_slot, r.backend_start, v_settled,
+                                                  v_fail_fast IS NULL AND NOT v_leave, v_after);
         v_settled := NULL;
         IF v_fail_fast IS NOT NULL THEN
             COMMIT;  -- the failure is recorded: now take the rest of the batch down
@@ -1723,26 +1953,26 @@ BEGIN
             COMMIT;  -- whoever commits the last outcome of a batch sees every other one: it tells the waiters
             PERFORM @schema@._notify_if_ended(ARRAY[v_batch.uuid_parent]);
             COMMIT;
-            v_adopted := @schema@._adopt(v_batch, v_slots.batch_slot);
+            v_adopted := @schema@._adopt(v_batch, r.batch_slot);
             COMMIT;
             EXIT WHEN v_adopted.next IS NULL;
             v_batch := v_adopted.next;
-            v_slots.batch_slot := v_adopted.p_slot;
+            r.batch_slot := v_adopted.p_slot;
             v_after := 0;
         ELSE
             v_after := c.seq;
             COMMIT;
-            IF c.run_mode = 'inline' THEN
-                v_outcome := @schema@._run_inline(c.query, v_settings);
-            ELSIF v_settings.launcher = 'pg_cron' THEN
-                CALL @schema@._run_in_cron_job(c.query, c.uuid_child, v_batch.search_path, v_batch.statement_timeout,
-                                               v_outcome);
-            ELSE
-                CALL @schema@._run_in_worker(c.query, c.uuid_child, v_batch.statement_timeout, v_outcome);
-            END IF;
-            SELECT s.status, s.leave INTO v_settled, v_leave FROM @schema@._settle(c.id, v_outcome) s;
-            IF v_settled = 'failed' AND v_batch.fail_fast THEN
+            v_t0 := clock_timestamp();
+            CALL @schema@._run(c.query, c.uuid_child, c.run_mode, v_batch, v_settings, v_outcome);
+            SELECT s.status, s.leave INTO v_settled, v_leave FROM @schema@._settle(c.id, c.attempt, v_outcome) s;
+            IF v_settled IS NULL THEN
+                ROLLBACK;  -- housekeeping took this runner for dead and queued the child again: its work goes
+            ELSIF v_settled = 'failed' AND v_batch.fail_fast THEN
                 v_fail_fast := c.uuid_child;  -- only a final failure; a retry is not one
+            ELSIF c.run_mode = 'inline' AND NOT v_leave AND clock_timestamp() - v_t0 < interval '1 ms' THEN
+                -- Short: the next ones in a burst, in this transaction.
+                SELECT b.after, b.cut, b.failed INTO v_after, v_leave, v_fail_fast
+                  FROM @schema@._burst(v_batch, r.global_slot, r.backend_start, v_after, v_settings) b;
             END IF;
         END IF;
     END LOOP;
@@ -1827,12 +2057,15 @@ DECLARE
     v_touched uuid[] := '{}';
 BEGIN
     -- Rows locked by someone else are left to that someone.
-    FOR c IN SELECT x.* FROM @schema@.log_background x WHERE x.id IN (SELECT o.id FROM @schema@._orphans(p_parents) o)
-               FOR UPDATE SKIP LOCKED
+    FOR c IN SELECT x.* FROM @schema@.log_background x
+              WHERE x.id IN (SELECT o.id FROM @schema@._orphans(p_parents) o) AND x.status = 'running'
+                FOR UPDATE SKIP LOCKED
     LOOP
         v_orphan := @schema@._orphan_outcome(c);
         CONTINUE WHEN v_orphan.running;
-        SELECT s.status INTO v_status FROM @schema@._settle(c.id, v_orphan.outcome, v_orphan.outcome IS NULL) s;
+        SELECT s.status INTO v_status
+          FROM @schema@._settle(c.id, c.attempt, v_orphan.outcome, v_orphan.outcome IS NULL) s;
+        CONTINUE WHEN v_status IS NULL;
         PERFORM @schema@._count(c.uuid_parent, c.role_name, -pg_backend_pid(), (v_status = 'queued')::int, -1,
                                 (v_status = 'done')::int, (v_status = 'failed')::int, (v_status = 'stopped')::int,
                                 (v_status = 'lost')::int, NULL, clock_timestamp());
@@ -1849,13 +2082,15 @@ COMMENT ON FUNCTION @schema@._settle_orphans(uuid[]) IS
 CREATE FUNCTION @schema@._runners_of(p_parent uuid)
 RETURNS int
 LANGUAGE sql STABLE
--- Runners still starting hold no slot yet, but are named after their batch already.
-RETURN (SELECT count(*)::int FROM pg_stat_activity a
+-- Runners still starting hold no slot yet, but are named after their batch already; one still starting
+-- others counts them too ('pgbg:<batch>+<n>', see _runner()).
+RETURN (SELECT coalesce(sum(1 + coalesce(least(substring(a.application_name FROM '\+([0-9]{1,4})$')::int,
+                                               1000), 0)), 0)::int
+          FROM pg_stat_activity a
          WHERE CASE WHEN p_parent IS NULL
                     THEN a.application_name LIKE 'pgbg:%-%' AND pg_has_role(a.usesysid, 'pgbg_user', 'MEMBER')
-                    ELSE a.application_name = 'pgbg:' || p_parent AND a.usename = current_user
-                         AND a.backend_type = 'pg_background' END
-           AND a.datname = current_database());
+                    ELSE split_part(a.application_name, '+', 1) = 'pgbg:' || p_parent AND a.usename = current_user END
+           AND a.backend_type = 'pg_background' AND a.datname = current_database());
 COMMENT ON FUNCTION @schema@._runners_of(uuid) IS
     'pg_background runners of the caller''s batch p_parent (NULL: of every batch of the database), as '
     'only runners can show themselves (see _is_runner()).';
@@ -1884,12 +2119,19 @@ AS $fn$
 DECLARE
     b record;
     v_free int := @schema@._global_cap() - @schema@._runners_of(NULL);
+    -- Runners of the role waiting for its next batch take this one within 20 ms (see _runner()).
+    v_lingering int := @schema@._lingerers();
+    v_taken int;
     v_want int;
     v_started int;
 BEGIN
     FOR b IN SELECT * FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0 LOOP
         EXIT WHEN v_free <= 0;
         v_want := least(b.wanted, v_free);
+        v_taken := least(v_want, v_lingering);
+        v_lingering := v_lingering - v_taken;
+        v_free := v_free - v_taken;
+        v_want := v_want - v_taken;
         v_started := @schema@._launch_runners(b.uuid_parent, v_want);
         v_free := v_free - v_started;
         EXIT WHEN v_started < v_want;  -- the server has no worker slot free
@@ -1907,10 +2149,8 @@ AS $fn$
 BEGIN
     -- pg_stat_activity is otherwise frozen for the rest of the transaction.
     PERFORM pg_stat_clear_snapshot();
-    IF @schema@._launcher() = 'pg_cron' THEN
-        -- Ordered against a runner job that is deciding to unschedule itself (_cron_runner()).
-        PERFORM pg_advisory_xact_lock_shared(@schema@._role_key());
-    END IF;
+    -- Ordered against a runner that is deciding to leave (pg_cron: _cron_park(); pg_background: _runner()).
+    PERFORM pg_advisory_xact_lock_shared(@schema@._role_key());
     PERFORM @schema@._settle_orphans(p_parents);
     IF @schema@._launcher() = 'pg_cron' THEN
         PERFORM @schema@._cron_schedule_runners();
@@ -1942,7 +2182,8 @@ BEGIN
     PERFORM pg_stat_clear_snapshot();
     RETURN EXISTS (SELECT 1 FROM @schema@._orphans(p_parents) o WHERE NOT (@schema@._orphan_outcome(o)).running)
         OR (@schema@._global_cap() > @schema@._runners_of(NULL)
-            AND EXISTS (SELECT 1 FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0));
+            AND (SELECT coalesce(sum(w.wanted), 0) FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0)
+                > @schema@._lingerers());
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._housekeeping_due(uuid[]) IS
@@ -1972,7 +2213,7 @@ BEGIN
         RETURN;  -- no worker slot right now: the next round tries again
     END;
     PERFORM @pgbg_ext@.pg_background_wait_v2(v_pid, v_cookie);
-    PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
+    PERFORM @schema@._top_level_result(v_pid, v_cookie);  -- raises what made it fail, rather than loop on it
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._housekeep_apart(uuid[]) IS
@@ -2201,6 +2442,36 @@ COMMENT ON FUNCTION @schema@.pg_background_launch_num(text, text, boolean, int, 
     'The seed''s form: splits p_querys on p_delimiter outside quotes, dollar quotes and comments, then '
     'as the array form.';
 
+CREATE FUNCTION @schema@._take_over(p_parent uuid, p_status @schema@.child_status, p_requeue_running boolean,
+                                   p_claimed_by text, p_requeue_on_takeover boolean)
+RETURNS text
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    -- An earlier try's batch that this try finishes: it owns it from now on.
+    UPDATE @schema@.batch b
+       SET claimed_by = p_claimed_by, claimed_at = clock_timestamp(),
+           requeue_on_takeover = coalesce(p_requeue_on_takeover, false)
+     WHERE b.uuid_parent = p_parent;
+    IF p_status IN ('running', 'queued') AND p_requeue_running THEN
+        -- Its holder waited from where only a person ends a wait: a new try means a clear. Running
+        -- children are cut short and queued again, as the holder's kill would have.
+        PERFORM @schema@._stop(p_parent, NULL, true, 'takeover by ' || p_claimed_by);
+    END IF;
+    IF p_status IN ('running', 'queued') THEN
+        PERFORM @schema@._housekeep(ARRAY[p_parent]);
+        RETURN 'reconnected';
+    ELSIF p_status = 'done' THEN
+        RETURN 'finished';
+    END IF;
+    PERFORM @schema@.pg_background_retry(p_parent, 'resumed by ' || p_claimed_by);
+    RETURN 'resumed';
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._take_over(uuid, @schema@.child_status, boolean, text, boolean) IS
+    'pg_background_submit() taking an earlier claim''s batch of its origin over: reconnected (it runs), '
+    'finished (it succeeded, nobody took that outcome) or resumed (what did not succeed is queued again).';
+
 CREATE FUNCTION @schema@.pg_background_submit(
     p_querys text[],
     p_origin text,
@@ -2260,25 +2531,10 @@ BEGIN
                 RETURN QUERY SELECT v_prev.uuid_parent, 'waiting'::text, v_prev.claimed_at, v_prev.claimed_by;
                 RETURN;
             END IF;
-            -- An earlier try's batch that this try finishes: it owns it from now on.
-            UPDATE @schema@.batch b
-               SET claimed_by = p_claimed_by, claimed_at = clock_timestamp(),
-                   requeue_on_takeover = coalesce(p_requeue_on_takeover, false)
-             WHERE b.uuid_parent = v_prev.uuid_parent;
-            IF v_status IN ('running', 'queued') AND v_prev.requeue_on_takeover THEN
-                -- Its holder waited from where only a person ends a wait: a new try means a clear.
-                -- Running children are cut short and queued again, as the holder's kill would have.
-                PERFORM @schema@._stop(v_prev.uuid_parent, NULL, true, 'takeover by ' || p_claimed_by);
-            END IF;
-            IF v_status IN ('running', 'queued') THEN
-                PERFORM @schema@._housekeep(ARRAY[v_prev.uuid_parent]);
-                RETURN QUERY SELECT v_prev.uuid_parent, 'reconnected'::text, clock_timestamp(), v_prev.claimed_by;
-            ELSIF v_status = 'done' THEN
-                RETURN QUERY SELECT v_prev.uuid_parent, 'finished'::text, clock_timestamp(), v_prev.claimed_by;
-            ELSE
-                PERFORM @schema@.pg_background_retry(v_prev.uuid_parent, 'resumed by ' || p_claimed_by);
-                RETURN QUERY SELECT v_prev.uuid_parent, 'resumed'::text, clock_timestamp(), v_prev.claimed_by;
-            END IF;
+            RETURN QUERY SELECT v_prev.uuid_parent,
+                                @schema@._take_over(v_prev.uuid_parent, v_status, v_prev.requeue_on_takeover,
+                                                    p_claimed_by, p_requeue_on_takeover),
+                                clock_timestamp(), v_prev.claimed_by;
             RETURN;
         END IF;
     END IF;

@@ -15,6 +15,8 @@ import contextlib
 import os
 import secrets
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -291,3 +293,108 @@ def test_a_wait_drives_a_batch_whose_runners_all_died(server: Server, effects: s
     # pg_cron runs the job again after its restart, and records how that run ended, if nobody settled the
     # child before.
     assert (child["attempt"], _history(child)) in [(2, ["lost"])] + [(1, [])] * (server.launcher == "pg_cron")
+
+
+def _diagnosis(server: Server, parent: str) -> str:
+    """What a batch that did not end looks like, and what could run it."""
+    with server.admin() as admin:
+        children = admin.execute(
+            "SELECT seq, status, attempt, pid, errors FROM pgbg.log_background WHERE uuid_parent = %s "
+            "AND status <> 'done' ORDER BY seq",
+            (parent,),
+        ).fetchall()
+        sessions = admin.execute(
+            "SELECT pid, application_name, backend_type, state, wait_event FROM pg_stat_activity "
+            "WHERE application_name LIKE 'pgbg%%'"
+        ).fetchall()
+        jobs = (
+            admin.execute("SELECT jobname, schedule, active FROM cron.job ORDER BY jobid").fetchall()
+            if server.launcher == "pg_cron"
+            else []
+        )
+        counts = admin.execute(
+            "SELECT shard, queued, running, done, failed, stopped, lost FROM pgbg.batch_progress "
+            "WHERE uuid_parent = %s",
+            (parent,),
+        ).fetchall()
+        rows = admin.execute(
+            "SELECT status::text, count(*) FROM pgbg.log_background WHERE uuid_parent = %s GROUP BY 1", (parent,)
+        ).fetchall()
+    return f"batch {parent}: {children}\ncounts: {counts}\nrows: {rows}\nsessions: {sessions}\njobs: {jobs}"
+
+
+def test_under_load_runners_die_every_second_and_nothing_is_lost_or_run_twice(server: Server, effects: str) -> None:
+    """Batches of inline inserts launched continuously for half a minute, while a runner is terminated
+    every second, runners are killed with SIGKILL twice (the server restarts after a crash each time) and
+    the server is restarted once: afterwards no child is stuck, none is lost, each ran exactly once, and
+    none is done without its effect."""
+    stop = threading.Event()
+
+    def load() -> None:
+        k = 0
+        while not stop.is_set():
+            k += 1
+            statements = [f"insert into {effects} select {k * 100 + i} from pg_sleep(0.02)" for i in range(20)]
+            with contextlib.suppress(psycopg.OperationalError):  # restarting: the next one, once it is back
+                _launch(server, statements, max_parallel=4, label="soak")
+            time.sleep(0.1)
+
+    def runner_pids() -> list[int]:
+        try:
+            with server.admin() as admin:
+                return [
+                    r[0]
+                    for r in admin.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'pgbg:%%-%%' AND usename = %s",
+                        (_schema(server),),
+                    ).fetchall()
+                ]
+        except psycopg.OperationalError:
+            return []
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    crashes = [8, 18]  # from these seconds on, at the first runner still there to kill
+    try:
+        for second in range(30):
+            time.sleep(1)
+            pids = runner_pids()
+            if not pids:
+                continue
+            if crashes and second >= crashes[0]:
+                with contextlib.suppress(ProcessLookupError):  # it may just have ended
+                    server.kill(pids[0], "sigkill")
+                    crashes.pop(0)
+            elif second == 25:
+                server.instance.restart()
+            else:
+                with contextlib.suppress(psycopg.Error), server.admin() as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pids[0],))  # it may just have ended
+    finally:
+        stop.set()
+        loader.join()
+    with server.user() as user:
+        parents = [
+            str(r[0]) for r in user.execute("SELECT uuid_parent FROM pgbg.batch WHERE label = 'soak'").fetchall()
+        ]
+    assert len(parents) > 50
+    for parent in parents:
+        assert _await(server, parent) == "done", _diagnosis(server, parent)
+    with server.user() as user:
+        counts = user.execute(
+            "SELECT count(*), count(*) FILTER (WHERE c.status = 'done'), count(*) FILTER (WHERE c.errors IS NOT NULL) "
+            "FROM pgbg.log_background c JOIN pgbg.batch b USING (uuid_parent) WHERE b.label = 'soak'"
+        ).fetchone()
+        ran = user.execute(f"SELECT seq, count(*) FROM {effects} GROUP BY seq").fetchall()
+    assert not crashes
+    children, done, interrupted = counts
+    assert children == done == len(ran)  # no child stuck or lost; each did its work
+    twice = [seq for seq, n in ran if n != 1]
+    with server.user() as user:
+        doubled = user.execute(
+            "SELECT c.seq, c.attempt, c.errors, c.interruptions FROM pgbg.log_background c JOIN pgbg.batch b "
+            "USING (uuid_parent) WHERE b.label = 'soak' AND c.query LIKE ANY (%s)",
+            ([f"%select {seq} from%" for seq in twice],),
+        ).fetchall()
+    assert not twice, [(s, a, [(e["at"], e["status"]) for e in es], n) for s, a, es, n in doubled]  # none ran twice
+    assert interrupted > 0  # the chaos did reach running children

@@ -127,9 +127,13 @@ def test_counts_follow_every_transition(user: psycopg.Connection, flaky: str) ->
 
 
 def _terminate_runners(admin: psycopg.Connection, parent: str) -> None:
-    admin.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (f"pgbg:{parent}",)
-    )
+    """Terminates the runners of the batch's running children (by their pid: a runner renames itself
+    for a moment while it starts a nested worker)."""
+    assert admin.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pgbg.log_background "
+        "WHERE uuid_parent = %s AND status = 'running'",
+        (parent,),
+    ).fetchone()[0]
 
 
 def test_a_lost_child_is_retried_only_when_the_batch_allows_it(

@@ -249,7 +249,7 @@ def test_a_poll_that_would_hold_a_batch_back_does_not_wait(
         if status not in ("queued", "running"):
             break
         time.sleep(0.2)  # the poller waits between calls, holding no snapshot
-    assert status == "done"
+    assert status == "done", [(r["status"], r["sqlstate"], r["error"], r["errors"]) for r in monitor(user, parent)]
     assert time.monotonic() - started < 20  # no poll held it for its 10 s
     assert polls > 1
 

@@ -104,43 +104,95 @@ COMMENT ON PROCEDURE @schema@._run_in_worker(text, uuid, interval, @schema@.chil
     'Runs a child at top level in a nested pg_background worker (with the batch''s statement timeout) and '
     'returns how it ended; a cancel of the runner cancels the statement.';
 
-CREATE PROCEDURE @schema@._runner(p_parent uuid, p_starter xid8)
-LANGUAGE plpgsql
-AS $fn$
-DECLARE
-    v_ran boolean;
-BEGIN
-    CALL @schema@._work(p_parent, p_starter, v_ran);
-END
-$fn$;
-COMMENT ON PROCEDURE @schema@._runner(uuid, xid8) IS
-    'Body of a pg_background runner worker (see _work()). Started by _launch_runners().';
-
-CREATE FUNCTION @schema@._launch_runners(p_parent uuid, p_count int)
-RETURNS int
+CREATE FUNCTION @schema@._launch_runner(p_parent uuid, p_starter xid8, p_spawn int)
+RETURNS boolean
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_pid int;
     v_cookie bigint;
-    v_started int := 0;
 BEGIN
-    FOR k IN 1..coalesce(p_count, 0) LOOP
-        BEGIN
-            -- Runners wait for this transaction to end: it may be queuing what they are started for.
-            SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @pgbg_ext@.pg_background_submit_v2(
-                format('CALL @schema@._runner(%L::uuid, %L::xid8)', p_parent, pg_current_xact_id())) h;
-            -- Detached handles do not count against pg_background.max_workers of this session.
-            PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
-            v_started := v_started + 1;
-        EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
-            -- No worker slot in the server right now: the children stay queued for a later call.
-            EXIT;
-        END;
+    SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @pgbg_ext@.pg_background_submit_v2(
+        format('CALL @schema@._runner(%L::uuid, %L::xid8, %s)', p_parent, p_starter, p_spawn)) h;
+    -- Detached handles do not count against pg_background.max_workers of this session.
+    PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
+    RETURN true;
+EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
+    -- No worker slot in the server right now: the children stay queued for a later call.
+    RETURN false;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._launch_runner(uuid, xid8, int) IS
+    'Starts one runner worker for a batch, which starts p_spawn more (see _runner()); false when the server '
+    'has no worker slot free.';
+
+CREATE FUNCTION @schema@._lingerers()
+RETURNS int
+LANGUAGE sql STABLE
+RETURN (SELECT count(*)::int FROM pg_stat_activity a
+         WHERE a.application_name = 'pgbg:lingering' AND a.usename = current_user
+           AND a.backend_type = 'pg_background' AND a.datname = current_database());
+COMMENT ON FUNCTION @schema@._lingerers() IS
+    'pg_background runners of the caller''s role that wait for its next batch (see _runner()).';
+
+CREATE PROCEDURE @schema@._runner(p_parent uuid, p_starter xid8, p_spawn int DEFAULT 0)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_ran boolean := false;
+    v_woken boolean;
+    v_linger interval;
+BEGIN
+    -- The postmaster starts workers one at a time, about 4 ms each here: a launch that started all of a
+    -- batch's runners would keep its transaction open, and the batch waiting, for as many. It starts one,
+    -- and each runner starts two of the rest before it begins, so eight run after three rounds. Until they
+    -- have, its name says how many it stands for (see _runners_of()).
+    IF p_spawn > 0 THEN
+        PERFORM set_config('application_name', format('pgbg:%s+%s', p_parent, p_spawn), false);
+        IF @schema@._launch_runner(p_parent, p_starter, (p_spawn - 1) / 2) AND p_spawn > 1 THEN
+            PERFORM @schema@._launch_runner(p_parent, p_starter, p_spawn - 1 - (p_spawn - 1) / 2);
+        END IF;
+        COMMIT;
+    END IF;
+    CALL @schema@._work(p_parent, p_starter, v_ran);
+    COMMIT;
+    v_linger := (SELECT s.linger FROM @schema@.settings s);
+    LOOP
+        -- A runner that has run stays for its role's next batch (see _linger()); one that found no slot
+        -- leaves at once, or more would linger than ever ran. Ordered against a launch of the role, which
+        -- counts the lingering runners it need not start (see _start_runners()).
+        EXIT WHEN NOT v_ran OR v_linger <= interval '0';
+        PERFORM set_config('application_name', 'pgbg:lingering', false);
+        CALL @schema@._linger(clock_timestamp() + v_linger, v_woken);
+        IF NOT v_woken THEN
+            PERFORM pg_advisory_xact_lock(@schema@._role_key());
+            PERFORM set_config('application_name', 'pgbg:exiting', false);
+            v_woken := @schema@._role_has_queued() AND @schema@._role_slots_free();
+            COMMIT;
+            EXIT WHEN NOT v_woken;
+        END IF;
+        CALL @schema@._work_role(v_ran);
+        COMMIT;
     END LOOP;
-    RETURN v_started;
+    PERFORM set_config('application_name', 'pgbg:exiting', false);
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._runner(uuid, xid8, int) IS
+    'Body of a pg_background runner worker: starts p_spawn more runners for the batch (two, passing the rest '
+    'on), runs the batch (see _work()), then stays for settings.linger to run the next batch of its role.';
+
+CREATE FUNCTION @schema@._launch_runners(p_parent uuid, p_count int)
+RETURNS int
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    -- Runners wait for this transaction to end: it may be queuing what they are started for.
+    IF coalesce(p_count, 0) > 0 AND @schema@._launch_runner(p_parent, pg_current_xact_id(), p_count - 1) THEN
+        RETURN p_count;
+    END IF;
+    RETURN 0;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._launch_runners(uuid, int) IS
-    'Starts up to p_count runners for a batch, which begin once the calling transaction has ended; stops '
-    'quietly when the server has no worker slot free.';
+    'Starts p_count runners for a batch (one, which starts the others), which begin once the calling '
+    'transaction has ended; returns p_count, or 0 when the server has no worker slot free.';

@@ -205,6 +205,7 @@ DECLARE
     v_run @schema@.cron_run;
     v_defused boolean := false;
     v_cancelled boolean := false;
+    v_cancelled_pid int;
     v_timed_out boolean := false;
     v_gone_since timestamptz;
 BEGIN
@@ -237,6 +238,11 @@ BEGIN
             EXIT WHEN v_cancelled AND v_run.status IS NULL AND clock_timestamp() > v_gone_since + interval '1.5 s';
             -- The job's own clock: pg_cron's start_time is when it began to start the job, and it learns
             -- of the end a moment late; the backend knows when it began.
+            -- A stop that came before pg_cron had started the run, or before it told which backend runs it.
+            IF v_cancelled AND v_run.job_pid IS DISTINCT FROM v_cancelled_pid AND v_run.job_pid IS NOT NULL THEN
+                PERFORM pg_cancel_backend(v_run.job_pid);
+                v_cancelled_pid := v_run.job_pid;
+            END IF;
             IF p_timeout IS NOT NULL AND NOT v_timed_out AND v_run.job_pid IS NOT NULL
                AND EXISTS (SELECT 1 FROM pg_stat_activity a
                             WHERE a.pid = v_run.job_pid AND a.state = 'active'
@@ -253,6 +259,7 @@ BEGIN
             PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
             IF v_run.job_pid IS NOT NULL THEN
                 PERFORM pg_cancel_backend(v_run.job_pid);
+                v_cancelled_pid := v_run.job_pid;
             END IF;
         END;
         COMMIT;
@@ -264,8 +271,12 @@ BEGIN
         GET STACKED DIAGNOSTICS p_outcome.sqlstate = RETURNED_SQLSTATE, p_outcome.message = MESSAGE_TEXT,
                                 p_outcome.detail = PG_EXCEPTION_DETAIL, p_outcome.hint = PG_EXCEPTION_HINT;
     END;
-    -- What _cron_exec() recorded, when it ran the statement, rather than what pg_cron makes of it.
+    -- What _cron_exec() recorded, when it ran the statement, rather than what pg_cron makes of it; the
+    -- cancel that enforced the timeout was this runner's, so it says so.
     p_outcome := coalesce(@schema@._cron_recorded(p_child), p_outcome);
+    IF v_timed_out AND p_outcome.sqlstate = '57014' THEN
+        p_outcome.message := 'canceling statement due to statement timeout';
+    END IF;
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._run_in_cron_job(text, uuid, text, interval, @schema@.child_outcome) IS
@@ -340,44 +351,19 @@ COMMENT ON FUNCTION @schema@._cron_schedule_runners() IS
     'pg_cron housekeeping: unschedules the jobs of children no runner runs any more, and schedules runner '
     'jobs of the caller''s role for its batches with queued children.';
 
-CREATE FUNCTION @schema@._role_has_queued()
-RETURNS boolean
-LANGUAGE sql STABLE
-RETURN EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL);
-COMMENT ON FUNCTION @schema@._role_has_queued() IS 'Whether a batch of the caller''s role, not stopped, has queued children.';
-
-CREATE FUNCTION @schema@._role_slots_free()
-RETURNS boolean
-LANGUAGE sql VOLATILE
-RETURN EXISTS (SELECT 1 FROM @schema@.batch bt
-                WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-                  AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                               WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
-                  AND @schema@._slot_holders(@schema@._batch_lock_key(bt.uuid_parent), current_user) < bt.max_parallel);
-COMMENT ON FUNCTION @schema@._role_slots_free() IS
-    'Whether a batch of the caller''s role with queued children has a batch slot no runner holds.';
-
 CREATE PROCEDURE @schema@._cron_linger(p_until timestamptz, INOUT p_woken boolean)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_job bigint := @schema@._cron_own_job();
 BEGIN
-    -- The role's next batch often follows soon (a script's next launch, a DAG's next task): a runner
-    -- still here takes it within 20 ms, where a parked job starts only after pg_cron has seen this run
-    -- end (up to 2 s). The probe reads the small index of queued children. A run of a parked job does
-    -- not linger: pg_cron started it for a tick that came while the last run lingered, or at its own
-    -- start, and nothing is about to be launched for it.
+    -- A parked job starts only after pg_cron has seen this run end (up to 2 s). A run of a parked job
+    -- does not linger: pg_cron started it for a tick that came while the last run lingered, or at its
+    -- own start, and nothing is about to be launched for it.
     p_woken := false;
-    IF EXISTS (SELECT 1 FROM cron.job j WHERE j.jobid = v_job AND j.schedule = '@reboot') THEN
-        RETURN;
+    IF NOT EXISTS (SELECT 1 FROM cron.job j WHERE j.jobid = v_job AND j.schedule = '@reboot') THEN
+        CALL @schema@._linger(p_until, p_woken);
     END IF;
-    WHILE NOT p_woken AND clock_timestamp() < p_until LOOP
-        COMMIT;
-        PERFORM pg_sleep(0.02);
-        p_woken := @schema@._role_has_queued();
-    END LOOP;
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._cron_linger(timestamptz, boolean) IS
@@ -387,7 +373,6 @@ CREATE PROCEDURE @schema@._cron_runner()
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    b record;
     v_ran boolean;
     v_settled boolean := false;
     v_idle_since timestamptz := clock_timestamp();
@@ -400,18 +385,7 @@ BEGIN
     DELETE FROM cron.job_run_details WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
     COMMIT;
     LOOP
-        v_ran := false;
-        FOR b IN SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
-                  WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-                    AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                                 WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
-                  ORDER BY bt.created_at LIMIT 20
-        LOOP
-            -- The runner's loop, as in a pg_background worker: it adopts other batches of the role until
-            -- none needs a runner.
-            CALL @schema@._work(b.uuid_parent, b.enqueue_xid, v_ran);
-            EXIT WHEN v_ran;
-        END LOOP;
+        CALL @schema@._work_role(v_ran);
         PERFORM set_config('application_name', 'pgbg:cron', false);
         IF v_ran THEN
             v_settled := false;

@@ -5,7 +5,7 @@
 
 CREATE FUNCTION @schema@._claim(p_parent uuid, p_shard int, p_backend_start timestamptz,
                                p_settled @schema@.child_status, p_claim boolean, p_after int)
-RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int)
+RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int, attempt int)
 LANGUAGE plpgsql
 AS $fn$
 #variable_conflict use_column
@@ -26,7 +26,7 @@ BEGIN
                         ORDER BY x.seq
                         LIMIT 1
                         FOR UPDATE SKIP LOCKED)
-        RETURNING c.id, c.uuid_child, c.query, c.run_mode, c.seq),
+        RETURNING c.id, c.uuid_child, c.query, c.run_mode, c.seq, c.attempt),
     n AS (SELECT count(*) AS claimed FROM c),
     counted AS (
         INSERT INTO @schema@.batch_progress AS p (uuid_parent, shard, role_name, queued, running, done, failed,
@@ -46,7 +46,7 @@ BEGIN
                stopped = p.stopped + excluded.stopped, lost = p.lost + excluded.lost,
                first_start = least(p.first_start, excluded.first_start),
                last_end = greatest(p.last_end, excluded.last_end))
-    SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq FROM c;
+    SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq, c.attempt FROM c;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._claim(uuid, int, timestamptz, @schema@.child_status, boolean, int) IS
@@ -57,7 +57,7 @@ COMMENT ON FUNCTION @schema@._claim(uuid, int, timestamptz, @schema@.child_statu
 
 CREATE FUNCTION @schema@._claim_next(p_parent uuid, p_shard int, p_backend_start timestamptz,
                                     p_settled @schema@.child_status, p_claim boolean, p_after int)
-RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int)
+RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int, attempt int)
 LANGUAGE plpgsql
 AS $fn$
 BEGIN
@@ -102,64 +102,103 @@ COMMENT ON FUNCTION @schema@._verdict(@schema@.child_outcome, boolean, @schema@.
     'lost (it may have committed in a worker of its own, or its runner died under it 3 times). p_gone: '
     'its runner died without an outcome.';
 
-CREATE FUNCTION @schema@._settle(p_id bigint, p_outcome @schema@.child_outcome, p_gone boolean DEFAULT false)
+CREATE FUNCTION @schema@._status_of_verdict(p_verdict text)
+RETURNS @schema@.child_status
+LANGUAGE sql IMMUTABLE
+RETURN CASE p_verdict WHEN 'done' THEN 'done' WHEN 'stopped' THEN 'stopped' WHEN 'timed out' THEN 'failed'
+                      WHEN 'failed' THEN 'failed' WHEN 'lost' THEN 'lost' ELSE 'queued' END::@schema@.child_status;
+COMMENT ON FUNCTION @schema@._status_of_verdict(text) IS 'The status a verdict of _verdict() gives a child.';
+
+CREATE FUNCTION @schema@._settle_many(p_ids bigint[], p_attempts int[], p_outcomes @schema@.child_outcome[],
+                                      p_started timestamptz[], p_gone boolean, p_backend_start timestamptz)
+RETURNS TABLE (id bigint, uuid_child uuid, status @schema@.child_status, verdict text)
+LANGUAGE plpgsql
+AS $fn$
+#variable_conflict use_column
+BEGIN
+    -- A child claimed and committed as running is settled while that claim (its attempt) still holds. A
+    -- child of a burst (p_started) was claimed by its row lock alone: still queued, it is settled from
+    -- there, as the attempt after its last. The rows first: a stop holds a row while it marks it and
+    -- signals the runner, and a stop of the whole batch marks the batch's row first; both are seen as they
+    -- committed.
+    RETURN QUERY
+    WITH u AS (
+        -- The rows by their primary key (= ANY), each with its place in the arrays.
+        SELECT c.id, array_position(p_ids, c.id) AS k FROM @schema@.log_background c WHERE c.id = ANY (p_ids)),
+    d AS (
+        SELECT c.id, p_outcomes[u.k] AS o, p_started[u.k] AS started, @schema@._verdict(p_outcomes[u.k], p_gone, c, b) AS v,
+               c.failures, c.interruptions, c.errors, c.run_mode, c.stopped_by,
+               c.attempt + (p_started[u.k] IS NOT NULL)::int AS attempt, b.retry_delay, b.retry_backoff
+          FROM u
+          JOIN @schema@.log_background c ON c.id = u.id
+          JOIN @schema@.batch b ON b.uuid_parent = c.uuid_parent
+         WHERE CASE WHEN p_started[u.k] IS NULL THEN c.status = 'running' AND c.attempt = p_attempts[u.k]
+                    ELSE c.status = 'queued' END
+           FOR UPDATE OF c)
+    UPDATE @schema@.log_background x
+       SET status = @schema@._status_of_verdict(d.v),
+           attempt = d.attempt,
+           pid = CASE WHEN d.started IS NOT NULL THEN pg_backend_pid() ELSE x.pid END,
+           backend_start = coalesce(p_backend_start, x.backend_start),
+           start_time_exec = coalesce(d.started, x.start_time_exec),
+           result = (d.o).result,
+           sqlstate = (d.o).sqlstate,
+           error = CASE d.v
+               WHEN 'requeued' THEN 'cut short and queued again: ' || coalesce(d.stopped_by, 'takeover')
+               WHEN 'stopped' THEN 'stopped by pg_background_stop()'
+               WHEN 'interrupted' THEN 'its runner was interrupted; rolled back and queued again: ' || (d.o).message
+               WHEN 'lost' THEN CASE WHEN d.run_mode = 'inline'
+                                     THEN 'its runner was interrupted 3 times while running it (each time rolled back)'
+                                     WHEN p_gone THEN 'worker process ended without recording an outcome '
+                                                      '(terminated, crashed or server restarted)'
+                                     ELSE 'worker process was cancelled or terminated from outside: ' || (d.o).message END
+               ELSE (d.o).message END,
+           error_detail = nullif((d.o).detail, ''),
+           error_hint = nullif((d.o).hint, ''),
+           error_context = nullif((d.o).context, ''),
+           end_time_exec = clock_timestamp(),
+           failures = d.failures + (d.v IN ('retry', 'retry lost') OR d.v = 'lost' AND d.run_mode <> 'inline'
+                                    OR d.v = 'failed' AND @schema@._is_transient((d.o).sqlstate))::int,
+           interruptions = d.interruptions + (d.v IN ('interrupted', 'lost') AND d.run_mode = 'inline')::int,
+           not_before = CASE WHEN d.v IN ('retry', 'retry lost')
+                             THEN @schema@._retry_at(d.retry_delay, d.retry_backoff, d.failures) END,
+           errors = CASE WHEN d.v IN ('done', 'requeued', 'stopped') THEN d.errors
+                         ELSE coalesce(d.errors, '[]') || @schema@._attempt_error(
+                             d.attempt, CASE WHEN d.v IN ('timed out', 'retry', 'failed') THEN 'failed'
+                                             WHEN d.v = 'interrupted' THEN 'interrupted' ELSE 'lost' END,
+                             (d.o).sqlstate, coalesce((d.o).message, 'worker process ended without recording an outcome'))
+                    END
+      FROM d
+     WHERE x.id = d.id
+    RETURNING x.id, x.uuid_child, x.status, d.v;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._settle_many(bigint[], int[], @schema@.child_outcome[], timestamptz[], boolean, timestamptz) IS
+    'Records how children ended (see _verdict()): status, result or error, retries and interruptions used, '
+    'and the attempt in errors; a child whose claim (attempt) no longer holds is left alone, and not '
+    'returned. p_started: children of a burst, claimed by their row lock alone and still queued. p_gone: '
+    'their runner died; housekeeping settles them.';
+
+CREATE FUNCTION @schema@._settle(p_id bigint, p_attempt int, p_outcome @schema@.child_outcome,
+                                 p_gone boolean DEFAULT false)
 RETURNS TABLE (status @schema@.child_status, leave boolean)
 LANGUAGE plpgsql
 AS $fn$
 #variable_conflict use_column
 DECLARE
-    c @schema@.log_background;
-    b @schema@.batch;
     v text;
-    v_failed boolean;
 BEGIN
-    -- The child's row first: a stop holds it while it marks it and signals the runner, and a stop of
-    -- the whole batch marks the batch's row first; both are seen as they committed.
-    SELECT * INTO c FROM @schema@.log_background x WHERE x.id = p_id FOR UPDATE;
-    SELECT * INTO b FROM @schema@.batch x WHERE x.uuid_parent = c.uuid_parent;
-    v := @schema@._verdict(p_outcome, p_gone, c, b);
-    v_failed := v IN ('timed out', 'retry', 'failed');
-    UPDATE @schema@.log_background x
-       SET status = CASE v WHEN 'done' THEN 'done' WHEN 'stopped' THEN 'stopped' WHEN 'timed out' THEN 'failed'
-                           WHEN 'failed' THEN 'failed' WHEN 'lost' THEN 'lost' ELSE 'queued' END::@schema@.child_status,
-           result = p_outcome.result,
-           sqlstate = p_outcome.sqlstate,
-           error = CASE v
-               WHEN 'requeued' THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
-               WHEN 'stopped' THEN 'stopped by pg_background_stop()'
-               WHEN 'interrupted' THEN 'its runner was interrupted; rolled back and queued again: ' || p_outcome.message
-               WHEN 'lost' THEN CASE WHEN c.run_mode = 'inline'
-                                     THEN 'its runner was interrupted 3 times while running it (each time rolled back)'
-                                     WHEN p_gone THEN 'worker process ended without recording an outcome '
-                                                      '(terminated, crashed or server restarted)'
-                                     ELSE 'worker process was cancelled or terminated from outside: ' || p_outcome.message END
-               ELSE p_outcome.message END,
-           error_detail = nullif(p_outcome.detail, ''),
-           error_hint = nullif(p_outcome.hint, ''),
-           error_context = nullif(p_outcome.context, ''),
-           end_time_exec = clock_timestamp(),
-           failures = c.failures + (v IN ('retry', 'retry lost') OR v = 'lost' AND c.run_mode <> 'inline'
-                                    OR v = 'failed' AND @schema@._is_transient(p_outcome.sqlstate))::int,
-           interruptions = c.interruptions + (v IN ('interrupted', 'lost') AND c.run_mode = 'inline')::int,
-           not_before = CASE WHEN v IN ('retry', 'retry lost')
-                             THEN @schema@._retry_at(b.retry_delay, b.retry_backoff, c.failures) END,
-           errors = CASE WHEN v IN ('done', 'requeued', 'stopped') THEN c.errors
-                         ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
-                             c.attempt, CASE WHEN v_failed THEN 'failed' WHEN v = 'interrupted' THEN 'interrupted'
-                                             ELSE 'lost' END,
-                             p_outcome.sqlstate, coalesce(p_outcome.message, 'worker process ended without recording an outcome')) END
-     WHERE x.id = p_id;
-    -- A runner cancelled or terminated from outside leaves; others start where work remains.
-    RETURN QUERY SELECT CASE v WHEN 'done' THEN 'done' WHEN 'stopped' THEN 'stopped' WHEN 'timed out' THEN 'failed'
-                               WHEN 'failed' THEN 'failed' WHEN 'lost' THEN 'lost'
-                               ELSE 'queued' END::@schema@.child_status,
-                        v IN ('interrupted', 'retry lost', 'lost') AND NOT p_gone;
+    SELECT s.verdict INTO v FROM @schema@._settle_many(ARRAY[p_id], ARRAY[p_attempt], ARRAY[p_outcome],
+                                                       ARRAY[NULL::timestamptz], p_gone, NULL) s;
+    -- A runner cancelled or terminated from outside leaves; others start where work remains. NULL: not
+    -- this claim's to record any more (settled meanwhile, or claimed again).
+    RETURN QUERY SELECT CASE WHEN v IS NOT NULL THEN @schema@._status_of_verdict(v) END,
+                        coalesce(v IN ('interrupted', 'retry lost', 'lost') AND NOT p_gone, false);
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._settle(bigint, @schema@.child_outcome, boolean) IS
-    'Records how a running child ended (see _verdict()): its status, result or error, retries and '
-    'interruptions used, and the attempt in errors. Returns the status, and whether its runner should '
-    'leave. p_gone: its runner died; housekeeping settles it.';
+COMMENT ON FUNCTION @schema@._settle(bigint, int, @schema@.child_outcome, boolean) IS
+    '_settle_many() of one child claimed as running (attempt p_attempt): its status, NULL when that claim no '
+    'longer holds, and whether its runner should leave.';
 
 CREATE FUNCTION @schema@._run_inline(p_sql text, p_settings @schema@.settings)
 RETURNS @schema@.child_outcome
@@ -185,18 +224,79 @@ COMMENT ON FUNCTION @schema@._run_inline(text, @schema@.settings) IS
     'Runs a child in the runner''s own transaction (its effects commit with its outcome, or roll back '
     'with its error) and returns how it ended.';
 
+CREATE FUNCTION @schema@._burst(p_batch @schema@.batch, p_shard int, p_backend_start timestamptz, p_after int,
+                               p_settings @schema@.settings, OUT after int, OUT cut boolean, OUT failed uuid)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    x record;
+    v_ids bigint[] := '{}';
+    v_attempts int[] := '{}';
+    v_outcomes @schema@.child_outcome[] := '{}';
+    v_started timestamptz[] := '{}';
+    v_t0 timestamptz;
+    v_deadline timestamptz := clock_timestamp() + interval '5 ms';
+    o @schema@.child_outcome;
+    s record;
+BEGIN
+    -- Short inline children, one after the other in the runner's transaction, each in a subtransaction of
+    -- its own, claimed by their row lock alone and settled together: one commit for them all (bounded to a
+    -- few milliseconds, so that monitors stay current, and to 30 subtransactions, under the 64 that a
+    -- snapshot can track). Nothing of them is committed before they all are: a runner that dies here
+    -- leaves them queued, as if none had run. The burst ends at a child of its own worker (claimed and
+    -- committed first, by the loop) or a long one.
+    after := p_after;
+    cut := false;
+    FOR x IN SELECT c.id, c.query, c.run_mode, c.seq, c.attempt FROM @schema@.log_background c
+              WHERE c.uuid_parent = p_batch.uuid_parent AND c.status = 'queued' AND c.role_name = current_user
+                AND (c.not_before IS NULL OR c.not_before <= clock_timestamp()) AND c.seq > p_after
+              ORDER BY c.seq
+              LIMIT 30
+                FOR UPDATE SKIP LOCKED
+    LOOP
+        EXIT WHEN x.run_mode <> 'inline' OR clock_timestamp() >= v_deadline;
+        v_t0 := clock_timestamp();
+        o := @schema@._run_inline(x.query, p_settings);
+        IF o.sqlstate IN ('57014', '57P01', '57P02') THEN
+            cut := true;  -- a stop or a terminate: it rolled back and stays queued, for the stop to find
+            EXIT;
+        END IF;
+        v_ids := v_ids || x.id;
+        v_attempts := v_attempts || x.attempt;
+        v_outcomes := v_outcomes || o;
+        v_started := v_started || v_t0;
+        after := x.seq;
+        EXIT WHEN clock_timestamp() - v_t0 >= interval '1 ms';
+    END LOOP;
+    IF cardinality(v_ids) = 0 THEN
+        RETURN;
+    END IF;
+    SELECT count(*) FILTER (WHERE m.status = 'queued') AS queued, count(*) FILTER (WHERE m.status = 'done') AS done,
+           count(*) FILTER (WHERE m.status = 'failed') AS failed, count(*) AS n,
+           (array_agg(m.uuid_child) FILTER (WHERE m.status = 'failed'))[1] AS first_failed
+      INTO s FROM @schema@._settle_many(v_ids, v_attempts, v_outcomes, v_started, false, p_backend_start) m;
+    PERFORM @schema@._count(p_batch.uuid_parent, current_user, p_shard, s.queued - s.n, 0, s.done, s.failed, 0, 0,
+                            v_started[1], clock_timestamp());
+    failed := CASE WHEN p_batch.fail_fast THEN s.first_failed END;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._burst(@schema@.batch, int, timestamptz, int, @schema@.settings) IS
+    'Runs the next short inline children of the batch in the runner''s transaction and settles them in one '
+    'statement; after: the seq of the last it ran; cut: a stop or terminate cut it short; failed: the first '
+    'that failed for good, when the batch fails fast.';
+
 CREATE FUNCTION @schema@._await_starter(p_starter xid8)
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    v_nap float8 := 0.002;
+    v_since timestamptz := clock_timestamp();
 BEGIN
     -- Whoever starts a runner (a launch, a poll, a retry, housekeeping) may still be writing the work
-    -- it started it for; what the runner looks for is visible once that transaction has ended.
+    -- it started it for; what the runner looks for is visible once that transaction has ended. A launch
+    -- ends within milliseconds: look every millisecond for a while (the check costs microseconds).
     WHILE pg_xact_status(p_starter) = 'in progress' LOOP
-        PERFORM pg_sleep(v_nap);
-        v_nap := least(v_nap * 2, 0.1);
+        PERFORM pg_sleep(CASE WHEN clock_timestamp() - v_since < interval '200 ms' THEN 0.001 ELSE 0.05 END);
     END LOOP;
 END
 $fn$;
@@ -259,14 +359,112 @@ COMMENT ON FUNCTION @schema@._adopt(@schema@.batch, int) IS
     'Moves the runner to another batch of its role with queued children and a free slot (its batch '
     'slot swapped in p_slot); next is NULL when there is none.';
 
+CREATE FUNCTION @schema@._start(p_parent uuid, p_starter xid8, OUT batch @schema@.batch, OUT global_slot int,
+                               OUT batch_slot int, OUT backend_start timestamptz)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_slots record;
+BEGIN
+    PERFORM set_config('application_name', 'pgbg:' || p_parent, false);
+    PERFORM @schema@._await_starter(p_starter);
+    SELECT * INTO batch FROM @schema@.batch b WHERE b.uuid_parent = p_parent AND b.role_name = current_user;
+    IF FOUND THEN  -- else its starter rolled back
+        v_slots := @schema@._take_slots(batch);
+        global_slot := v_slots.global_slot;
+        batch_slot := v_slots.batch_slot;
+        SELECT a.backend_start INTO backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
+        PERFORM set_config('search_path', batch.search_path, false);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._start(uuid, xid8) IS
+    'A runner''s start: once its starter has ended, its batch and its slots (global_slot NULL when it got none).';
+
+CREATE PROCEDURE @schema@._run(p_query text, p_child uuid, p_mode text, p_batch @schema@.batch,
+                               p_settings @schema@.settings, INOUT p_outcome @schema@.child_outcome)
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    IF p_mode = 'inline' THEN
+        p_outcome := @schema@._run_inline(p_query, p_settings);
+    ELSIF p_settings.launcher = 'pg_cron' THEN
+        CALL @schema@._run_in_cron_job(p_query, p_child, p_batch.search_path, p_batch.statement_timeout, p_outcome);
+    ELSE
+        CALL @schema@._run_in_worker(p_query, p_child, p_batch.statement_timeout, p_outcome);
+    END IF;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._run(text, uuid, text, @schema@.batch, @schema@.settings, @schema@.child_outcome) IS
+    'Runs one claimed child where its run mode and the launcher say, and returns how it ended.';
+
+CREATE FUNCTION @schema@._role_has_queued()
+RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
+                WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL);
+COMMENT ON FUNCTION @schema@._role_has_queued() IS 'Whether a batch of the caller''s role, not stopped, has queued children.';
+
+CREATE FUNCTION @schema@._role_slots_free()
+RETURNS boolean
+LANGUAGE sql VOLATILE
+RETURN EXISTS (SELECT 1 FROM @schema@.batch bt
+                WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+                  AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                               WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+                  AND @schema@._slot_holders(@schema@._batch_lock_key(bt.uuid_parent), current_user) < bt.max_parallel);
+COMMENT ON FUNCTION @schema@._role_slots_free() IS
+    'Whether a batch of the caller''s role with queued children has a batch slot no runner holds.';
+
+CREATE PROCEDURE @schema@._linger(p_until timestamptz, INOUT p_woken boolean)
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    -- The role's next batch often follows soon (a script's next launch, a DAG's next task): a runner still
+    -- here takes it within 20 ms, where a new one waits for the server to start it and compiles the
+    -- engine's routines first. It holds no slot meanwhile; the probe reads the small index of queued
+    -- children, and the slots only then.
+    p_woken := false;
+    WHILE NOT p_woken AND clock_timestamp() < p_until LOOP
+        COMMIT;
+        PERFORM pg_sleep(0.02);
+        p_woken := @schema@._role_has_queued() AND @schema@._role_slots_free();
+    END LOOP;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._linger(timestamptz, boolean) IS
+    'A runner with nothing left stays until p_until for its role''s next batch; p_woken when one came with a '
+    'batch slot free.';
+
+CREATE PROCEDURE @schema@._work_role(INOUT p_ran boolean DEFAULT false)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    b record;
+BEGIN
+    p_ran := false;
+    FOR b IN SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
+              WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+                AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                             WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+              ORDER BY bt.created_at LIMIT 20
+    LOOP
+        -- It adopts other batches of the role from there, until none needs a runner.
+        CALL @schema@._work(b.uuid_parent, b.enqueue_xid, p_ran);
+        EXIT WHEN p_ran;
+    END LOOP;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._work_role(boolean) IS
+    'Runs the batches of the caller''s role that have queued children (_work()); p_ran: it got slots for one.';
+
 CREATE PROCEDURE @schema@._work(p_parent uuid, p_starter xid8, INOUT p_ran boolean DEFAULT false)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    v_batch @schema@.batch;
-    v_settings @schema@.settings;
-    v_slots record;
-    v_backend_start timestamptz;
+    r record := @schema@._start(p_parent, p_starter);
+    v_batch @schema@.batch := r.batch;
+    v_settings @schema@.settings := (SELECT s FROM @schema@.settings s);
     c record;
     v_after int := 0;
     v_outcome @schema@.child_outcome;
@@ -274,21 +472,13 @@ DECLARE
     v_leave boolean := false;
     v_fail_fast uuid;
     v_adopted record;
+    v_t0 timestamptz;
 BEGIN
-    PERFORM set_config('application_name', 'pgbg:' || p_parent, false);
-    PERFORM @schema@._await_starter(p_starter);
-    SELECT * INTO v_settings FROM @schema@.settings;
-    SELECT * INTO v_batch FROM @schema@.batch WHERE uuid_parent = p_parent AND role_name = current_user;
-    IF NOT FOUND THEN
-        RETURN;  -- its starter rolled back
-    END IF;
-    v_slots := @schema@._take_slots(v_batch);
-    IF v_slots.global_slot IS NULL THEN
-        RETURN;  -- the caps are reached
+    p_ran := false;
+    IF r.global_slot IS NULL THEN
+        RETURN;  -- its starter rolled back, or the caps are reached
     END IF;
     p_ran := true;
-    SELECT backend_start INTO v_backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid();
-    PERFORM set_config('search_path', v_batch.search_path, false);
     COMMIT;
     LOOP
         -- One transaction per child: the outcome of the one before (and an inline one's work), its count,
@@ -297,8 +487,8 @@ BEGIN
         IF v_settled IS NULL THEN
             PERFORM set_config('synchronous_commit', 'off', true);
         END IF;
-        SELECT * INTO c FROM @schema@._claim_next(v_batch.uuid_parent, v_slots.global_slot, v_backend_start,
-                                                  v_settled, v_fail_fast IS NULL AND NOT v_leave, v_after);
+        SELECT * INTO c FROM @schema@._claim_next(v_batch.uuid_parent, r.global_slot, r.backend_start, v_settled,
+                                                  v_fail_fast IS NULL AND NOT v_leave, v_after);
         v_settled := NULL;
         IF v_fail_fast IS NOT NULL THEN
             COMMIT;  -- the failure is recorded: now take the rest of the batch down
@@ -317,26 +507,26 @@ BEGIN
             COMMIT;  -- whoever commits the last outcome of a batch sees every other one: it tells the waiters
             PERFORM @schema@._notify_if_ended(ARRAY[v_batch.uuid_parent]);
             COMMIT;
-            v_adopted := @schema@._adopt(v_batch, v_slots.batch_slot);
+            v_adopted := @schema@._adopt(v_batch, r.batch_slot);
             COMMIT;
             EXIT WHEN v_adopted.next IS NULL;
             v_batch := v_adopted.next;
-            v_slots.batch_slot := v_adopted.p_slot;
+            r.batch_slot := v_adopted.p_slot;
             v_after := 0;
         ELSE
             v_after := c.seq;
             COMMIT;
-            IF c.run_mode = 'inline' THEN
-                v_outcome := @schema@._run_inline(c.query, v_settings);
-            ELSIF v_settings.launcher = 'pg_cron' THEN
-                CALL @schema@._run_in_cron_job(c.query, c.uuid_child, v_batch.search_path, v_batch.statement_timeout,
-                                               v_outcome);
-            ELSE
-                CALL @schema@._run_in_worker(c.query, c.uuid_child, v_batch.statement_timeout, v_outcome);
-            END IF;
-            SELECT s.status, s.leave INTO v_settled, v_leave FROM @schema@._settle(c.id, v_outcome) s;
-            IF v_settled = 'failed' AND v_batch.fail_fast THEN
+            v_t0 := clock_timestamp();
+            CALL @schema@._run(c.query, c.uuid_child, c.run_mode, v_batch, v_settings, v_outcome);
+            SELECT s.status, s.leave INTO v_settled, v_leave FROM @schema@._settle(c.id, c.attempt, v_outcome) s;
+            IF v_settled IS NULL THEN
+                ROLLBACK;  -- housekeeping took this runner for dead and queued the child again: its work goes
+            ELSIF v_settled = 'failed' AND v_batch.fail_fast THEN
                 v_fail_fast := c.uuid_child;  -- only a final failure; a retry is not one
+            ELSIF c.run_mode = 'inline' AND NOT v_leave AND clock_timestamp() - v_t0 < interval '1 ms' THEN
+                -- Short: the next ones in a burst, in this transaction.
+                SELECT b.after, b.cut, b.failed INTO v_after, v_leave, v_fail_fast
+                  FROM @schema@._burst(v_batch, r.global_slot, r.backend_start, v_after, v_settings) b;
             END IF;
         END IF;
     END LOOP;

@@ -68,12 +68,15 @@ DECLARE
     v_touched uuid[] := '{}';
 BEGIN
     -- Rows locked by someone else are left to that someone.
-    FOR c IN SELECT x.* FROM @schema@.log_background x WHERE x.id IN (SELECT o.id FROM @schema@._orphans(p_parents) o)
-               FOR UPDATE SKIP LOCKED
+    FOR c IN SELECT x.* FROM @schema@.log_background x
+              WHERE x.id IN (SELECT o.id FROM @schema@._orphans(p_parents) o) AND x.status = 'running'
+                FOR UPDATE SKIP LOCKED
     LOOP
         v_orphan := @schema@._orphan_outcome(c);
         CONTINUE WHEN v_orphan.running;
-        SELECT s.status INTO v_status FROM @schema@._settle(c.id, v_orphan.outcome, v_orphan.outcome IS NULL) s;
+        SELECT s.status INTO v_status
+          FROM @schema@._settle(c.id, c.attempt, v_orphan.outcome, v_orphan.outcome IS NULL) s;
+        CONTINUE WHEN v_status IS NULL;
         PERFORM @schema@._count(c.uuid_parent, c.role_name, -pg_backend_pid(), (v_status = 'queued')::int, -1,
                                 (v_status = 'done')::int, (v_status = 'failed')::int, (v_status = 'stopped')::int,
                                 (v_status = 'lost')::int, NULL, clock_timestamp());
@@ -90,13 +93,15 @@ COMMENT ON FUNCTION @schema@._settle_orphans(uuid[]) IS
 CREATE FUNCTION @schema@._runners_of(p_parent uuid)
 RETURNS int
 LANGUAGE sql STABLE
--- Runners still starting hold no slot yet, but are named after their batch already.
-RETURN (SELECT count(*)::int FROM pg_stat_activity a
+-- Runners still starting hold no slot yet, but are named after their batch already; one still starting
+-- others counts them too ('pgbg:<batch>+<n>', see _runner()).
+RETURN (SELECT coalesce(sum(1 + coalesce(least(substring(a.application_name FROM '\+([0-9]{1,4})$')::int,
+                                               1000), 0)), 0)::int
+          FROM pg_stat_activity a
          WHERE CASE WHEN p_parent IS NULL
                     THEN a.application_name LIKE 'pgbg:%-%' AND pg_has_role(a.usesysid, 'pgbg_user', 'MEMBER')
-                    ELSE a.application_name = 'pgbg:' || p_parent AND a.usename = current_user
-                         AND a.backend_type = 'pg_background' END
-           AND a.datname = current_database());
+                    ELSE split_part(a.application_name, '+', 1) = 'pgbg:' || p_parent AND a.usename = current_user END
+           AND a.backend_type = 'pg_background' AND a.datname = current_database());
 COMMENT ON FUNCTION @schema@._runners_of(uuid) IS
     'pg_background runners of the caller''s batch p_parent (NULL: of every batch of the database), as '
     'only runners can show themselves (see _is_runner()).';
@@ -125,12 +130,19 @@ AS $fn$
 DECLARE
     b record;
     v_free int := @schema@._global_cap() - @schema@._runners_of(NULL);
+    -- Runners of the role waiting for its next batch take this one within 20 ms (see _runner()).
+    v_lingering int := @schema@._lingerers();
+    v_taken int;
     v_want int;
     v_started int;
 BEGIN
     FOR b IN SELECT * FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0 LOOP
         EXIT WHEN v_free <= 0;
         v_want := least(b.wanted, v_free);
+        v_taken := least(v_want, v_lingering);
+        v_lingering := v_lingering - v_taken;
+        v_free := v_free - v_taken;
+        v_want := v_want - v_taken;
         v_started := @schema@._launch_runners(b.uuid_parent, v_want);
         v_free := v_free - v_started;
         EXIT WHEN v_started < v_want;  -- the server has no worker slot free
@@ -148,10 +160,8 @@ AS $fn$
 BEGIN
     -- pg_stat_activity is otherwise frozen for the rest of the transaction.
     PERFORM pg_stat_clear_snapshot();
-    IF @schema@._launcher() = 'pg_cron' THEN
-        -- Ordered against a runner job that is deciding to unschedule itself (_cron_runner()).
-        PERFORM pg_advisory_xact_lock_shared(@schema@._role_key());
-    END IF;
+    -- Ordered against a runner that is deciding to leave (pg_cron: _cron_park(); pg_background: _runner()).
+    PERFORM pg_advisory_xact_lock_shared(@schema@._role_key());
     PERFORM @schema@._settle_orphans(p_parents);
     IF @schema@._launcher() = 'pg_cron' THEN
         PERFORM @schema@._cron_schedule_runners();
@@ -183,7 +193,8 @@ BEGIN
     PERFORM pg_stat_clear_snapshot();
     RETURN EXISTS (SELECT 1 FROM @schema@._orphans(p_parents) o WHERE NOT (@schema@._orphan_outcome(o)).running)
         OR (@schema@._global_cap() > @schema@._runners_of(NULL)
-            AND EXISTS (SELECT 1 FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0));
+            AND (SELECT coalesce(sum(w.wanted), 0) FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0)
+                > @schema@._lingerers());
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._housekeeping_due(uuid[]) IS
@@ -213,7 +224,7 @@ BEGIN
         RETURN;  -- no worker slot right now: the next round tries again
     END;
     PERFORM @pgbg_ext@.pg_background_wait_v2(v_pid, v_cookie);
-    PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
+    PERFORM @schema@._top_level_result(v_pid, v_cookie);  -- raises what made it fail, rather than loop on it
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._housekeep_apart(uuid[]) IS

@@ -220,6 +220,36 @@ COMMENT ON FUNCTION @schema@.pg_background_launch_num(text, text, boolean, int, 
     'The seed''s form: splits p_querys on p_delimiter outside quotes, dollar quotes and comments, then '
     'as the array form.';
 
+CREATE FUNCTION @schema@._take_over(p_parent uuid, p_status @schema@.child_status, p_requeue_running boolean,
+                                   p_claimed_by text, p_requeue_on_takeover boolean)
+RETURNS text
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    -- An earlier try's batch that this try finishes: it owns it from now on.
+    UPDATE @schema@.batch b
+       SET claimed_by = p_claimed_by, claimed_at = clock_timestamp(),
+           requeue_on_takeover = coalesce(p_requeue_on_takeover, false)
+     WHERE b.uuid_parent = p_parent;
+    IF p_status IN ('running', 'queued') AND p_requeue_running THEN
+        -- Its holder waited from where only a person ends a wait: a new try means a clear. Running
+        -- children are cut short and queued again, as the holder's kill would have.
+        PERFORM @schema@._stop(p_parent, NULL, true, 'takeover by ' || p_claimed_by);
+    END IF;
+    IF p_status IN ('running', 'queued') THEN
+        PERFORM @schema@._housekeep(ARRAY[p_parent]);
+        RETURN 'reconnected';
+    ELSIF p_status = 'done' THEN
+        RETURN 'finished';
+    END IF;
+    PERFORM @schema@.pg_background_retry(p_parent, 'resumed by ' || p_claimed_by);
+    RETURN 'resumed';
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._take_over(uuid, @schema@.child_status, boolean, text, boolean) IS
+    'pg_background_submit() taking an earlier claim''s batch of its origin over: reconnected (it runs), '
+    'finished (it succeeded, nobody took that outcome) or resumed (what did not succeed is queued again).';
+
 CREATE FUNCTION @schema@.pg_background_submit(
     p_querys text[],
     p_origin text,
@@ -279,25 +309,10 @@ BEGIN
                 RETURN QUERY SELECT v_prev.uuid_parent, 'waiting'::text, v_prev.claimed_at, v_prev.claimed_by;
                 RETURN;
             END IF;
-            -- An earlier try's batch that this try finishes: it owns it from now on.
-            UPDATE @schema@.batch b
-               SET claimed_by = p_claimed_by, claimed_at = clock_timestamp(),
-                   requeue_on_takeover = coalesce(p_requeue_on_takeover, false)
-             WHERE b.uuid_parent = v_prev.uuid_parent;
-            IF v_status IN ('running', 'queued') AND v_prev.requeue_on_takeover THEN
-                -- Its holder waited from where only a person ends a wait: a new try means a clear.
-                -- Running children are cut short and queued again, as the holder's kill would have.
-                PERFORM @schema@._stop(v_prev.uuid_parent, NULL, true, 'takeover by ' || p_claimed_by);
-            END IF;
-            IF v_status IN ('running', 'queued') THEN
-                PERFORM @schema@._housekeep(ARRAY[v_prev.uuid_parent]);
-                RETURN QUERY SELECT v_prev.uuid_parent, 'reconnected'::text, clock_timestamp(), v_prev.claimed_by;
-            ELSIF v_status = 'done' THEN
-                RETURN QUERY SELECT v_prev.uuid_parent, 'finished'::text, clock_timestamp(), v_prev.claimed_by;
-            ELSE
-                PERFORM @schema@.pg_background_retry(v_prev.uuid_parent, 'resumed by ' || p_claimed_by);
-                RETURN QUERY SELECT v_prev.uuid_parent, 'resumed'::text, clock_timestamp(), v_prev.claimed_by;
-            END IF;
+            RETURN QUERY SELECT v_prev.uuid_parent,
+                                @schema@._take_over(v_prev.uuid_parent, v_status, v_prev.requeue_on_takeover,
+                                                    p_claimed_by, p_requeue_on_takeover),
+                                clock_timestamp(), v_prev.claimed_by;
             RETURN;
         END IF;
     END IF;
