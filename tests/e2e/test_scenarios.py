@@ -34,6 +34,13 @@ class Launcher:
 
 PG_BACKGROUND = Launcher("pg_background", "", FLEET)
 PG_CRON = Launcher("pg_cron", "_cron", MANAGED)
+PGBOUNCER_TX = Launcher("pgbouncer_tx", "_tx", FLEET)
+"""pg_background on the main server, the DAGs' connection through PgBouncer in transaction mode."""
+
+# Scenarios that also run through PgBouncer in transaction mode (e2e_dags.POOLED_SCENARIOS).
+pooled_too = pytest.mark.parametrize(
+    "on", [PG_BACKGROUND, PG_CRON, PGBOUNCER_TX], indirect=True, ids=lambda launcher: launcher.name
+)
 
 
 @pytest.fixture(params=[PG_BACKGROUND, PG_CRON], ids=lambda launcher: launcher.name)
@@ -44,6 +51,8 @@ def on(request: pytest.FixtureRequest, deployment: Deployment) -> Iterator[Launc
         if deployment.managed_dsn is None:
             pytest.skip("needs the pg_cron server (tests.servers.MANAGED)")
         deployment.engine_dsn = deployment.managed_dsn
+    if launcher is PGBOUNCER_TX and deployment.fleet_dsn is None:
+        pytest.skip("needs the local servers and PgBouncer (tests.servers.MAIN_TX)")
     try:
         yield launcher
     finally:
@@ -77,6 +86,7 @@ def _stopped_within(d: Deployment, parent: str, since: float) -> float:
     return time.monotonic() - since
 
 
+@pooled_too
 def test_1_success_defers_without_holding_a_worker_slot(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     dag_id = on.dag("e2e_success")
@@ -93,6 +103,7 @@ def test_1_success_defers_without_holding_a_worker_slot(deployment: Deployment, 
     record("run wall time", time.monotonic() - started, 40)
 
 
+@pooled_too
 def test_2_mark_failed_while_deferred_stops_the_batch(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     dag_id = on.dag("e2e_mark_failed")
@@ -110,6 +121,7 @@ def test_2_mark_failed_while_deferred_stops_the_batch(deployment: Deployment, on
     assert d.marks(run) == []
 
 
+@pooled_too
 def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     dag_id = on.dag("e2e_clear")
@@ -155,6 +167,7 @@ def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Dep
     assert sum(c["attempt"] == 2 for c in children) >= 1
 
 
+@pooled_too
 def test_4_triggerer_killed_and_restarted_leaves_the_batch_running(
     deployment: Deployment, on: Launcher, record
 ) -> None:
