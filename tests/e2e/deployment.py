@@ -63,6 +63,8 @@ class Deployment:
         """The server the engine queries below go to when not told (None: the main one); a scenario
         that runs on another launcher points it at that launcher's server."""
         self.procs: dict[str, subprocess.Popen] = {}
+        self.marks_table = "pgbg_e2e.marks"
+        """Where the DAGs' children write their numbers (see :meth:`marks`)."""
         self._client: httpx.Client | None = None
 
     # -- processes ------------------------------------------------------------------------------
@@ -188,7 +190,9 @@ class Deployment:
         return self.sql("SELECT pgbg.pg_background_watched(%s)", parent, dsn=dsn)[0][0]
 
     def marks(self, run_id: str, dsn: str | None = None) -> list[int]:
-        return [r[0] for r in self.sql("SELECT n FROM pgbg_e2e.marks WHERE run_id = %s ORDER BY n", run_id, dsn=dsn)]
+        return [
+            r[0] for r in self.sql(f"SELECT n FROM {self.marks_table} WHERE run_id = %s ORDER BY n", run_id, dsn=dsn)
+        ]
 
 
 @contextlib.contextmanager
