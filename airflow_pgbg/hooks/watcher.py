@@ -219,7 +219,10 @@ class BatchWatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         backoff = Backoff()
-        next_full = 0.0
+        # When everything was last polled. The next full poll is due an interval later, the interval of
+        # the waiters there are now: a waiter that joins a watcher that idled (a trigger that launched its
+        # batch through it first) is polled at its own interval, not at the idle watcher's.
+        last_full = -self.LINGER
         idle_since: float | None = None
         try:
             while True:
@@ -231,8 +234,10 @@ class BatchWatcher:
                         # Decided without awaiting, so a waiter arriving from now on starts a new loop.
                         self._stopping = True
                         return
+                started = loop.time()
+                full = started >= last_full + self._interval()
                 try:
-                    await self._round(full=loop.time() >= next_full)
+                    await self._round(full=full)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -247,9 +252,9 @@ class BatchWatcher:
                 backoff.reset()
                 for waiter in self._waiters.values():
                     waiter.outage_since = None
-                if loop.time() >= next_full:
-                    next_full = loop.time() + self._interval()
-                timeout = max(0.0, next_full - loop.time()) if self._waiters else self.LINGER
+                if full:
+                    last_full = started
+                timeout = max(0.0, last_full + self._interval() - loop.time()) if self._waiters else self.LINGER
                 await wait_at_most(self._wake.wait(), timeout)
                 self._wake.clear()
                 await asyncio.sleep(self.GATHER)

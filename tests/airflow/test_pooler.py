@@ -157,11 +157,15 @@ def test_three_hundred_triggers_through_transaction_pooling(pooled: dict[str, st
 
 
 def test_an_end_arrives_by_polling_behind_transaction_pooling(pooled: dict[str, str], user: psycopg.Connection) -> None:
-    """A LISTEN through the pooler would never hear the end; the watcher polls at least every second."""
+    """A LISTEN through the pooler would never hear the end; the watcher polls at least every second,
+    also when it was started (idle) before the trigger began to wait, as a trigger that launches does."""
     parent = launch(user, ["select pg_sleep(2)"])
 
     async def wait_for_end() -> tuple[Any, float]:
-        event = await _first_event(_trigger(parent, poll_interval=60.0))
+        trigger = _trigger(parent, poll_interval=60.0)
+        await trigger._call(lambda conn: conn.execute("SELECT 1"))
+        await asyncio.sleep(0.5)
+        event = await _first_event(trigger)
         return event, time.monotonic()
 
     event, noticed = asyncio.run(wait_for_end())
