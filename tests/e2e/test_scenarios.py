@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from airflow_pgbg.compat import CAN_START_FROM_TRIGGER, TRIGGER_HAS_ON_KILL
+from airflow_pgbg.links.batch import batch_page_path
 from tests.e2e.conftest import OPENLINEAGE_EVENTS, Deployment, wait_for
 from tests.servers import FLEET, MANAGED, Instance
 
@@ -101,6 +102,11 @@ def test_1_success_defers_without_holding_a_worker_slot(deployment: Deployment, 
     assert d.marks(run) == [1, 2, 3, 4, 5, 6]
     # 6 children of 2 s at 3 at a time: 4 s of work, plus scheduling and start-up.
     record("run wall time", time.monotonic() - started, 40)
+    # The console reads the batch over the task's own connection (through the pooler for _tx).
+    base, _, query = batch_page_path(dag_id, run, "batch").partition("?")
+    page = d.api.get(f"{d.url}{base}.json?{query}")
+    assert page.status_code == 200, page.text
+    assert page.json()["batch"]["uuid_parent"] == parent
 
 
 @pooled_too
@@ -260,6 +266,7 @@ def _triggerer_down(d: Deployment) -> None:
     d.kill("triggerer", signal.SIGKILL)
 
 
+@pooled_too
 def test_8_mark_failed_before_the_trigger_runs_stops_the_batch(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     dag_id = on.dag("e2e_early_mark")

@@ -98,7 +98,7 @@ for _name, (_children, _seconds, _conn, _options) in SCENARIOS.items():
 
 # The same scenarios with the suffix "_tx", through PgBouncer in transaction mode in front of the main
 # server (connection pgbg_e2e_tx): no session for LISTEN or watch locks there.
-POOLED_SCENARIOS = ("e2e_success", "e2e_mark_failed", "e2e_clear", "e2e_triggerer_restart")
+POOLED_SCENARIOS = ("e2e_success", "e2e_mark_failed", "e2e_clear", "e2e_triggerer_restart", "e2e_early_mark")
 for _name in POOLED_SCENARIOS:
     _children, _seconds, _conn, _options = SCENARIOS[_name]
     globals()[f"{_name}_tx"] = _dag(f"{_name}_tx", _children, _seconds, "pgbg_e2e_tx", **_options)
