@@ -83,8 +83,10 @@ class Pooler:
         """Starts the pooler if it is not running; the superuser DSN through it."""
         return self._run("start")
 
-    def restart(self) -> None:
-        self._run("restart")
+    def restart(self) -> str:
+        """Restarts the pooler, dropping every server connection it holds (a role the tests dropped and
+        created again is another role to the server: its old connections would still act as the old one)."""
+        return self._run("restart")
 
     def stop(self) -> None:
         self._run("stop")

@@ -103,7 +103,7 @@ def celery(databases: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     for i in range(DATABASES):
         connections[f"pgbg_db_{i:02d}"] = role_uri(databases[f"db_{i:02d}"], ROLE, password)
     broker = _redis()
-    pooler = MAIN_TX.start()
+    pooler = MAIN_TX.restart()  # no server connection of an earlier run's roles
     home = tmp_path_factory.mktemp("airflow-deploy")
     dags = home / "dags"
     dags.mkdir()

@@ -82,7 +82,7 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
         _role_and_tables(managed_dsn, role_password)
         connections["pgbg_e2e_managed"] = role_uri(managed_dsn, ROLE, role_password)
         # The main server through PgBouncer in transaction mode.
-        pooled_dsn = MAIN_TX.start()
+        pooled_dsn = MAIN_TX.restart()  # the role was just created again
         connections["pgbg_e2e_tx"] = role_uri(pooled_dsn, ROLE, role_password)
     else:
         connections["pgbg_e2e_tx"] = connections["pgbg_e2e"]  # its scenarios are skipped
