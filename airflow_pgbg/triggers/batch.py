@@ -364,14 +364,26 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         return stopped
 
     async def on_kill(self) -> None:
-        """A user marked the deferred task failed or success, or cleared it: stop the batch."""
+        """A user marked the deferred task failed or success, or cleared it: stop the batch.
+
+        Airflow 3.3.2 also calls it on a triggerer whose trigger was given to another triggerer (one
+        that missed its heartbeats for ``triggerer_health_check_threshold`` loses its triggers, and
+        cancels them "by user action" when it comes back): the task is still deferred then, and the
+        other triggerer waits for the same batch, which must run on.
+        """
+        if await self._ti_state() == "deferred":
+            self.log.info(
+                "Trigger of batch %s moved to another triggerer (the task is still deferred): the batch runs on",
+                self.uuid_parent or "(being launched)",
+            )
+            return
         await self._stop_batch("the task was marked or cleared")
 
     async def cleanup(self) -> None:
         if TRIGGER_HAS_ON_KILL:
             return  # on_kill() handles user actions; a restart must not stop anything
         if await self._task_left_deferral():
-            await self.on_kill()
+            await self._stop_batch("the task was marked or cleared")
 
     async def _task_left_deferral(self) -> bool:
         """Airflow < 3.3: the task instance is no longer deferred, so a user acted on it."""
