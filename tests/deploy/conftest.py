@@ -124,7 +124,7 @@ def celery(databases: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
         connections,
         meta_db=META_DB,
         dag_prefix="deploy_",
-        expected_dags=6 + 2 * DATABASES,
+        expected_dags=7 + 2 * DATABASES,
         settings=settings,
         services=SERVICES,
         meta_through=pooler,

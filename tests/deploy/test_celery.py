@@ -147,6 +147,69 @@ def test_3_a_killed_triggerer_s_deferred_batches_all_end_done(celery: Deployment
         d.start(victim, *service_args(victim))
 
 
+def test_3b_a_stalled_triggerer_loses_its_triggers_and_the_batches_run_on(celery: Deployment, record) -> None:
+    """A triggerer frozen (SIGSTOP) for longer than the health check threshold: the other one takes its
+    triggers over; when it thaws, Airflow 3.3 cancels its copies "by user action" and calls their
+    on_kill(), which must not stop the batches the other triggerer now waits for."""
+    d = celery
+    d.kill("triggerer-2")  # so that triggerer-1 holds every trigger
+    try:
+        runs = [d.trigger("deploy_long_deferred") for _ in range(6)]
+        parents = {run: _batch(d, "deploy_long_deferred", run, "deferred", 0) for run in runs}
+    finally:
+        d.start("triggerer-2", *service_args("triggerer-2"))
+    wait_for(lambda: len(_live_triggerers(d)) == 2, 60, "both triggerers alive", 0.5)
+    assigned = dict(
+        d.sql("SELECT triggerer_id, count(*) FROM trigger WHERE triggerer_id IS NOT NULL GROUP BY 1", dsn=_meta_dsn(d))
+    )
+    assert sum(assigned.values()) == 6
+    assert len(assigned) == 1, assigned
+    root = psutil.Process(d.procs["triggerer-1"].pid)
+    frozen = [root, *root.children(recursive=True)]
+    for p in frozen:
+        p.send_signal(signal.SIGSTOP)
+    try:
+        # AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD is 5 s in these deployments.
+        wait_for(
+            lambda: (
+                d.sql(
+                    "SELECT count(*) FROM trigger WHERE triggerer_id IS NOT NULL AND triggerer_id <> %s",
+                    next(iter(assigned)),
+                    dsn=_meta_dsn(d),
+                )[0][0]
+                == 6
+            ),
+            60,
+            "the other triggerer to take the triggers over",
+        )
+        time.sleep(2)  # and to start them
+    finally:
+        for p in frozen:
+            p.send_signal(signal.SIGCONT)
+    thawed = time.monotonic()
+    wait_for(
+        lambda: all(d.run_state("deploy_long_deferred", run) in ("success", "failed") for run in runs),
+        180,
+        "the runs to end",
+        1,
+    )
+    record("runs ended after the stalled triggerer thawed (s)", time.monotonic() - thawed, 120)
+    assert {run: d.run_state("deploy_long_deferred", run) for run in runs} == dict.fromkeys(runs, "success")
+    for run, parent in parents.items():
+        assert d.batches("deploy_long_deferred", run) == [parent]
+        assert d.statuses(parent) == ["done"] * 3
+        assert d.marks(run) == [1, 2, 3]
+
+
+def _live_triggerers(d: Deployment) -> list[int]:
+    rows = d.sql(
+        "SELECT id FROM job WHERE job_type = 'TriggererJob' AND state = 'running' "
+        "AND latest_heartbeat > now() - interval '3 seconds'",
+        dsn=_meta_dsn(d),
+    )
+    return [r[0] for r in rows]
+
+
 def test_4_marking_a_task_failed_stops_its_children(celery: Deployment, record) -> None:
     d = celery
     deferred, blocking = d.trigger("deploy_mark_failed"), d.trigger("deploy_blocking_mark_failed")

@@ -38,6 +38,8 @@ worker_killed = _dag(
 )
 # Ten runs at once, deferred on both triggerers; one triggerer is killed.
 many_deferred = _dag("deploy_many_deferred", 3, 8, max_parallel=3, deferrable=True, poll_interval=2)
+# Deferred long enough to outlast a triggerer's stall.
+long_deferred = _dag("deploy_long_deferred", 3, 30, max_parallel=3, deferrable=True, poll_interval=2)
 mark_failed = _dag("deploy_mark_failed", 6, 60, max_parallel=2, deferrable=True, poll_interval=2)
 blocking_mark_failed = _dag("deploy_blocking_mark_failed", 6, 60, max_parallel=2, deferrable=False, poll_interval=2)
 
