@@ -12,6 +12,9 @@ from typing import Any
 XCOM_BATCH_KEY = "pgbg_batch"
 """XCom key under which a try publishes its batch (parent UUID, connection id, claim)."""
 
+BATCH_LOCATION_FIELDS = ("postgres_conn_id", "database", "engine_schema")
+"""Where a task's batches live: operator arguments that the serialized DAG keeps, and keys of the XCom."""
+
 EARLIER_TRIGGER_GRACE = 60.0
 """Seconds a new try waits for a trigger of an earlier try to go before it takes the batch over."""
 

@@ -43,7 +43,8 @@ class Submission:
 
     uuid_parent: str
     action: str
-    """launched, attached, reconnected, resumed, or waiting (another claim's waiter still watches)."""
+    """launched, attached, reconnected, resumed, finished (an earlier try's success nobody took: nothing
+    runs, the batch's outcome is this try's), or waiting (another claim's waiter still watches)."""
     claimed_at: datetime | None
     previous_holder: str | None
 
@@ -117,6 +118,7 @@ class EngineSql:
         self.child = q("SELECT * FROM {s}.pg_background_child(%s::uuid)")
         self.figures = q("SELECT {s}.pg_background_figures(%s::uuid, %s)")
         self.notes = q("SELECT notes FROM {s}.batch WHERE uuid_parent = %s::uuid")
+        self.origin = q("SELECT origin FROM {s}.batch WHERE uuid_parent = %s::uuid")
         self.progress = q("SELECT * FROM {s}.pg_background_progress(%s::uuid)")
         # Bounded for a lineage event; the partial index on these statuses keeps it cheap at 100,000 children.
         self.problem_sqlstates = q(
@@ -135,8 +137,9 @@ class EngineSql:
             "SELECT uuid_parent FROM {s}.batch WHERE origin = %s AND claimed_by = %s ORDER BY created_at DESC LIMIT 1"
         )
         self.retry = q("SELECT {s}.pg_background_retry(%s::uuid, %s)")
-        self.wait = q("SELECT {s}.pg_background_wait(%s::uuid, make_interval(secs => %s))")
+        self.wait = q("CALL {s}.pg_background_await(%s::uuid, make_interval(secs => %s), NULL)")
         self.summary = q("SELECT {s}.pg_background_summary(%s::uuid, %s, %s)")
+        self.take_outcome = q("SELECT {s}.pg_background_take_outcome(%s::uuid, %s, %s, %s)")
         self.summaries = q("SELECT * FROM {s}.pg_background_summaries(%s::uuid[], %s, %s)")
         self.watch = q("SELECT {s}.pg_background_watch(%s::uuid[], %s::text[])")
         self.unwatch = q("SELECT {s}.pg_background_unwatch(%s::uuid[], %s::text[])")
@@ -343,10 +346,17 @@ class PgBackgroundHook(PostgresHook):
     def poll(self, uuid_parent: str, wait: float | None = None) -> BatchState | None:
         """Status and counts of a batch, after the engine's housekeeping; None if unknown.
 
-        With ``wait`` (seconds), the database first waits up to that long for the batch to end.
+        With ``wait`` (seconds), waits up to that long for the batch to end: in the database, or here for a
+        batch the database does not wait for (a waiting statement would hold back its CONCURRENTLY
+        statements; it returns at once then).
         """
+        started = time.monotonic()
         rows = self._rows(self.q.poll, (uuid_parent, wait))
-        return BatchState.from_row(rows[0]) if rows else None
+        state = BatchState.from_row(rows[0]) if rows else None
+        left = (wait or 0.0) - (time.monotonic() - started)
+        if state is not None and not state.is_final and left > 0:
+            time.sleep(left)
+        return state
 
     def poll_many(self, uuid_parents: Sequence[str]) -> dict[str, BatchState]:
         """States of several batches in one round trip; unknown ones are missing."""
@@ -418,6 +428,10 @@ class PgBackgroundHook(PostgresHook):
         """What the engine noted for the submitter (e.g. a cap it lowered)."""
         return self._value(self.q.notes, (uuid_parent,))
 
+    def recorded_origin(self, uuid_parent: str) -> str | None:
+        """The task instance that launched the batch (``origin``); None for a batch this role cannot see."""
+        return self._value(self.q.origin, (uuid_parent,))
+
     def stop(
         self, uuid_parent_or_child: str, *, if_claimed_by: str | None = None, stopped_by: str | None = None
     ) -> int:
@@ -448,7 +462,8 @@ class PgBackgroundHook(PostgresHook):
         return int(self._value(self.q.retry, (uuid_parent, requested_by)))
 
     def wait(self, uuid_parent: str, timeout: timedelta | float | None = None) -> str | None:
-        """Blocks in the database until the batch ends; its status, or None on timeout."""
+        """Blocks in the database until the batch ends; its status, or None on timeout. Commits between its
+        checks (``pg_background_await``), so it never holds back the batch's CONCURRENTLY statements."""
         return self._value(self.q.wait, (uuid_parent, seconds(timeout)))
 
     def outcome(self, uuid_parent: str) -> dict[str, Any] | None:
@@ -463,6 +478,11 @@ class PgBackgroundHook(PostgresHook):
     def summary(self, uuid_parent: str, *, rows: int = 20, problems: int = 5) -> dict[str, Any] | None:
         """The batch's outcome as JSON (``pg_background_summary``): counts, first rows, first problems."""
         return self._value(self.q.summary, (uuid_parent, rows, problems))
+
+    def take_outcome(self, uuid_parent: str, claimed_by: str, *, rows: int = 20) -> dict[str, Any] | None:
+        """:meth:`summary` of an ended batch, recording in the engine that ``claimed_by`` took its outcome
+        (what ends a task's wait): a later try then runs a succeeded batch anew instead of taking it."""
+        return self._value(self.q.take_outcome, (uuid_parent, claimed_by, rows, 5))
 
     def watch(self, uuid_parent: str, claimed_by: str, *, every: float = HEARTBEAT_EVERY) -> None:
         """Shows, until :meth:`close`, that ``claimed_by`` waits for the batch: a watch lock held by the
@@ -579,6 +599,12 @@ class PgBackgroundHook(PostgresHook):
     ) -> dict[str, Any] | None:
         """:meth:`summary` on an async connection."""
         return await self._avalue(conn, self.q.summary, (uuid_parent, rows, problems))
+
+    async def atake_outcome(
+        self, conn: psycopg.AsyncConnection[Any], uuid_parent: str, claimed_by: str, *, rows: int = 20
+    ) -> dict[str, Any] | None:
+        """:meth:`take_outcome` on an async connection."""
+        return await self._avalue(conn, self.q.take_outcome, (uuid_parent, claimed_by, rows, 5))
 
     async def asummaries(
         self, conn: psycopg.AsyncConnection[Any], uuid_parents: Sequence[str], *, rows: int = 20, problems: int = 5

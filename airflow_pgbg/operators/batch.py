@@ -21,7 +21,14 @@ from airflow_pgbg.compat import (
 from airflow_pgbg.hooks.install import validate_schema
 from airflow_pgbg.hooks.outage import DEFAULT_RECONNECT_TIMEOUT, EngineUnreachable
 from airflow_pgbg.hooks.pgbg import BatchOptions, PgBackgroundHook, seconds
-from airflow_pgbg.identity import EARLIER_TRIGGER_GRACE, XCOM_BATCH_KEY, batch_ref, origin_of, try_claim
+from airflow_pgbg.identity import (
+    BATCH_LOCATION_FIELDS,
+    EARLIER_TRIGGER_GRACE,
+    XCOM_BATCH_KEY,
+    batch_ref,
+    origin_of,
+    try_claim,
+)
 from airflow_pgbg.links.batch import PgBackgroundBatchLink
 from airflow_pgbg.outcome import failure_message, succeeded, summary_line
 from airflow_pgbg.splitting import split_statements
@@ -185,6 +192,13 @@ class PgBackgroundBatchOperator(BaseOperator):
         elif start_from_trigger:
             raise ValueError(f"{tid}: start_from_trigger needs deferrable=True and Airflow 3.3 or later")
 
+    @classmethod
+    def get_serialized_fields(cls) -> frozenset[str]:
+        # Where the batch runs goes into the serialized DAG (as Airflow's sensors add their mode), so
+        # that the API server's console and listener take it from the task's definition, never from
+        # an XCom that any task's code could have written.
+        return super().get_serialized_fields() | set(BATCH_LOCATION_FIELDS)
+
     def _launch_trigger_kwargs(self) -> dict[str, Any]:
         """What the trigger needs to launch the batch itself; ``sql`` and ``batch_label`` are rendered
         by the triggerer (they are template fields of both)."""
@@ -315,6 +329,13 @@ class PgBackgroundBatchOperator(BaseOperator):
             key=XCOM_BATCH_KEY,
             value=batch_ref(self.uuid_parent, self.postgres_conn_id, self.database, self.engine_schema, self.claim),
         )
+        if submission.action == "finished":
+            # An earlier try's batch succeeded but that try died before it could say so: its outcome is
+            # this try's, and nothing runs again.
+            try:
+                return self._finish()
+            finally:
+                self.hook.close()
 
         deadline = time.time() + self.execution_timeout.total_seconds() if self.execution_timeout else None
         if self.deferrable:
@@ -370,7 +391,15 @@ class PgBackgroundBatchOperator(BaseOperator):
         """Resumes after the trigger where it did not end the task itself: a task with a success
         callback, a failure on Airflow < 3.3, ``dag.test()``, or an event of airflow-provider-pgbg 0.1.0
         that was waiting when the package was upgraded."""
-        self.claim = claim or self.claim
+        # The claim of the try that waited: from the deferral, the event, or (a try that started in the
+        # triggerer) the try itself; the outcome is taken under it.
+        ti = context["ti"]
+        self.claim = (
+            claim
+            or (event.get("claim") if isinstance(event, dict) else None)
+            or self.claim
+            or try_claim(ti.try_number, deferred=True)
+        )
         if isinstance(event, dict):
             self.uuid_parent = event.get("uuid_parent") or uuid_parent or self.uuid_parent
             if event["status"] == "timeout":
@@ -380,8 +409,6 @@ class PgBackgroundBatchOperator(BaseOperator):
             if event["status"] == "error":
                 raise AirflowException(event["message"])
         else:  # "success" / "failed": the state a TaskSuccessEvent / TaskFailedEvent carried
-            ti = context["ti"]
-            self.claim = self.claim or try_claim(ti.try_number, deferred=True)
             claimed = self._through_outages(lambda: self.hook.claimed_batch(origin_of(ti), self.claim))
             self.uuid_parent = uuid_parent or self.uuid_parent or claimed
             if self.uuid_parent is None:
@@ -395,8 +422,16 @@ class PgBackgroundBatchOperator(BaseOperator):
 
     def _finish(self, *, trigger_failed: bool = False) -> dict[str, Any]:
         assert self.uuid_parent is not None
-        uuid_parent = self.uuid_parent
-        summary = self._through_outages(lambda: self.hook.summary(uuid_parent, rows=self.max_result_rows))
+        uuid_parent, claim = self.uuid_parent, self.claim
+        # Taking the outcome is what ends this try's wait in the engine: a retry after this point (the
+        # task completed) runs a succeeded batch anew, one before it takes the outcome instead.
+        summary = self._through_outages(
+            lambda: (
+                self.hook.take_outcome(uuid_parent, claim, rows=self.max_result_rows)
+                if claim
+                else self.hook.summary(uuid_parent, rows=self.max_result_rows)
+            )
+        )
         if summary is None:
             raise AirflowException(f"batch {uuid_parent} not found")
         self.log.info(summary_line(summary))

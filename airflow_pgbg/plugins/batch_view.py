@@ -1,8 +1,9 @@
 """The Airflow plugin: the batch console per task instance (HTML, JSON, CSV) and its task-instance tab.
 
 Mounted by the API server under ``/pgbg``. Every endpoint requires an Airflow user allowed to read
-the DAG's task instances (Airflow's auth manager decides); the batch is found through the task
-instance's ``pgbg_batch`` XCom, so a URL never names a connection or a batch directly. Pages of
+the DAG's task instances (Airflow's auth manager decides); a URL names a task instance, never a
+connection or a batch: the batch is the one its try published (``pgbg_batch`` XCom), read where the
+task's own definition runs it (:mod:`airflow_pgbg.plugins.task_batch`). Pages of
 children are cut, sorted and filtered by the engine (``pg_background_children_page``), so what a
 request costs does not grow with the batch; result previews load one child at a time.
 """
@@ -14,6 +15,7 @@ import hashlib
 import hmac
 import io
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -27,17 +29,17 @@ from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_da
 from airflow.configuration import conf
 from airflow.exceptions import AirflowNotFoundException
 from airflow.models.taskinstance import TaskInstance
-from airflow.models.xcom import XComModel
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from sqlalchemy import select
 
+from airflow_pgbg.get_provider_info import ACTION_TOKEN_TTL
 from airflow_pgbg.hooks.pgbg import PgBackgroundHook
-from airflow_pgbg.identity import XCOM_BATCH_KEY
 from airflow_pgbg.links.batch import PLUGIN_PREFIX, PgBackgroundBatchLink
 from airflow_pgbg.plugins import listener
 from airflow_pgbg.plugins.page import render_batch, render_message
+from airflow_pgbg.plugins.task_batch import BatchNotFound, BatchRefused, find_task_batch
 from airflow_pgbg.status import CONSOLE_SORTS, PROBLEM_STATUSES, ChildStatus
 
 PER_PAGE = 100
@@ -71,10 +73,6 @@ MapIndex = Annotated[str, Query(pattern=r"^(-1|\d+|\{MAP_INDEX\})$")]
 
 def _index(map_index: str) -> int:
     return int(map_index) if map_index.lstrip("-").isdigit() else -1
-
-
-class BatchNotFound(Exception):
-    """A clear 404 for an unknown task instance, a try without a batch, or a purged batch."""
 
 
 class BadView(Exception):
@@ -140,22 +138,16 @@ def _view(params: dict[str, str | None], batch_status: str) -> View:
     )
 
 
-def _hook_and_ref(session: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> tuple[PgBackgroundHook, str]:
-    row = session.scalars(
-        XComModel.get_many(run_id=run_id, key=XCOM_BATCH_KEY, dag_ids=dag_id, task_ids=task_id, map_indexes=map_index)
-    ).first()
-    if row is None:
-        raise BatchNotFound(
-            f"No batch for task {dag_id}.{task_id} (map index {map_index}) in run {run_id}: "
-            "the task instance does not exist or has not launched a batch."
-        )
-    ref = XComModel.deserialize_value(row)
-    hook = PgBackgroundHook(
-        postgres_conn_id=ref["postgres_conn_id"],
-        database=ref.get("database"),
-        engine_schema=ref.get("engine_schema") or "pgbg",
-    )
-    return hook, ref["uuid_parent"]
+def _open_batch(session: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> tuple[PgBackgroundHook, str]:
+    """A hook on the task instance's batch, where its definition runs it, once the engine confirmed it."""
+    found = find_task_batch(session, dag_id, run_id, task_id, map_index)
+    hook = found.hook()
+    try:
+        found.check_recorded(hook)
+    except Exception:
+        hook.close()
+        raise
+    return hook, found.uuid_parent
 
 
 def _batch(hook: PgBackgroundHook, uuid_parent: str) -> dict[str, Any]:
@@ -180,7 +172,7 @@ def _batch(hook: PgBackgroundHook, uuid_parent: str) -> dict[str, Any]:
 def _load(
     session: Any, dag_id: str, run_id: str, task_id: str, map_index: int, params: dict[str, str | None]
 ) -> dict[str, Any]:
-    hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, map_index)
+    hook, uuid_parent = _open_batch(session, dag_id, run_id, task_id, map_index)
     try:
         batch = _batch(hook, uuid_parent)
         view = _view(params, batch["status"])
@@ -256,6 +248,13 @@ async def _not_found(request: Request, exc: BatchNotFound) -> Response:
     return HTMLResponse(render_message("Batch not found", str(exc)), status_code=404)
 
 
+@app.exception_handler(BatchRefused)
+async def _refused(request: Request, exc: BatchRefused) -> Response:
+    if _api(request):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+    return HTMLResponse(render_message("Batch reference refused", str(exc)), status_code=409)
+
+
 @app.exception_handler(BadView)
 async def _bad_view(request: Request, exc: BadView) -> Response:
     if _api(request):
@@ -295,7 +294,7 @@ def batch_json(
 def child_json(
     dag_id: str, run_id: str, task_id: str, uuid_child: str, session: SessionDep, map_index: MapIndex = "-1"
 ) -> dict:
-    hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, _index(map_index))
+    hook, uuid_parent = _open_batch(session, dag_id, run_id, task_id, _index(map_index))
     try:
         child = hook.child(uuid_child)
     finally:
@@ -308,7 +307,7 @@ def child_json(
 
 @app.get(TI_PATH + ".csv", dependencies=[ReadTaskInstances])
 def batch_csv(dag_id: str, run_id: str, task_id: str, session: SessionDep, map_index: MapIndex = "-1") -> Response:
-    hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, _index(map_index))
+    hook, uuid_parent = _open_batch(session, dag_id, run_id, task_id, _index(map_index))
     if hook.poll(uuid_parent) is None:
         hook.close()
         raise BatchNotFound(f"Batch {uuid_parent} is no longer in the database (purged?).")
@@ -342,15 +341,41 @@ def batch_csv(dag_id: str, run_id: str, task_id: str, session: SessionDep, map_i
 
 # The page is authenticated by Airflow's cookie, which a browser also sends with a form posted from
 # another site: every action needs a token that only a page of this server, for this user and this
-# task instance, carries (HMAC with the API server's JWT secret, as every API worker shares it).
+# task instance, carries (HMAC with the API server's JWT secret, as every API worker shares it). A
+# token also expires, so that one that leaked (a proxy's log, a screenshot) soon opens nothing; the page
+# renews its token while it is open.
 _FALLBACK_SECRET = secrets.token_bytes(32)
 
 
-def _csrf_token(user: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> str:
+def _token_ttl() -> int:
+    return max(1, conf.getint("pgbg", "action_token_ttl", fallback=ACTION_TOKEN_TTL))
+
+
+def _action_token(user: Any, dag_id: str, run_id: str, task_id: str, map_index: int, expires: int) -> str:
     secret = conf.get("api_auth", "jwt_secret", fallback="") or ""
     key = secret.encode() if secret else _FALLBACK_SECRET
-    message = "\x1f".join(["pgbg-action", str(user.get_id()), dag_id, run_id, task_id, str(map_index)])
-    return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+    message = "\x1f".join(["pgbg-action", str(user.get_id()), dag_id, run_id, task_id, str(map_index), str(expires)])
+    return f"{expires}.{hmac.new(key, message.encode(), hashlib.sha256).hexdigest()}"
+
+
+def _new_token(user: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> dict[str, Any]:
+    ttl = _token_ttl()
+    expires = int(time.time()) + ttl
+    return {"token": _action_token(user, dag_id, run_id, task_id, map_index, expires), "ttl": ttl}
+
+
+def _check_token(token: str | None, user: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> None:
+    expires, _, _ = (token or "").partition(".")
+    valid = expires.isascii() and expires.isdigit()
+    expected = _action_token(user, dag_id, run_id, task_id, map_index, int(expires)) if valid else ""
+    if not token or not valid or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise HTTPException(
+            403,
+            "missing or wrong X-Pgbg-Token: actions are taken from the batch page of this task instance, "
+            "by the user who opened it",
+        )
+    if int(expires) <= time.time():
+        raise HTTPException(403, "X-Pgbg-Token expired: the batch page renews it while open; reload the page")
 
 
 def _can_edit(user: Any, dag_id: str) -> bool:
@@ -361,11 +386,6 @@ def _can_edit(user: Any, dag_id: str) -> bool:
 
 def _actor(user: Any) -> str:
     return f"airflow user {user.get_name()}"
-
-
-def _check_csrf(token: str | None, user: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> None:
-    if not token or not hmac.compare_digest(token, _csrf_token(user, dag_id, run_id, task_id, map_index)):
-        raise HTTPException(403, "missing or wrong X-Pgbg-Token: actions are taken from the batch page")
 
 
 def _task_waits(session: Any, dag_id: str, run_id: str, task_id: str, map_index: int) -> bool:
@@ -380,6 +400,14 @@ def _task_waits(session: Any, dag_id: str, run_id: str, task_id: str, map_index:
     return state in ("deferred", "running", "queued", "scheduled", "up_for_retry")
 
 
+@app.get(TI_PATH + "/token.json", dependencies=[EditTaskInstances])
+def action_token(dag_id: str, run_id: str, task_id: str, user: GetUserDep, map_index: MapIndex = "-1") -> Response:
+    """A fresh action token, for the page to renew its own (read with the user's cookie, which another
+    site cannot do)."""
+    body = _new_token(user, dag_id, run_id, task_id, _index(map_index))
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
 @app.post(TI_PATH + "/stop.json", dependencies=[EditTaskInstances])
 def stop_action(
     dag_id: str,
@@ -392,8 +420,8 @@ def stop_action(
     map_index: MapIndex = "-1",
 ) -> dict:
     index = _index(map_index)
-    _check_csrf(x_pgbg_token, user, dag_id, run_id, task_id, index)
-    hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, index)
+    _check_token(x_pgbg_token, user, dag_id, run_id, task_id, index)
+    hook, uuid_parent = _open_batch(session, dag_id, run_id, task_id, index)
     try:
         if child is not None:
             found = hook.child(child)
@@ -416,8 +444,8 @@ def requeue_action(
     map_index: MapIndex = "-1",
 ) -> dict:
     index = _index(map_index)
-    _check_csrf(x_pgbg_token, user, dag_id, run_id, task_id, index)
-    hook, uuid_parent = _hook_and_ref(session, dag_id, run_id, task_id, index)
+    _check_token(x_pgbg_token, user, dag_id, run_id, task_id, index)
+    hook, uuid_parent = _open_batch(session, dag_id, run_id, task_id, index)
     try:
         queued = hook.retry(uuid_parent, requested_by=_actor(user))
     finally:
@@ -470,7 +498,8 @@ def batch_page(
             actions={
                 "stop_url": f"{path}/stop.json?{urlencode(base)}",
                 "requeue_url": f"{path}/requeue.json?{urlencode(base)}",
-                "token": _csrf_token(user, dag_id, run_id, task_id, _index(map_index)),
+                "token_url": f"{path}/token.json?{urlencode(base)}",
+                **_new_token(user, dag_id, run_id, task_id, _index(map_index)),
             }
             if _can_edit(user, dag_id)
             else None,

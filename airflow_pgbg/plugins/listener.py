@@ -4,8 +4,11 @@ A deferred task gets ``on_kill`` only from a trigger that runs: marked before th
 picked its trigger up, the trigger is simply deleted and the batch would run on. The API server calls
 these listener hooks when a person sets a state, so the batch is stopped from there, at once, for
 every task that published one (XCom ``pgbg_batch``), conditional on the claim of that very try: a
-stop never reaches a batch a newer try has taken over. Started in the triggerer (Airflow 3.3), a task
-marked before its trigger ran has launched nothing, and nothing is stopped.
+stop never reaches a batch a newer try has taken over. It stops a batch only where the task's own
+definition runs it, and only one the engine records as launched by that task instance
+(:mod:`airflow_pgbg.plugins.task_batch`): an XCom that names another connection or batch is refused.
+Started in the triggerer (Airflow 3.3), a task marked before its trigger ran has launched nothing,
+and nothing is stopped.
 
 Only state changes a person made are acted on (the worker and the scheduler call the same hooks when
 a task ends by itself, and a crashed worker's retry must reconnect to its batch, not stop it). The
@@ -16,12 +19,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_pgbg.compat import hookimpl
 from airflow_pgbg.hooks.outage import DEFAULT_RECONNECT_TIMEOUT
 from airflow_pgbg.identity import XCOM_BATCH_KEY, claim_try_number
+
+if TYPE_CHECKING:
+    # Imported where used: this module also loads in workers, which must not import the ORM.
+    from airflow_pgbg.hooks.pgbg import PgBackgroundHook
+    from airflow_pgbg.plugins.task_batch import TaskBatch
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +36,15 @@ _MANUAL_TI = "TaskInstance's state was manually set"
 _MANUAL_RUN = "Dag Run's state was manually set"
 
 
-def _refs(dag_id: str, run_id: str, task_id: str | None = None, map_index: int | None = None) -> list[dict[str, Any]]:
-    """The ``pgbg_batch`` XComs of a run (or of one task instance), with the try each TI is at."""
+def _batches(dag_id: str, run_id: str, task_id: str | None = None, map_index: int | None = None) -> list[TaskBatch]:
+    """The batches the current tries of a run (or of one task instance) published, each where its task's
+    definition runs it; a ``pgbg_batch`` XCom that disagrees with the definition is refused (logged)."""
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
+
+    from airflow_pgbg.plugins.task_batch import BatchRefused, task_batch
 
     with create_session() as session:
         query = select(XComModel).where(
@@ -42,7 +52,7 @@ def _refs(dag_id: str, run_id: str, task_id: str | None = None, map_index: int |
         )
         if task_id is not None:
             query = query.where(XComModel.task_id == task_id, XComModel.map_index == map_index)
-        refs = []
+        batches = []
         for row in session.scalars(query):
             ti = session.scalar(
                 select(TaskInstance).where(
@@ -53,44 +63,50 @@ def _refs(dag_id: str, run_id: str, task_id: str | None = None, map_index: int |
                 )
             )
             ref = XComModel.deserialize_value(row)
-            if ti is not None and isinstance(ref, dict) and claim_try_number(ref.get("claim")) == ti.try_number:
-                refs.append(ref)
-        return refs
+            if ti is None or not isinstance(ref, dict) or claim_try_number(ref.get("claim")) != ti.try_number:
+                continue
+            try:
+                batches.append(task_batch(session, ti, ref))
+            except BatchRefused:
+                continue  # logged where it was refused
+        return batches
 
 
-def _stop_in_background(refs: list[dict[str, Any]], why: str) -> None:
-    if refs:
-        threading.Thread(target=_stop, args=(refs, why), name="pgbg-stop", daemon=True).start()
+def _stop_in_background(batches: list[TaskBatch], why: str) -> None:
+    if batches:
+        threading.Thread(target=_stop, args=(batches, why), name="pgbg-stop", daemon=True).start()
 
 
-def _stop(refs: list[dict[str, Any]], why: str) -> None:
-    from airflow_pgbg.hooks.pgbg import PgBackgroundHook
+def _stop(batches: list[TaskBatch], why: str) -> None:
+    from airflow_pgbg.plugins.task_batch import BatchNotFound, BatchRefused
 
-    for ref in refs:
-        hook = PgBackgroundHook(
-            postgres_conn_id=ref["postgres_conn_id"],
-            database=ref.get("database"),
-            engine_schema=ref.get("engine_schema") or "pgbg",
-        )
+    for batch in batches:
+        hook = batch.hook()
+
+        def checked_stop(batch: TaskBatch = batch, hook: PgBackgroundHook = hook) -> int:
+            batch.check_recorded(hook)
+            return hook.stop(batch.uuid_parent, if_claimed_by=batch.claim, stopped_by=why)
+
         try:
-            stopped = hook.through_outages(
-                partial(hook.stop, ref["uuid_parent"], if_claimed_by=ref["claim"], stopped_by=why),
-                DEFAULT_RECONNECT_TIMEOUT,
-            )
-            log.info("airflow_pgbg: stopped batch %s (%d children): %s", ref["uuid_parent"], stopped, why)
+            stopped = hook.through_outages(checked_stop, DEFAULT_RECONNECT_TIMEOUT)
+            log.info("airflow_pgbg: stopped batch %s (%d children): %s", batch.uuid_parent, stopped, why)
+        except BatchRefused:
+            pass  # logged where it was refused
+        except BatchNotFound as exc:
+            log.info("airflow_pgbg: nothing to stop: %s", exc)
         except Exception:
-            log.exception("airflow_pgbg: could not stop batch %s", ref["uuid_parent"])
+            log.exception("airflow_pgbg: could not stop batch %s", batch.uuid_parent)
         finally:
             hook.close()
 
 
 def _on_marked(task_instance: Any, state: str) -> None:
     try:
-        refs = _refs(task_instance.dag_id, task_instance.run_id, task_instance.task_id, task_instance.map_index)
+        batches = _batches(task_instance.dag_id, task_instance.run_id, task_instance.task_id, task_instance.map_index)
     except Exception:
         log.exception("airflow_pgbg: could not look up the batch of %s", task_instance)
         return
-    _stop_in_background(refs, f"airflow: task instance marked {state}")
+    _stop_in_background(batches, f"airflow: task instance marked {state}")
 
 
 @hookimpl
@@ -114,11 +130,11 @@ def _on_run_marked(dag_run: Any, msg: str, state: str) -> None:
     if msg and not msg.startswith(_MANUAL_RUN):
         return
     try:
-        refs = _refs(dag_run.dag_id, dag_run.run_id)
+        batches = _batches(dag_run.dag_id, dag_run.run_id)
     except Exception:
         log.exception("airflow_pgbg: could not look up the batches of %s", dag_run)
         return
-    _stop_in_background(refs, f"airflow: DAG run marked {state}")
+    _stop_in_background(batches, f"airflow: DAG run marked {state}")
 
 
 @hookimpl

@@ -60,10 +60,35 @@ _SCRIPT = """
     if (ev.target.matches("details.child") && ev.target.open) loadDetail(ev.target);
   }, true);
 
+  // An action token expires: it is renewed at half-life while the page is open, and before an action
+  // when a timer was held back (a sleeping laptop, a background tab).
+  let tokenExpires = 0, tokenMargin = 0, renewTimer = null;
+  function tokenReceived(t) {
+    state.actions.token = t.token;
+    tokenExpires = Date.now() + t.ttl * 1000;
+    tokenMargin = Math.min(5000, t.ttl * 250);
+    clearTimeout(renewTimer);
+    renewTimer = setTimeout(renewToken, t.ttl * 500);
+  }
+  async function renewToken() {
+    try {
+      const r = await fetch(state.actions.token_url, {credentials: "same-origin", cache: "no-store"});
+      if (r.ok) {
+        tokenReceived(await r.json());
+        document.body.dataset.tokenRenewals = String(Number(document.body.dataset.tokenRenewals || 0) + 1);
+        return;
+      }
+    } catch (e) { /* the API server may be restarting */ }
+    clearTimeout(renewTimer);
+    renewTimer = setTimeout(renewToken, 5000);
+  }
+  if (state.actions) tokenReceived(state.actions);
+
   async function act(url, body, question) {
     if (!window.confirm(question)) return;
     const out = document.getElementById("action-message");
     out.textContent = "…";
+    if (Date.now() > tokenExpires - tokenMargin) await renewToken();
     try {
       const r = await fetch(url, {method: "POST", credentials: "same-origin",
         headers: {"Content-Type": "application/json", "X-Pgbg-Token": state.actions.token}, body: JSON.stringify(body)});
@@ -261,7 +286,7 @@ def render_batch(
     csv_url: str,
     child_url: str,
     links: dict[str, Any],
-    actions: dict[str, str] | None = None,
+    actions: dict[str, Any] | None = None,
 ) -> str:
     """The console; ``actions`` (URLs and the anti-forgery token) only for users who may edit the task."""
     from markupsafe import Markup

@@ -108,15 +108,19 @@ ALTER TABLE @schema@.log_background
     ADD COLUMN failures int NOT NULL DEFAULT 0,
     ADD COLUMN errors jsonb,
     ADD COLUMN requeue_on_stop boolean NOT NULL DEFAULT false,
-    ADD COLUMN stopped_by text;
+    ADD COLUMN stopped_by text,
+    ADD COLUMN interruptions int NOT NULL DEFAULT 0;
 COMMENT ON COLUMN @schema@.log_background.not_before IS 'A queued retry starts no earlier than this.';
 COMMENT ON COLUMN @schema@.log_background.failures IS
     'Automatic retries used since the child was last queued by a person or a new try.';
 COMMENT ON COLUMN @schema@.log_background.errors IS
-    'Every failed or lost attempt, oldest first: [{attempt, status, sqlstate, error, at}].';
+    'Every failed, lost or interrupted attempt, oldest first: [{attempt, status, sqlstate, error, at}].';
 COMMENT ON COLUMN @schema@.log_background.requeue_on_stop IS
     'Set with stop_requested by a takeover: the stopped attempt goes back to the queue.';
 COMMENT ON COLUMN @schema@.log_background.stopped_by IS 'Who stopped the child.';
+COMMENT ON COLUMN @schema@.log_background.interruptions IS
+    'Times its runner was cancelled, terminated or died while running it inline: it rolled back each time '
+    'and was queued again, without using a retry; at 3 it ends lost.';
 -- Failed, lost and stopped children in order, for summaries and the batch page.
 CREATE INDEX ON @schema@.log_background (uuid_parent, seq) WHERE status IN ('failed', 'lost', 'stopped');
 -- 0.1.0's index on (status, uuid_parent) for queued and running children let the planner claim a
@@ -181,8 +185,12 @@ COMMENT ON COLUMN @schema@.settings.cron_linger IS
     'its job. A batch launched meanwhile starts within 20 ms; a parked job takes pg_cron up to 2 s to start '
     'again. Each lingering runner holds one of cron.max_running_jobs.';
 
-ALTER TABLE @schema@.batch ADD COLUMN notes text;
+ALTER TABLE @schema@.batch ADD COLUMN notes text, ADD COLUMN outcome_taken_by text, ADD COLUMN outcome_taken_at timestamptz;
 COMMENT ON COLUMN @schema@.batch.notes IS 'What the engine wants the submitter to know, e.g. a cap it lowered.';
+COMMENT ON COLUMN @schema@.batch.outcome_taken_by IS
+    'The claim that took the batch''s outcome (pg_background_take_outcome()) as it ended its wait: a task '
+    'that completed. A success nobody took is taken by the next claim instead of being run again.';
+COMMENT ON COLUMN @schema@.batch.outcome_taken_at IS 'When outcome_taken_by took it.';
 
 -- Waiters that show they are alive by a row they keep refreshing, where a session advisory lock
 -- (pg_background_watch) would mean nothing: behind a pooler in transaction mode, such a lock stays
@@ -242,6 +250,18 @@ COMMENT ON TYPE @schema@.monitor_row IS 'Row shape of pg_background_monitor(); a
 
 CREATE TYPE @schema@.cron_run AS (status text, job_pid int, start_time timestamptz, return_message text);
 COMMENT ON TYPE @schema@.cron_run IS 'The run of a pg_cron job that runs one child (see _cron_run()).';
+
+CREATE TYPE @schema@.child_outcome AS (
+    result jsonb,
+    sqlstate text,
+    message text,
+    detail text,
+    hint text,
+    context text
+);
+COMMENT ON TYPE @schema@.child_outcome IS
+    'How a child''s statement ended, as its runner saw it: its result document, or its error (SQLSTATE, '
+    'message, detail, hint, context). _settle() turns it into the child''s status.';
 
 -- Splitting batch text into statements, and classifying a statement by its leading keywords.
 
@@ -437,6 +457,16 @@ COMMENT ON FUNCTION @schema@._needs_own_worker(text) IS
     'True for statements that must be a top-level statement of their own: they refuse to run in a '
     'function or transaction block, may commit (CALL, DO), or would change the runner''s session (SET).';
 
+CREATE FUNCTION @schema@._waits_for_older_snapshots(p_sql text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+RETURN p_sql ~* '\mCONCURRENTLY\M'
+   AND (@schema@._statement_head(p_sql) ~ '^(CREATE (UNIQUE )?INDEX|REINDEX)( |$)'
+        OR @schema@._statement_head(p_sql) ~ '^ALTER TABLE' AND p_sql ~* '\mDETACH\s+PARTITION\M');
+COMMENT ON FUNCTION @schema@._waits_for_older_snapshots(text) IS
+    'True for CREATE INDEX, REINDEX and ALTER TABLE ... DETACH PARTITION CONCURRENTLY: they wait for every '
+    'snapshot older than theirs, a waiting statement''s too.';
+
 -- Executing one child inside the runner's transaction, and its result document.
 
 CREATE FUNCTION @schema@._command_tag(p_sql text, p_rows bigint)
@@ -603,7 +633,7 @@ SELECT b.uuid_parent, b.label, b.origin, b.role_name, b.user_name, b.created_at,
        n.started_at,
        CASE WHEN n.queued + n.running = 0 THEN n.last_end END AS ended_at,
        b.claimed_by, b.claimed_at, b.retries, b.retry_delay, b.retry_backoff, b.retry_lost, b.stop_requested_by,
-       b.notes
+       b.notes, b.outcome_taken_by, b.outcome_taken_at
   FROM @schema@.batch b
  CROSS JOIN LATERAL @schema@._batch_counts(b.uuid_parent, b.counted) n;
 COMMENT ON VIEW @schema@.batches IS
@@ -679,7 +709,7 @@ COMMENT ON FUNCTION @schema@._validate_retries(int, interval, float8) IS
     'Rejects bad retry options before anything is recorded.';
 
 -- The launcher in use, the caps, and slots: session advisory locks held by runners, freed when a
--- runner dies.
+-- runner dies. Only runners count against a cap, whatever other sessions hold or call themselves.
 
 CREATE FUNCTION @schema@._launcher()
 RETURNS text
@@ -728,30 +758,60 @@ LANGUAGE sql IMMUTABLE
 RETURN hashtext('@schema@/' || p_parent::text) & 2147483647;
 COMMENT ON FUNCTION @schema@._batch_lock_key(uuid) IS 'Advisory lock key of the slots of one batch.';
 
-CREATE FUNCTION @schema@._slots_held(p_key int)
+CREATE FUNCTION @schema@._is_runner(p_pid int, p_role name)
+RETURNS boolean
+LANGUAGE sql STABLE
+-- What a session says of itself that nobody without the engine's grants can fake: its role (a member
+-- of pgbg_user), and, for a role's own sessions, that it is a background worker. Anyone may hold any
+-- advisory lock or take any application_name.
+RETURN EXISTS (SELECT 1 FROM pg_stat_activity a
+                WHERE a.pid = p_pid AND a.application_name LIKE 'pgbg:%'
+                  AND pg_has_role(a.usesysid, 'pgbg_user', 'MEMBER')
+                  AND (p_role IS NULL OR a.usename = p_role AND a.backend_type IN ('pg_background', 'pg_cron')));
+COMMENT ON FUNCTION @schema@._is_runner(int, name) IS
+    'Whether a process is an engine runner: of p_role, as a background worker, when given; else of any role '
+    'of pgbg_user.';
+
+CREATE FUNCTION @schema@._slot_holders(p_key int, p_role name)
 RETURNS int
 LANGUAGE sql VOLATILE
-RETURN (SELECT count(*)::int FROM pg_locks
-        WHERE locktype = 'advisory' AND granted AND objsubid = 2
-          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-          AND classid = p_key::oid);
-COMMENT ON FUNCTION @schema@._slots_held(int) IS 'Slots of one kind currently held by live runners.';
+RETURN (SELECT count(*)::int FROM pg_locks l
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND l.classid = p_key::oid AND @schema@._is_runner(l.pid, p_role));
+COMMENT ON FUNCTION @schema@._slot_holders(int, name) IS
+    'Runners (see _is_runner()) holding a slot under p_key; locks others hold there do not count.';
 
-CREATE FUNCTION @schema@._take_slot(p_key int, p_slots int)
+CREATE FUNCTION @schema@._take_slot(p_key int, p_slots int, p_role name)
 RETURNS int
 LANGUAGE plpgsql VOLATILE
 AS $fn$
+DECLARE
+    v_others int;
 BEGIN
-    FOR s IN 1..p_slots LOOP
-        IF pg_try_advisory_lock(p_key, s) THEN
+    FOR s IN 1..p_slots + 1000 LOOP
+        CONTINUE WHEN NOT pg_try_advisory_lock(p_key, s);
+        IF s <= p_slots THEN
             RETURN s;
         END IF;
+        -- Past the cap only in place of numbers below held by sessions that are not runners.
+        PERFORM pg_stat_clear_snapshot();
+        SELECT count(*) INTO v_others FROM pg_locks l
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND l.classid = p_key::oid AND l.objid < s::oid AND NOT @schema@._is_runner(l.pid, p_role);
+        IF s - v_others <= p_slots THEN
+            RETURN s;
+        END IF;
+        PERFORM pg_advisory_unlock(p_key, s);
+        RETURN NULL;
     END LOOP;
     RETURN NULL;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._take_slot(int, int) IS
-    'Takes the first free slot 1..p_slots as a session advisory lock; NULL when all are taken.';
+COMMENT ON FUNCTION @schema@._take_slot(int, int, name) IS
+    'Takes slot 1..p_slots under p_key as a session advisory lock (a number held by a session that is not '
+    'a runner of p_role, see _is_runner(), is skipped and not counted); NULL when all are taken.';
 
 CREATE FUNCTION @schema@._try_slot(p_key int, p_slots int)
 RETURNS int
@@ -825,19 +885,61 @@ $fn$;
 COMMENT ON FUNCTION @schema@._top_level_result(int, bigint) IS
     'Result document of a finished nested worker; re-raises its error with SQLSTATE, detail and hint.';
 
-CREATE PROCEDURE @schema@._runner(p_parent uuid, p_enqueue_xid xid8)
+CREATE PROCEDURE @schema@._run_in_worker(p_sql text, p_child uuid, p_timeout interval,
+                                         INOUT p_outcome @schema@.child_outcome)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_pid int;
+    v_cookie bigint;
+    v_finished boolean;
+BEGIN
+    p_outcome := NULL;
+    BEGIN
+        SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @schema@._start_top_level(p_sql, p_child, p_timeout) h;
+    EXCEPTION WHEN query_canceled THEN
+        p_outcome.sqlstate := '57014';  -- cut short before it started
+        p_outcome.message := 'canceling statement due to user request';
+        RETURN;
+    END;
+    -- Wait in short statements with a COMMIT between them: CREATE INDEX CONCURRENTLY in the nested
+    -- worker waits for every older snapshot, this runner's too.
+    COMMIT;
+    LOOP
+        BEGIN
+            v_finished := @pgbg_ext@.pg_background_wait_v2(v_pid, v_cookie, 250);
+        EXCEPTION WHEN query_canceled THEN
+            -- A stop, or this runner cancelled from outside: the statement goes down with it.
+            PERFORM @pgbg_ext@.pg_background_cancel_v2(v_pid, v_cookie, 0);
+        END;
+        COMMIT;
+        EXIT WHEN v_finished;
+    END LOOP;
+    BEGIN
+        p_outcome.result := @schema@._top_level_result(v_pid, v_cookie);
+    EXCEPTION WHEN query_canceled OR OTHERS THEN
+        GET STACKED DIAGNOSTICS p_outcome.sqlstate = RETURNED_SQLSTATE, p_outcome.message = MESSAGE_TEXT,
+                                p_outcome.detail = PG_EXCEPTION_DETAIL, p_outcome.hint = PG_EXCEPTION_HINT;
+    END;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._run_in_worker(text, uuid, interval, @schema@.child_outcome) IS
+    'Runs a child at top level in a nested pg_background worker (with the batch''s statement timeout) and '
+    'returns how it ended; a cancel of the runner cancels the statement.';
+
+CREATE PROCEDURE @schema@._runner(p_parent uuid, p_starter xid8)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_ran boolean;
 BEGIN
-    CALL @schema@._work(p_parent, p_enqueue_xid, v_ran);
+    CALL @schema@._work(p_parent, p_starter, v_ran);
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._runner(uuid, xid8) IS
     'Body of a pg_background runner worker (see _work()). Started by _launch_runners().';
 
-CREATE FUNCTION @schema@._launch_runners(p_parent uuid, p_enqueue_xid xid8, p_count int)
+CREATE FUNCTION @schema@._launch_runners(p_parent uuid, p_count int)
 RETURNS int
 LANGUAGE plpgsql
 AS $fn$
@@ -848,8 +950,9 @@ DECLARE
 BEGIN
     FOR k IN 1..coalesce(p_count, 0) LOOP
         BEGIN
+            -- Runners wait for this transaction to end: it may be queuing what they are started for.
             SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @pgbg_ext@.pg_background_submit_v2(
-                format('CALL @schema@._runner(%L::uuid, %L::xid8)', p_parent, p_enqueue_xid)) h;
+                format('CALL @schema@._runner(%L::uuid, %L::xid8)', p_parent, pg_current_xact_id())) h;
             -- Detached handles do not count against pg_background.max_workers of this session.
             PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
             v_started := v_started + 1;
@@ -861,8 +964,9 @@ BEGIN
     RETURN v_started;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._launch_runners(uuid, xid8, int) IS
-    'Starts up to p_count runners for a batch; stops quietly when the server has no worker slot free.';
+COMMENT ON FUNCTION @schema@._launch_runners(uuid, int) IS
+    'Starts up to p_count runners for a batch, which begin once the calling transaction has ended; stops '
+    'quietly when the server has no worker slot free.';
 
 -- The pg_cron launcher (managed services): runners are pg_cron jobs of the submitting role, and a
 -- child that must run at top level runs as the command of a job of its own.
@@ -918,19 +1022,57 @@ $fn$;
 COMMENT ON FUNCTION @schema@._cron_child_start(text, uuid) IS
     'Schedules the job that runs one child at top level; its runner unschedules it once its run has ended.';
 
-CREATE FUNCTION @schema@._cron_job_command(p_sql text, p_search_path text)
+CREATE FUNCTION @schema@._cron_exec(p_child uuid, p_search_path text, p_sql text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    o @schema@.child_outcome;
+BEGIN
+    -- pg_cron runs a job again every second until its runner unschedules it: a run of an attempt that
+    -- already ran (a runner that died before it could) does nothing.
+    PERFORM 1 FROM @schema@.log_background c
+     WHERE c.uuid_child = p_child AND c.status = 'running' AND c.result IS NULL AND c.sqlstate IS NULL;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- The job's session has the role's default search_path: the batch's one for this transaction.
+    PERFORM set_config('search_path', p_search_path, true);
+    o := @schema@._run_inline(p_sql, (SELECT s FROM @schema@.settings s));
+    -- The outcome, with its real SQLSTATE and a preview of its rows, commits with its work.
+    UPDATE @schema@.log_background
+       SET result = o.result, sqlstate = o.sqlstate, error = o.message, error_detail = o.detail,
+           error_hint = o.hint, error_context = o.context
+     WHERE uuid_child = p_child;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_exec(uuid, text, text) IS
+    'What the pg_cron job of a child that needs no top level runs, as one statement (pg_cron reports a '
+    'command as succeeded after its first statement): the child''s statement with the batch''s search_path, '
+    'its outcome recorded with its work, once per attempt.';
+
+CREATE FUNCTION @schema@._cron_recorded(p_child uuid)
+RETURNS @schema@.child_outcome
+LANGUAGE sql STABLE
+RETURN (SELECT CASE WHEN c.result IS NOT NULL OR c.sqlstate IS NOT NULL
+                    THEN ROW(c.result, c.sqlstate, c.error, c.error_detail, c.error_hint, c.error_context)::@schema@.child_outcome
+               END
+          FROM @schema@.log_background c WHERE c.uuid_child = p_child);
+COMMENT ON FUNCTION @schema@._cron_recorded(uuid) IS 'The outcome _cron_exec() recorded for a child, if it ran.';
+
+CREATE FUNCTION @schema@._cron_job_command(p_sql text, p_child uuid, p_search_path text)
 RETURNS text
 LANGUAGE sql STABLE
--- A pg_cron job starts a new session of the role, with the role's default search_path (the one
--- RESET restores here: runners are such sessions too). A statement that only needs a timeout is
--- preceded by the batch's search_path; one that must be a top-level statement of its own cannot
--- be, since a second statement in the command puts it in a transaction block.
+-- A pg_cron job starts a new session of the role, with the role's default search_path (the one RESET
+-- restores here: runners are such sessions too). A statement that must be a top-level statement of its
+-- own runs as it is, and can only with that path (anything before it would put it in a transaction
+-- block); any other runs through _cron_exec(), with the batch's path.
 RETURN CASE
-    WHEN p_search_path = (SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE s.name = 'search_path') THEN p_sql
     WHEN NOT @schema@._needs_own_worker(p_sql)
-        THEN format('SELECT pg_catalog.set_config(''search_path'', %L, false); %s', p_search_path, p_sql)
+        THEN format('SELECT @schema@._cron_exec(%L::uuid, %L, %L)', p_child, p_search_path, p_sql)
+    WHEN p_search_path = (SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE s.name = 'search_path') THEN p_sql
 END;
-COMMENT ON FUNCTION @schema@._cron_job_command(text, text) IS
+COMMENT ON FUNCTION @schema@._cron_job_command(text, uuid, text) IS
     'Command of the pg_cron job that runs a child with the batch''s search_path; NULL when that cannot be done.';
 
 CREATE FUNCTION @schema@._cron_refuse_search_path(p_sql text, p_search_path text)
@@ -998,6 +1140,8 @@ BEGIN
         WHEN v_message LIKE 'could not obtain lock%' THEN '55P03'
         WHEN v_message LIKE 'canceling statement due to statement timeout%' THEN '57014'
         WHEN v_message LIKE 'canceling statement due to user request%' OR v_message = 'job canceled' THEN '57014'
+        -- What pg_cron records of a run the server's restart cut short.
+        WHEN v_message = 'server restarted' THEN '57P02'
         WHEN v_message LIKE 'permission denied%' OR v_message LIKE 'must be owner of%'
           OR v_message LIKE 'must be superuser%' OR v_message LIKE 'must be a member of%' THEN '42501'
         WHEN v_message ~ '^(relation|table) ".*" does not exist' THEN '42P01'
@@ -1021,6 +1165,83 @@ COMMENT ON FUNCTION @schema@._cron_child_result(bigint, @schema@.cron_run, boole
     'Result document of a child run by a job of its own, or its error re-raised (pg_cron records the '
     'text without the SQLSTATE: common ones are named by their message, XX000 otherwise); forgets the run.';
 
+CREATE PROCEDURE @schema@._run_in_cron_job(p_sql text, p_child uuid, p_search_path text, p_timeout interval,
+                                           INOUT p_outcome @schema@.child_outcome)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_command text := @schema@._cron_job_command(p_sql, p_child, p_search_path);
+    v_job bigint;
+    v_run @schema@.cron_run;
+    v_defused boolean := false;
+    v_cancelled boolean := false;
+    v_timed_out boolean := false;
+    v_gone_since timestamptz;
+BEGIN
+    -- The statement is the command of a job of its own, which runs it at top level at the next second.
+    -- Unscheduling a job ends its run, so the job stays until the run has ended; once the run has begun
+    -- (pg_cron has copied the command by then) the command becomes a no-op for any rerun the schedule
+    -- starts meanwhile. This runner enforces the statement timeout and passes a stop on to the run.
+    p_outcome := NULL;
+    BEGIN
+        IF v_command IS NULL THEN
+            PERFORM @schema@._cron_refuse_search_path(p_sql, p_search_path);
+        END IF;
+        v_job := @schema@._cron_child_start(v_command, p_child);
+    EXCEPTION WHEN query_canceled OR OTHERS THEN
+        GET STACKED DIAGNOSTICS p_outcome.sqlstate = RETURNED_SQLSTATE, p_outcome.message = MESSAGE_TEXT,
+                                p_outcome.detail = PG_EXCEPTION_DETAIL, p_outcome.hint = PG_EXCEPTION_HINT;
+        RETURN;  -- refused, or stopped before it was scheduled
+    END;
+    COMMIT;
+    LOOP
+        BEGIN
+            v_run := @schema@._cron_run(v_job);
+            IF v_run.status IS NOT NULL AND NOT v_defused AND NOT v_cancelled THEN
+                -- Same name, same job (cron.alter_job is for administrators).
+                PERFORM cron.schedule('pgbg_child:' || p_child, '1 seconds', 'SELECT ''pgbg: this child has run''');
+                v_defused := true;
+            END IF;
+            EXIT WHEN v_run.status IN ('succeeded', 'failed');
+            -- Stopped before its run began: give pg_cron a moment to start one it had picked.
+            EXIT WHEN v_cancelled AND v_run.status IS NULL AND clock_timestamp() > v_gone_since + interval '1.5 s';
+            -- The job's own clock: pg_cron's start_time is when it began to start the job, and it learns
+            -- of the end a moment late; the backend knows when it began.
+            IF p_timeout IS NOT NULL AND NOT v_timed_out AND v_run.job_pid IS NOT NULL
+               AND EXISTS (SELECT 1 FROM pg_stat_activity a
+                            WHERE a.pid = v_run.job_pid AND a.state = 'active'
+                              AND clock_timestamp() > a.query_start + p_timeout) THEN
+                PERFORM pg_cancel_backend(v_run.job_pid);
+                v_timed_out := true;
+            END IF;
+            PERFORM pg_sleep(0.01);
+        EXCEPTION WHEN query_canceled THEN
+            -- A stop reached this runner: take the child's run down with it (unscheduled, a job's run is
+            -- ended by pg_cron).
+            v_cancelled := true;
+            v_gone_since := coalesce(v_gone_since, clock_timestamp());
+            PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
+            IF v_run.job_pid IS NOT NULL THEN
+                PERFORM pg_cancel_backend(v_run.job_pid);
+            END IF;
+        END;
+        COMMIT;
+    END LOOP;
+    PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
+    BEGIN
+        p_outcome.result := @schema@._cron_child_result(v_job, v_run, v_cancelled, v_timed_out);
+    EXCEPTION WHEN query_canceled OR OTHERS THEN
+        GET STACKED DIAGNOSTICS p_outcome.sqlstate = RETURNED_SQLSTATE, p_outcome.message = MESSAGE_TEXT,
+                                p_outcome.detail = PG_EXCEPTION_DETAIL, p_outcome.hint = PG_EXCEPTION_HINT;
+    END;
+    -- What _cron_exec() recorded, when it ran the statement, rather than what pg_cron makes of it.
+    p_outcome := coalesce(@schema@._cron_recorded(p_child), p_outcome);
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._run_in_cron_job(text, uuid, text, interval, @schema@.child_outcome) IS
+    'Runs a child at top level as the command of a pg_cron job of its own (with the batch''s search_path where '
+    'the command can set it, and the batch''s statement timeout) and returns how it ended.';
+
 CREATE FUNCTION @schema@._cron_own_job()
 RETURNS bigint
 LANGUAGE plpgsql
@@ -1043,19 +1264,94 @@ $fn$;
 COMMENT ON FUNCTION @schema@._cron_own_job() IS
     'The pg_cron job this session is a run of (NULL if pg_cron has not said so within 2 s).';
 
-CREATE FUNCTION @schema@._cron_park(p_job bigint)
+CREATE PROCEDURE @schema@._cron_park(INOUT p_parked boolean DEFAULT NULL)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_job bigint := @schema@._cron_own_job();
+BEGIN
+    -- Ordered against a launch of the role (it queues under this lock, shared, then schedules a job if
+    -- none is left): no batch is left with queued work and no job. Parked rather than removed:
+    -- '@reboot' runs it only when pg_cron starts (after a server restart, when it resumes the role's
+    -- queued work), and the job keeps its id for a fast next start. A role has at most as many as its
+    -- largest cap.
+    PERFORM pg_advisory_xact_lock(@schema@._role_key());
+    p_parked := NOT (@schema@._role_has_queued() AND @schema@._role_slots_free());
+    IF p_parked THEN
+        PERFORM cron.schedule(j.jobname, '@reboot', j.command) FROM cron.job j WHERE j.jobid = v_job;
+    END IF;
+    COMMIT;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._cron_park(boolean) IS
+    'Parks the pg_cron runner job of this session (schedule @reboot), for the next batch of its role to '
+    'wake, and commits; p_parked is false, and nothing parked, when its role has queued work a runner could '
+    'start.';
+
+CREATE FUNCTION @schema@._cron_schedule_runners()
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
 BEGIN
-    -- Parked rather than removed: '@reboot' runs it only when pg_cron starts (after a server
-    -- restart, when it resumes the role's queued work), and the job keeps its id for a fast
-    -- next start. A role has at most as many as its largest cap.
-    PERFORM cron.schedule(j.jobname, '@reboot', j.command) FROM cron.job j WHERE j.jobid = p_job;
+    -- A child's job whose runner is gone (its child settled) must not run again.
+    PERFORM cron.unschedule(j.jobid) FROM cron.job j
+     WHERE starts_with(j.jobname, 'pgbg_child:')
+       AND NOT EXISTS (SELECT 1 FROM @schema@.log_background c
+                        WHERE c.uuid_child::text = substr(j.jobname, 12) AND c.status = 'running');
+    -- Runner jobs pick any batch of their role: as many as its batches can use, up to the cap.
+    PERFORM @schema@._cron_ensure_runners((
+        SELECT least(@schema@._global_cap(), coalesce(sum(least(n.queued + n.running, bt.max_parallel)), 0))::int
+          FROM @schema@.batch bt
+         CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
+         WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL AND n.queued > 0));
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._cron_park(bigint) IS
-    'Parks a pg_cron runner job (schedule @reboot), for the next batch of its role to wake.';
+COMMENT ON FUNCTION @schema@._cron_schedule_runners() IS
+    'pg_cron housekeeping: unschedules the jobs of children no runner runs any more, and schedules runner '
+    'jobs of the caller''s role for its batches with queued children.';
+
+CREATE FUNCTION @schema@._role_has_queued()
+RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
+                WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL);
+COMMENT ON FUNCTION @schema@._role_has_queued() IS 'Whether a batch of the caller''s role, not stopped, has queued children.';
+
+CREATE FUNCTION @schema@._role_slots_free()
+RETURNS boolean
+LANGUAGE sql VOLATILE
+RETURN EXISTS (SELECT 1 FROM @schema@.batch bt
+                WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+                  AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                               WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+                  AND @schema@._slot_holders(@schema@._batch_lock_key(bt.uuid_parent), current_user) < bt.max_parallel);
+COMMENT ON FUNCTION @schema@._role_slots_free() IS
+    'Whether a batch of the caller''s role with queued children has a batch slot no runner holds.';
+
+CREATE PROCEDURE @schema@._cron_linger(p_until timestamptz, INOUT p_woken boolean)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_job bigint := @schema@._cron_own_job();
+BEGIN
+    -- The role's next batch often follows soon (a script's next launch, a DAG's next task): a runner
+    -- still here takes it within 20 ms, where a parked job starts only after pg_cron has seen this run
+    -- end (up to 2 s). The probe reads the small index of queued children. A run of a parked job does
+    -- not linger: pg_cron started it for a tick that came while the last run lingered, or at its own
+    -- start, and nothing is about to be launched for it.
+    p_woken := false;
+    IF EXISTS (SELECT 1 FROM cron.job j WHERE j.jobid = v_job AND j.schedule = '@reboot') THEN
+        RETURN;
+    END IF;
+    WHILE NOT p_woken AND clock_timestamp() < p_until LOOP
+        COMMIT;
+        PERFORM pg_sleep(0.02);
+        p_woken := @schema@._role_has_queued();
+    END LOOP;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._cron_linger(timestamptz, boolean) IS
+    'A pg_cron runner with nothing left stays until p_until for its role''s next batch; p_woken when one came.';
 
 CREATE PROCEDURE @schema@._cron_runner()
 LANGUAGE plpgsql
@@ -1063,30 +1359,26 @@ AS $fn$
 DECLARE
     b record;
     v_ran boolean;
-    v_parents uuid[];
     v_settled boolean := false;
     v_idle_since timestamptz := clock_timestamp();
     v_linger interval := (SELECT s.cron_linger FROM @schema@.settings s);
     v_woken boolean;
-    v_job bigint;
+    v_parked boolean;
 BEGIN
     PERFORM set_config('application_name', 'pgbg:cron', false);
     -- The finished runs of this role's runner jobs (job_run_details would grow every second otherwise).
-    DELETE FROM cron.job_run_details
-     WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
+    DELETE FROM cron.job_run_details WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
     COMMIT;
     LOOP
         v_ran := false;
-        FOR b IN
-            SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
-             WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-               AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                            WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
-             ORDER BY bt.created_at
-             LIMIT 20
+        FOR b IN SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
+                  WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+                    AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                                 WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+                  ORDER BY bt.created_at LIMIT 20
         LOOP
-            -- The runner's loop, as in a pg_background worker: it adopts other batches of the role
-            -- until none needs a runner.
+            -- The runner's loop, as in a pg_background worker: it adopts other batches of the role until
+            -- none needs a runner.
             CALL @schema@._work(b.uuid_parent, b.enqueue_xid, v_ran);
             EXIT WHEN v_ran;
         END LOOP;
@@ -1095,74 +1387,29 @@ BEGIN
             v_settled := false;
             v_idle_since := clock_timestamp();
         END IF;
-        -- A runner of this role killed mid-child (its job runs again a second later: this may be it)
-        -- left that child 'running'. Settle it here, lost or queued again: a poll could, but a
-        -- pg_background_wait() would schedule the runner job only when its own statement ends.
-        v_parents := ARRAY(SELECT DISTINCT x.uuid_parent FROM @schema@.log_background x
-                             JOIN @schema@.batch bt USING (uuid_parent)
-                            WHERE x.status = 'running' AND bt.role_name = current_user
-                              AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                                               WHERE a.pid = x.pid AND a.backend_start = x.backend_start));
-        IF cardinality(v_parents) > 0 AND NOT v_settled THEN
-            PERFORM @schema@._housekeep(v_parents);
+        -- A runner of this role killed mid-child (its job runs again a second later: this may be it) left
+        -- that child 'running': settle it here, once per idle turn (rows locked by another session stay
+        -- theirs). A wait would leave it to the runner jobs.
+        IF NOT v_settled AND EXISTS (SELECT 1 FROM @schema@._orphans(NULL) o WHERE o.role_name = current_user) THEN
+            PERFORM @schema@._housekeep(NULL::uuid[]);
             COMMIT;
-            v_settled := true;  -- once per idle turn: rows locked by another session stay theirs
+            v_settled := true;
             CONTINUE;
         END IF;
-        IF NOT v_ran AND EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                                  WHERE x.status = 'queued' AND bt.role_name = current_user
-                                    AND bt.stop_requested_at IS NULL) THEN
-            -- Work, but no free slot. When every batch with queued children has all its slots taken,
-            -- the runners holding them run the rest: park, rather than run again every second for as
-            -- long as that lasts, as lingering runners woken by a batch with a smaller cap would.
-            -- Short of a global slot only, this job runs again in a second.
-            IF NOT EXISTS (
-                SELECT 1 FROM @schema@.batch bt
-                 WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-                   AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                                WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
-                   AND (SELECT count(*) FROM pg_locks l
-                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                           AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
-                           AND l.classid = @schema@._batch_lock_key(bt.uuid_parent)::oid) < bt.max_parallel) THEN
-                v_job := @schema@._cron_own_job();
-                PERFORM pg_advisory_xact_lock(@schema@._role_key());
-                PERFORM @schema@._cron_park(v_job);
-                COMMIT;
+        IF NOT v_ran AND @schema@._role_has_queued() THEN
+            -- Work, but no free slot. When every batch with queued children has all its slots taken, the
+            -- runners holding them run the rest: park, rather than run again every second for as long as
+            -- that lasts. Short of a global slot only, this job runs again in a second.
+            IF NOT @schema@._role_slots_free() THEN
+                CALL @schema@._cron_park(v_parked);
             END IF;
             RETURN;
         END IF;
-        -- Idle: stay a moment (settings.cron_linger) before parking. The role's next batch often
-        -- follows soon (a script's next launch, a DAG's next task): a runner still here takes it
-        -- within 20 ms, where a parked job starts only after pg_cron has seen this run end (up to
-        -- 2 s). The probe reads the small index of queued children. A run of a parked job does not
-        -- linger: pg_cron started it for a tick that came while the last run lingered, or at its own
-        -- start, and nothing is about to be launched for it.
-        v_woken := false;
-        IF clock_timestamp() < v_idle_since + v_linger THEN
-            v_job := @schema@._cron_own_job();
-            IF NOT EXISTS (SELECT 1 FROM cron.job j WHERE j.jobid = v_job AND j.schedule = '@reboot') THEN
-                WHILE NOT v_woken AND clock_timestamp() < v_idle_since + v_linger LOOP
-                    COMMIT;
-                    PERFORM pg_sleep(0.02);
-                    v_woken := EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                                        WHERE x.status = 'queued' AND bt.role_name = current_user
-                                          AND bt.stop_requested_at IS NULL);
-                END LOOP;
-            END IF;
-        END IF;
+        CALL @schema@._cron_linger(v_idle_since + v_linger, v_woken);
         CONTINUE WHEN v_woken;
-        -- Nothing left: leave for good, unless work was queued meanwhile (which waits for this lock,
-        -- then schedules a job if none is left).
-        v_job := @schema@._cron_own_job();
-        PERFORM pg_advisory_xact_lock(@schema@._role_key());
-        IF NOT EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                        WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL) THEN
-            PERFORM @schema@._cron_park(v_job);
-            COMMIT;
-            RETURN;
-        END IF;
-        COMMIT;
+        -- Nothing left: leave for good, unless work was queued meanwhile.
+        CALL @schema@._cron_park(v_parked);
+        EXIT WHEN v_parked;
     END LOOP;
 END
 $fn$;
@@ -1188,7 +1435,10 @@ $fn$;
 COMMENT ON FUNCTION @schema@._cron_child_pid(uuid) IS
     'The backend of the pg_cron job that runs a child at top level, while it runs; NULL otherwise.';
 
--- Runners: one loop for both launchers.
+-- Runners: one loop for both launchers. A runner holds a global slot and a slot of its batch and
+-- repeats: claim the next child (in the transaction that counts the one before), commit, run it
+-- (inline here, in a nested worker, or in a pg_cron job), settle its outcome. _verdict() alone decides
+-- how a child ended; _settle() records it.
 
 CREATE FUNCTION @schema@._claim(p_parent uuid, p_shard int, p_backend_start timestamptz,
                                p_settled @schema@.child_status, p_claim boolean, p_after int)
@@ -1203,8 +1453,9 @@ BEGIN
         UPDATE @schema@.log_background c
            SET status = 'running', pid = pg_backend_pid(), backend_start = p_backend_start,
                start_time_exec = clock_timestamp(), end_time_exec = NULL, attempt = c.attempt + 1,
-               not_before = NULL, stop_requested = false, requeue_on_stop = false
-         WHERE p_claim
+               not_before = NULL, stop_requested = false, requeue_on_stop = false, result = NULL,
+               sqlstate = NULL
+         WHERE p_claim AND c.status = 'queued'
            AND c.id = (SELECT x.id FROM @schema@.log_background x
                         WHERE x.uuid_parent = p_parent AND x.status = 'queued' AND x.role_name = current_user
                           AND (x.not_before IS NULL OR x.not_before <= clock_timestamp())
@@ -1241,324 +1492,449 @@ COMMENT ON FUNCTION @schema@._claim(uuid, int, timestamptz, @schema@.child_statu
     'after the runner''s previous claim skips the index entries of children already claimed, which stay '
     'until no snapshot can see them (a long poll holds one back).';
 
-CREATE PROCEDURE @schema@._work(p_parent uuid, p_enqueue_xid xid8, INOUT p_ran boolean DEFAULT false)
+CREATE FUNCTION @schema@._claim_next(p_parent uuid, p_shard int, p_backend_start timestamptz,
+                                    p_settled @schema@.child_status, p_claim boolean, p_after int)
+RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int)
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    RETURN QUERY SELECT * FROM @schema@._claim(p_parent, p_shard, p_backend_start, p_settled, p_claim, p_after);
+    IF NOT FOUND AND p_claim AND p_after > 0 THEN
+        -- Children queued again behind this runner (retries, a takeover) come after the rest.
+        RETURN QUERY SELECT * FROM @schema@._claim(p_parent, p_shard, p_backend_start, NULL, true, 0);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._claim_next(uuid, int, timestamptz, @schema@.child_status, boolean, int) IS
+    '_claim() after the runner''s previous child, then from the start of the queue.';
+
+CREATE FUNCTION @schema@._verdict(p_outcome @schema@.child_outcome, p_gone boolean, p_child @schema@.log_background,
+                                  p_batch @schema@.batch)
+RETURNS text
+LANGUAGE sql STABLE
+-- Decided from SQLSTATEs and the engine's own state, never from an error's text: 57014 is a cancel
+-- (pg_background turns a terminate into one too), 57P01/57P02 a shutdown.
+RETURN CASE
+    WHEN (p_outcome).result IS NOT NULL THEN 'done'
+    WHEN (p_child).stop_requested AND (p_child).requeue_on_stop THEN 'requeued'
+    WHEN (p_child).stop_requested THEN 'stopped'
+    WHEN (p_outcome).sqlstate = '57014' AND (p_batch).statement_timeout IS NOT NULL
+         AND clock_timestamp() - (p_child).start_time_exec >= (p_batch).statement_timeout THEN 'timed out'
+    WHEN NOT (p_gone OR (p_outcome).sqlstate IN ('57014', '57P01', '57P02')) THEN
+        CASE WHEN @schema@._is_transient((p_outcome).sqlstate) AND (p_child).failures < (p_batch).retries
+             THEN 'retry' ELSE 'failed' END
+    -- Cut short from outside the engine, or its runner died. A stop of the whole batch is under way; or
+    -- an inline child rolled back with its runner's transaction (it never happened: it runs again,
+    -- unless it keeps taking its runner down); or the work may have committed in its own worker.
+    WHEN (p_batch).stop_requested_at IS NOT NULL THEN 'stopped'
+    WHEN (p_child).run_mode = 'inline' AND (p_child).interruptions + 1 < 3 THEN 'interrupted'
+    WHEN (p_child).run_mode = 'inline' THEN 'lost'
+    WHEN (p_batch).retry_lost AND (p_child).failures < (p_batch).retries THEN 'retry lost'
+    ELSE 'lost'
+END;
+COMMENT ON FUNCTION @schema@._verdict(@schema@.child_outcome, boolean, @schema@.log_background, @schema@.batch) IS
+    'How a running child ended: done, requeued (a takeover cut it short), stopped, timed out, retry (a '
+    'transient failure with retries left), failed, interrupted (an inline child whose runner was '
+    'cancelled, terminated or died: it rolled back and is queued again, 3 times at most), retry lost, or '
+    'lost (it may have committed in a worker of its own, or its runner died under it 3 times). p_gone: '
+    'its runner died without an outcome.';
+
+CREATE FUNCTION @schema@._settle(p_id bigint, p_outcome @schema@.child_outcome, p_gone boolean DEFAULT false)
+RETURNS TABLE (status @schema@.child_status, leave boolean)
+LANGUAGE plpgsql
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    c @schema@.log_background;
+    b @schema@.batch;
+    v text;
+    v_failed boolean;
+BEGIN
+    -- The child's row first: a stop holds it while it marks it and signals the runner, and a stop of
+    -- the whole batch marks the batch's row first; both are seen as they committed.
+    SELECT * INTO c FROM @schema@.log_background x WHERE x.id = p_id FOR UPDATE;
+    SELECT * INTO b FROM @schema@.batch x WHERE x.uuid_parent = c.uuid_parent;
+    v := @schema@._verdict(p_outcome, p_gone, c, b);
+    v_failed := v IN ('timed out', 'retry', 'failed');
+    UPDATE @schema@.log_background x
+       SET status = CASE v WHEN 'done' THEN 'done' WHEN 'stopped' THEN 'stopped' WHEN 'timed out' THEN 'failed'
+                           WHEN 'failed' THEN 'failed' WHEN 'lost' THEN 'lost' ELSE 'queued' END::@schema@.child_status,
+           result = p_outcome.result,
+           sqlstate = p_outcome.sqlstate,
+           error = CASE v
+               WHEN 'requeued' THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
+               WHEN 'stopped' THEN 'stopped by pg_background_stop()'
+               WHEN 'interrupted' THEN 'its runner was interrupted; rolled back and queued again: ' || p_outcome.message
+               WHEN 'lost' THEN CASE WHEN c.run_mode = 'inline'
+                                     THEN 'its runner was interrupted 3 times while running it (each time rolled back)'
+                                     WHEN p_gone THEN 'worker process ended without recording an outcome '
+                                                      '(terminated, crashed or server restarted)'
+                                     ELSE 'worker process was cancelled or terminated from outside: ' || p_outcome.message END
+               ELSE p_outcome.message END,
+           error_detail = nullif(p_outcome.detail, ''),
+           error_hint = nullif(p_outcome.hint, ''),
+           error_context = nullif(p_outcome.context, ''),
+           end_time_exec = clock_timestamp(),
+           failures = c.failures + (v IN ('retry', 'retry lost') OR v = 'lost' AND c.run_mode <> 'inline'
+                                    OR v = 'failed' AND @schema@._is_transient(p_outcome.sqlstate))::int,
+           interruptions = c.interruptions + (v IN ('interrupted', 'lost') AND c.run_mode = 'inline')::int,
+           not_before = CASE WHEN v IN ('retry', 'retry lost')
+                             THEN @schema@._retry_at(b.retry_delay, b.retry_backoff, c.failures) END,
+           errors = CASE WHEN v IN ('done', 'requeued', 'stopped') THEN c.errors
+                         ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
+                             c.attempt, CASE WHEN v_failed THEN 'failed' WHEN v = 'interrupted' THEN 'interrupted'
+                                             ELSE 'lost' END,
+                             p_outcome.sqlstate, coalesce(p_outcome.message, 'worker process ended without recording an outcome')) END
+     WHERE x.id = p_id;
+    -- A runner cancelled or terminated from outside leaves; others start where work remains.
+    RETURN QUERY SELECT CASE v WHEN 'done' THEN 'done' WHEN 'stopped' THEN 'stopped' WHEN 'timed out' THEN 'failed'
+                               WHEN 'failed' THEN 'failed' WHEN 'lost' THEN 'lost'
+                               ELSE 'queued' END::@schema@.child_status,
+                        v IN ('interrupted', 'retry lost', 'lost') AND NOT p_gone;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._settle(bigint, @schema@.child_outcome, boolean) IS
+    'Records how a running child ended (see _verdict()): its status, result or error, retries and '
+    'interruptions used, and the attempt in errors. Returns the status, and whether its runner should '
+    'leave. p_gone: its runner died; housekeeping settles it.';
+
+CREATE FUNCTION @schema@._run_inline(p_sql text, p_settings @schema@.settings)
+RETURNS @schema@.child_outcome
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    v_parent uuid := p_parent;
-    v_batch @schema@.batch;
-    v_settings @schema@.settings;
-    v_xact text;
-    v_nap float8 := 0.002;
-    v_global_slot int;
-    v_batch_slot int;
-    v_slot int;
-    v_backend_start timestamptz;
-    v_id bigint;
-    v_child uuid;
-    v_cron boolean := @schema@._launcher() = 'pg_cron';
-    v_pid int;
-    v_cookie bigint;
-    v_finished boolean;
-    v_job bigint;
-    v_run @schema@.cron_run;
-    v_defused boolean;
-    v_cancelled boolean;
-    v_timed_out boolean;
-    v_gone_since timestamptz;
-    v_leave boolean := false;
-    v_settled @schema@.child_status;
-    v_fail_fast boolean := false;
-    v_failed_child uuid;
-    v_seq int;
-    v_after int := 0;
-    v_sql text;
-    v_command text;
-    v_mode text;
-    v_result jsonb;
-    v_state text;
-    v_msg text;
-    v_detail text;
-    v_hint text;
-    v_context text;
-    v_next uuid;
-    v_due timestamptz;
+    o @schema@.child_outcome;
 BEGIN
-    PERFORM set_config('application_name', 'pgbg:' || v_parent, false);
-    -- The batch becomes visible when the transaction that queued it commits; if it rolls back,
-    -- there is nothing to run.
-    LOOP
-        v_xact := pg_xact_status(p_enqueue_xid);
-        EXIT WHEN v_xact IS DISTINCT FROM 'in progress';
+    o.result := @schema@._execute_inline(p_sql, p_settings.preview_rows, p_settings.preview_bytes);
+    -- A child that wrote nothing has nothing to make durable but its log row, which a crash would
+    -- only put back in the queue: its commit need not wait for a WAL flush.
+    IF pg_current_xact_id_if_assigned() IS NULL THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    RETURN o;
+EXCEPTION WHEN query_canceled OR OTHERS THEN
+    GET STACKED DIAGNOSTICS o.sqlstate = RETURNED_SQLSTATE, o.message = MESSAGE_TEXT, o.detail = PG_EXCEPTION_DETAIL,
+                            o.hint = PG_EXCEPTION_HINT, o.context = PG_EXCEPTION_CONTEXT;
+    RETURN o;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._run_inline(text, @schema@.settings) IS
+    'Runs a child in the runner''s own transaction (its effects commit with its outcome, or roll back '
+    'with its error) and returns how it ended.';
+
+CREATE FUNCTION @schema@._await_starter(p_starter xid8)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_nap float8 := 0.002;
+BEGIN
+    -- Whoever starts a runner (a launch, a poll, a retry, housekeeping) may still be writing the work
+    -- it started it for; what the runner looks for is visible once that transaction has ended.
+    WHILE pg_xact_status(p_starter) = 'in progress' LOOP
         PERFORM pg_sleep(v_nap);
         v_nap := least(v_nap * 2, 0.1);
     END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._await_starter(xid8) IS
+    'Waits until the transaction that started this runner has ended, so that the runner sees its work.';
+
+CREATE FUNCTION @schema@._retry_due(p_parent uuid)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+RETURN (SELECT min(x.not_before) FROM @schema@.log_background x
+         WHERE x.uuid_parent = p_parent AND x.status = 'queued' AND x.not_before > clock_timestamp());
+COMMENT ON FUNCTION @schema@._retry_due(uuid) IS 'When the next child of the batch waiting for a retry is due; NULL if none waits.';
+
+CREATE FUNCTION @schema@._take_slots(p_batch @schema@.batch, OUT global_slot int, OUT batch_slot int)
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    global_slot := @schema@._take_slot(@schema@._global_lock_key(), @schema@._global_cap(), NULL);
+    IF global_slot IS NOT NULL THEN
+        batch_slot := @schema@._take_slot(@schema@._batch_lock_key(p_batch.uuid_parent), p_batch.max_parallel,
+                                          p_batch.role_name);
+        IF batch_slot IS NULL THEN
+            PERFORM pg_advisory_unlock(@schema@._global_lock_key(), global_slot);
+            global_slot := NULL;
+        END IF;
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._take_slots(@schema@.batch) IS
+    'A global slot and a slot of the batch for this runner, or neither (NULLs) when either cap is reached.';
+
+CREATE FUNCTION @schema@._adopt(p_batch @schema@.batch, INOUT p_slot int, OUT next @schema@.batch)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_slot int;
+BEGIN
+    -- The batch has nothing left to start: keep the global slot busy with another batch of the role
+    -- that is short of runners, rather than leave it to the next poll.
+    FOR next IN
+        SELECT b.* FROM @schema@.batch b
+         WHERE b.role_name = current_user AND b.stop_requested_at IS NULL AND b.uuid_parent <> p_batch.uuid_parent
+           AND EXISTS (SELECT 1 FROM @schema@.log_background x WHERE x.uuid_parent = b.uuid_parent AND x.status = 'queued')
+         ORDER BY b.created_at
+         LIMIT 20
+    LOOP
+        v_slot := @schema@._take_slot(@schema@._batch_lock_key(next.uuid_parent), next.max_parallel, next.role_name);
+        IF v_slot IS NOT NULL THEN
+            PERFORM pg_advisory_unlock(@schema@._batch_lock_key(p_batch.uuid_parent), p_slot);
+            p_slot := v_slot;
+            PERFORM set_config('application_name', 'pgbg:' || next.uuid_parent, false);
+            PERFORM set_config('search_path', next.search_path, false);
+            RETURN;
+        END IF;
+    END LOOP;
+    next := NULL;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._adopt(@schema@.batch, int) IS
+    'Moves the runner to another batch of its role with queued children and a free slot (its batch '
+    'slot swapped in p_slot); next is NULL when there is none.';
+
+CREATE PROCEDURE @schema@._work(p_parent uuid, p_starter xid8, INOUT p_ran boolean DEFAULT false)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_batch @schema@.batch;
+    v_settings @schema@.settings;
+    v_slots record;
+    v_backend_start timestamptz;
+    c record;
+    v_after int := 0;
+    v_outcome @schema@.child_outcome;
+    v_settled @schema@.child_status;
+    v_leave boolean := false;
+    v_fail_fast uuid;
+    v_adopted record;
+BEGIN
+    PERFORM set_config('application_name', 'pgbg:' || p_parent, false);
+    PERFORM @schema@._await_starter(p_starter);
     SELECT * INTO v_settings FROM @schema@.settings;
-    SELECT * INTO v_batch FROM @schema@.batch WHERE uuid_parent = v_parent AND role_name = current_user;
-    IF v_xact = 'aborted' OR NOT FOUND THEN
-        RETURN;
+    SELECT * INTO v_batch FROM @schema@.batch WHERE uuid_parent = p_parent AND role_name = current_user;
+    IF NOT FOUND THEN
+        RETURN;  -- its starter rolled back
     END IF;
-    v_global_slot := @schema@._take_slot(@schema@._global_lock_key(), @schema@._global_cap());
-    IF v_global_slot IS NULL THEN
-        RETURN;
-    END IF;
-    v_batch_slot := @schema@._take_slot(@schema@._batch_lock_key(v_parent), v_batch.max_parallel);
-    IF v_batch_slot IS NULL THEN
-        PERFORM pg_advisory_unlock_all();
-        RETURN;
+    v_slots := @schema@._take_slots(v_batch);
+    IF v_slots.global_slot IS NULL THEN
+        RETURN;  -- the caps are reached
     END IF;
     p_ran := true;
     SELECT backend_start INTO v_backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid();
     PERFORM set_config('search_path', v_batch.search_path, false);
     COMMIT;
-
     LOOP
-        -- One transaction per child: the outcome of the previous one (its work too, for an inline
-        -- child) and the claim of the next. Publishing a claim alone need not wait for a WAL flush:
-        -- a claim lost in a crash leaves a child that never ran queued rather than lost.
+        -- One transaction per child: the outcome of the one before (and an inline one's work), its count,
+        -- and the claim of the next. A claim alone need not wait for a WAL flush: lost in a crash, it
+        -- leaves a child that never ran queued.
         IF v_settled IS NULL THEN
             PERFORM set_config('synchronous_commit', 'off', true);
         END IF;
-        SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq INTO v_id, v_child, v_sql, v_mode, v_seq
-          FROM @schema@._claim(v_parent, v_global_slot, v_backend_start, v_settled, NOT (v_fail_fast OR v_leave),
-                               v_after) c;
+        SELECT * INTO c FROM @schema@._claim_next(v_batch.uuid_parent, v_slots.global_slot, v_backend_start,
+                                                  v_settled, v_fail_fast IS NULL AND NOT v_leave, v_after);
         v_settled := NULL;
-        IF v_id IS NULL AND v_after > 0 AND NOT (v_fail_fast OR v_leave) THEN
-            -- Children queued again behind us (retries, a takeover) come after the rest.
+        IF v_fail_fast IS NOT NULL THEN
+            COMMIT;  -- the failure is recorded: now take the rest of the batch down
+            PERFORM @schema@._stop(v_batch.uuid_parent, format('stopped: fail_fast after child %s failed', v_fail_fast),
+                                   false, NULL);
+            COMMIT;
+            v_fail_fast := NULL;
+        ELSIF v_leave THEN
+            COMMIT;
+            EXIT;
+        ELSIF c.id IS NULL AND @schema@._retry_due(v_batch.uuid_parent) IS NOT NULL THEN
+            COMMIT;  -- children waiting for an automatic retry keep this runner on the batch
+            PERFORM pg_sleep(least(greatest(extract(epoch FROM @schema@._retry_due(v_batch.uuid_parent) - clock_timestamp()),
+                                            0.001), 0.2));
+        ELSIF c.id IS NULL THEN
+            COMMIT;  -- whoever commits the last outcome of a batch sees every other one: it tells the waiters
+            PERFORM @schema@._notify_if_ended(ARRAY[v_batch.uuid_parent]);
+            COMMIT;
+            v_adopted := @schema@._adopt(v_batch, v_slots.batch_slot);
+            COMMIT;
+            EXIT WHEN v_adopted.next IS NULL;
+            v_batch := v_adopted.next;
+            v_slots.batch_slot := v_adopted.p_slot;
             v_after := 0;
-            SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq INTO v_id, v_child, v_sql, v_mode, v_seq
-              FROM @schema@._claim(v_parent, v_global_slot, v_backend_start, NULL, true, 0) c;
-        END IF;
-        v_after := coalesce(v_seq, v_after);
-        IF v_fail_fast THEN
-            -- The failure is recorded; now take the rest of the batch down.
+        ELSE
+            v_after := c.seq;
             COMMIT;
-            PERFORM @schema@._stop(v_parent, format('stopped: fail_fast after child %s failed', v_failed_child), false, NULL);
-            COMMIT;
-            v_fail_fast := false;
-            CONTINUE;
-        END IF;
-        EXIT WHEN v_leave;
-
-        IF v_id IS NULL THEN
-            -- Children waiting for an automatic retry keep this runner on the batch.
-            SELECT min(x.not_before) INTO v_due FROM @schema@.log_background x
-             WHERE x.uuid_parent = v_parent AND x.status = 'queued' AND x.not_before > clock_timestamp();
-            IF v_due IS NOT NULL THEN
-                COMMIT;
-                PERFORM pg_sleep(least(greatest(extract(epoch FROM v_due - clock_timestamp()), 0.001), 0.2));
-                CONTINUE;
-            END IF;
-            COMMIT;
-            -- Whoever commits the last outcome of a batch sees every other one: it tells the waiters.
-            PERFORM @schema@._notify_if_ended(ARRAY[v_parent]);
-            COMMIT;
-            -- This batch has nothing left to start. Keep the global slot busy with another batch
-            -- of the same role that is short of runners, instead of leaving it to the next poll.
-            v_next := NULL;
-            FOR v_batch IN
-                SELECT b.* FROM @schema@.batch b
-                 WHERE b.role_name = current_user AND b.stop_requested_at IS NULL
-                   AND b.uuid_parent <> v_parent
-                   AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                                WHERE x.uuid_parent = b.uuid_parent AND x.status = 'queued')
-                 ORDER BY b.created_at
-                 LIMIT 20
-            LOOP
-                v_slot := @schema@._take_slot(@schema@._batch_lock_key(v_batch.uuid_parent), v_batch.max_parallel);
-                IF v_slot IS NOT NULL THEN
-                    PERFORM pg_advisory_unlock(@schema@._batch_lock_key(v_parent), v_batch_slot);
-                    v_batch_slot := v_slot;
-                    v_next := v_batch.uuid_parent;
-                    EXIT;
-                END IF;
-            END LOOP;
-            EXIT WHEN v_next IS NULL;
-            v_parent := v_next;
-            v_after := 0;
-            PERFORM set_config('application_name', 'pgbg:' || v_parent, false);
-            PERFORM set_config('search_path', v_batch.search_path, false);
-            COMMIT;
-            CONTINUE;
-        END IF;
-        COMMIT;
-
-        v_pid := NULL;
-        v_job := NULL;
-        v_run := NULL;
-        IF v_mode = 'worker' AND NOT v_cron THEN
-            -- Launch, then wait in short statements with a COMMIT between them: CREATE INDEX
-            -- CONCURRENTLY in the nested worker waits for every older snapshot, this runner's too.
-            BEGIN
-                SELECT h.pid, h.cookie INTO v_pid, v_cookie
-                  FROM @schema@._start_top_level(v_sql, v_child, v_batch.statement_timeout) h;
-            EXCEPTION WHEN query_canceled THEN
-                NULL;  -- stopped before it started; recorded below
-            END;
-            COMMIT;
-            v_finished := v_pid IS NULL;
-            WHILE NOT v_finished LOOP
-                BEGIN
-                    v_finished := @pgbg_ext@.pg_background_wait_v2(v_pid, v_cookie, 250);
-                EXCEPTION WHEN query_canceled THEN
-                    PERFORM @pgbg_ext@.pg_background_cancel_v2(v_pid, v_cookie, 0);
-                END;
-                COMMIT;
-            END LOOP;
-        ELSIF v_mode = 'worker' THEN
-            -- pg_cron: the statement is the command of a job of its own, which runs it at top level
-            -- at the next second. Unscheduling a job ends its run, so the job stays until the run has
-            -- ended; once the run has begun (pg_cron has copied the command by then) the command
-            -- becomes a no-op for any rerun the schedule starts meanwhile. This runner enforces the
-            -- statement timeout and passes a stop on to the run.
-            v_defused := false;
-            v_cancelled := false;
-            v_timed_out := false;
-            v_gone_since := NULL;
-            v_command := @schema@._cron_job_command(v_sql, v_batch.search_path);
-            BEGIN
-                IF v_command IS NOT NULL THEN
-                    v_job := @schema@._cron_child_start(v_command, v_child);
-                END IF;
-            EXCEPTION WHEN query_canceled THEN
-                NULL;  -- stopped before it was scheduled; recorded below
-            END;
-            COMMIT;
-            WHILE v_job IS NOT NULL LOOP
-                BEGIN
-                    v_run := @schema@._cron_run(v_job);
-                    IF v_run.status IS NOT NULL AND NOT v_defused AND NOT v_cancelled THEN
-                        -- Same name, same job (cron.alter_job is for administrators).
-                        PERFORM cron.schedule('pgbg_child:' || v_child, '1 seconds', 'SELECT ''pgbg: this child has run''');
-                        v_defused := true;
-                    END IF;
-                    EXIT WHEN v_run.status IN ('succeeded', 'failed');
-                    -- Stopped before its run began: give pg_cron a moment to start one it had picked.
-                    EXIT WHEN v_cancelled AND v_run.status IS NULL AND clock_timestamp() > v_gone_since + interval '1.5 s';
-                    -- The job's own clock: pg_cron's start_time is when it began to start the job,
-                    -- and it learns of the end a moment late; the backend knows when it began.
-                    IF v_batch.statement_timeout IS NOT NULL AND NOT v_timed_out AND v_run.job_pid IS NOT NULL
-                       AND EXISTS (SELECT 1 FROM pg_stat_activity a
-                                    WHERE a.pid = v_run.job_pid AND a.state = 'active'
-                                      AND clock_timestamp() > a.query_start + v_batch.statement_timeout) THEN
-                        PERFORM pg_cancel_backend(v_run.job_pid);
-                        v_timed_out := true;
-                    END IF;
-                    PERFORM pg_sleep(0.01);
-                EXCEPTION WHEN query_canceled THEN
-                    -- A stop reached this runner: take the child's run down with it (unscheduled, a
-                    -- job's run is ended by pg_cron).
-                    v_cancelled := true;
-                    v_gone_since := coalesce(v_gone_since, clock_timestamp());
-                    PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
-                    IF v_run.job_pid IS NOT NULL THEN
-                        PERFORM pg_cancel_backend(v_run.job_pid);
-                    END IF;
-                END;
-                COMMIT;
-            END LOOP;
-            PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
-        END IF;
-
-        BEGIN
-            IF v_mode = 'inline' THEN
-                v_result := @schema@._execute_inline(v_sql, v_settings.preview_rows, v_settings.preview_bytes);
-                -- A child that wrote nothing has nothing to make durable but its log row, which a crash
-                -- would turn into 'lost': its commit need not wait for a WAL flush either.
-                IF pg_current_xact_id_if_assigned() IS NULL THEN
-                    PERFORM set_config('synchronous_commit', 'off', true);
-                END IF;
-            ELSIF v_cron AND v_command IS NULL THEN
-                PERFORM @schema@._cron_refuse_search_path(v_sql, v_batch.search_path);
-            ELSIF v_cron THEN
-                v_result := @schema@._cron_child_result(v_job, v_run, v_cancelled, v_timed_out);
-            ELSIF v_pid IS NULL THEN
-                RAISE EXCEPTION 'canceling statement due to user request' USING ERRCODE = 'query_canceled';
+            IF c.run_mode = 'inline' THEN
+                v_outcome := @schema@._run_inline(c.query, v_settings);
+            ELSIF v_settings.launcher = 'pg_cron' THEN
+                CALL @schema@._run_in_cron_job(c.query, c.uuid_child, v_batch.search_path, v_batch.statement_timeout,
+                                               v_outcome);
             ELSE
-                v_result := @schema@._top_level_result(v_pid, v_cookie);
+                CALL @schema@._run_in_worker(c.query, c.uuid_child, v_batch.statement_timeout, v_outcome);
             END IF;
-            UPDATE @schema@.log_background
-               SET status = 'done', result = v_result, end_time_exec = clock_timestamp(), sqlstate = NULL,
-                   error = NULL, error_detail = NULL, error_hint = NULL, error_context = NULL
-             WHERE id = v_id;
-            v_settled := 'done';
-        EXCEPTION
-            WHEN query_canceled OR admin_shutdown THEN
-                -- pg_background_stop() sets stop_requested under a row lock before it signals, so
-                -- the flag tells a stop from a statement_timeout and from pg_cancel_backend() or
-                -- pg_terminate_backend() sent by someone else (pg_background turns SIGTERM into a
-                -- cancel): such a worker is treated as gone, its child lost, and the runner leaves.
-                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
-                UPDATE @schema@.log_background c
-                   SET status = CASE WHEN c.stop_requested AND c.requeue_on_stop THEN 'queued'
-                                     WHEN c.stop_requested THEN 'stopped'
-                                     WHEN v_msg LIKE '%statement timeout%' THEN 'failed'
-                                     WHEN v_batch.retry_lost AND c.failures < v_batch.retries THEN 'queued'
-                                     ELSE 'lost' END::@schema@.child_status,
-                       sqlstate = v_state,
-                       error = CASE WHEN c.stop_requested AND c.requeue_on_stop
-                                    THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
-                                    WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
-                                    WHEN v_msg LIKE '%statement timeout%' THEN v_msg
-                                    ELSE 'worker process was cancelled or terminated from outside: ' || v_msg END,
-                       end_time_exec = clock_timestamp(),
-                       failures = c.failures + (NOT c.stop_requested AND v_msg NOT LIKE '%statement timeout%')::int,
-                       not_before = CASE WHEN NOT c.stop_requested AND v_msg NOT LIKE '%statement timeout%'
-                                              AND v_batch.retry_lost AND c.failures < v_batch.retries
-                                         THEN @schema@._retry_at(v_batch.retry_delay, v_batch.retry_backoff, c.failures) END,
-                       errors = CASE WHEN c.stop_requested THEN c.errors
-                                     ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
-                                         c.attempt, CASE WHEN v_msg LIKE '%statement timeout%' THEN 'failed' ELSE 'lost' END,
-                                         v_state, v_msg) END
-                 WHERE id = v_id
-                RETURNING status, NOT stop_requested AND v_msg NOT LIKE '%statement timeout%'
-                     INTO v_settled, v_leave;
-            WHEN OTHERS THEN
-                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT,
-                                        v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
-                                        v_context = PG_EXCEPTION_CONTEXT;
-                UPDATE @schema@.log_background c
-                   SET status = CASE WHEN @schema@._is_transient(v_state) AND c.failures < v_batch.retries
-                                     THEN 'queued' ELSE 'failed' END::@schema@.child_status,
-                       not_before = CASE WHEN @schema@._is_transient(v_state) AND c.failures < v_batch.retries
-                                         THEN @schema@._retry_at(v_batch.retry_delay, v_batch.retry_backoff, c.failures) END,
-                       failures = c.failures + @schema@._is_transient(v_state)::int,
-                       sqlstate = v_state, error = v_msg,
-                       error_detail = nullif(v_detail, ''), error_hint = nullif(v_hint, ''),
-                       error_context = nullif(v_context, ''), end_time_exec = clock_timestamp(),
-                       errors = coalesce(c.errors, '[]') || @schema@._attempt_error(c.attempt, 'failed', v_state, v_msg)
-                 WHERE id = v_id
-                RETURNING status INTO v_settled;
-                -- Only a final failure stops a fail_fast batch; a retry is not one.
-                v_fail_fast := v_batch.fail_fast AND v_settled = 'failed';
-                v_failed_child := v_child;
-        END;
-        v_id := NULL;
+            SELECT s.status, s.leave INTO v_settled, v_leave FROM @schema@._settle(c.id, v_outcome) s;
+            IF v_settled = 'failed' AND v_batch.fail_fast THEN
+                v_fail_fast := c.uuid_child;  -- only a final failure; a retry is not one
+            END IF;
+        END IF;
     END LOOP;
-    -- Leave the name first so that nobody counts this process once its slots are free.
+    -- Leave the name first, so that nobody counts this process once its slots are free.
     PERFORM set_config('application_name', 'pgbg:exiting', false);
     PERFORM pg_advisory_unlock_all();
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._work(uuid, xid8, boolean) IS
-    'The runner''s loop: holds one global and one batch slot and executes queued children until none is '
-    'left (waiting for children due for a retry, adopting other batches of the role), recording each '
-    'outcome in the transaction of its work together with the claim of the next child. p_ran: it got '
-    'its slots.';
+    'The runner''s loop: holds one global and one batch slot and runs queued children until none is left '
+    '(waiting for children due for a retry, adopting other batches of the role), recording each outcome in '
+    'the transaction of its work together with the claim of the next child. p_starter: the transaction '
+    'that started the runner, awaited first. p_ran: it got its slots.';
 
--- Housekeeping: children of runners that died, and runners where slots are free.
+-- Housekeeping: children of runners that died, and runners where slots are free. Every poll, monitor,
+-- wait, launch and retry does it, so polling is enough to drive a batch. Runners it starts begin once
+-- its transaction has ended; a call that stays in its transaction (a wait) has it done apart.
 
-CREATE FUNCTION @schema@._housekeep(p_parents uuid[])
+CREATE FUNCTION @schema@._orphan_outcome(p_child @schema@.log_background, OUT running boolean,
+                                         OUT outcome @schema@.child_outcome)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_job bigint;
+    v_run @schema@.cron_run;
+BEGIN
+    -- Whether a child whose runner died still runs somewhere, or how it ended there. Only a statement of
+    -- its own worker or job can have outlived its runner; an inline one rolled back with it.
+    running := false;
+    IF p_child.run_mode = 'inline' THEN
+        RETURN;
+    ELSIF @schema@._launcher() = 'pg_background' THEN
+        running := EXISTS (SELECT 1 FROM pg_stat_activity a
+                            WHERE a.application_name = 'pgbg-child:' || p_child.uuid_child
+                              AND a.usename = p_child.role_name AND a.backend_type = 'pg_background');
+        RETURN;
+    END IF;
+    -- Under pg_cron, how the child's job ended is recorded: it is not lost with the runner.
+    outcome := @schema@._cron_recorded(p_child.uuid_child);
+    SELECT j.jobid INTO v_job FROM cron.job j WHERE j.jobname = 'pgbg_child:' || p_child.uuid_child;
+    running := outcome IS NULL AND EXISTS (SELECT 1 FROM cron.job_run_details d
+                                            WHERE d.jobid = v_job AND d.status IN ('starting', 'running'));
+    v_run := @schema@._cron_run(v_job);
+    IF outcome IS NULL AND NOT running AND v_run.status IN ('succeeded', 'failed') THEN
+        BEGIN
+            outcome.result := @schema@._cron_child_result(v_job, v_run, false, false);
+        EXCEPTION WHEN query_canceled OR OTHERS THEN
+            GET STACKED DIAGNOSTICS outcome.sqlstate = RETURNED_SQLSTATE, outcome.message = MESSAGE_TEXT,
+                                    outcome.detail = PG_EXCEPTION_DETAIL, outcome.hint = PG_EXCEPTION_HINT;
+        END;
+    END IF;
+    IF NOT running AND v_job IS NOT NULL THEN
+        PERFORM cron.unschedule(v_job);  -- it must not run again
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._orphan_outcome(@schema@.log_background) IS
+    'For a running child whose runner died: whether its nested worker or pg_cron job still runs it, or '
+    'how that job ended (pg_cron records it); neither for an inline child, which rolled back with its runner.';
+
+CREATE FUNCTION @schema@._orphans(p_parents uuid[])
+RETURNS SETOF @schema@.log_background
+LANGUAGE sql STABLE
+AS $fn$
+    SELECT x.* FROM @schema@.log_background x
+     WHERE x.status = 'running'
+       AND (p_parents IS NULL OR x.uuid_parent = ANY (p_parents))
+       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                        WHERE a.pid = x.pid AND (a.backend_start = x.backend_start OR a.backend_start IS NULL))
+$fn$;
+COMMENT ON FUNCTION @schema@._orphans(uuid[]) IS
+    'Running children whose runner (the same pid with the same backend_start) is gone.';
+
+CREATE FUNCTION @schema@._settle_orphans(p_parents uuid[])
+RETURNS uuid[]
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    c @schema@.log_background;
+    v_orphan record;
+    v_status @schema@.child_status;
+    v_touched uuid[] := '{}';
+BEGIN
+    -- Rows locked by someone else are left to that someone.
+    FOR c IN SELECT x.* FROM @schema@.log_background x WHERE x.id IN (SELECT o.id FROM @schema@._orphans(p_parents) o)
+               FOR UPDATE SKIP LOCKED
+    LOOP
+        v_orphan := @schema@._orphan_outcome(c);
+        CONTINUE WHEN v_orphan.running;
+        SELECT s.status INTO v_status FROM @schema@._settle(c.id, v_orphan.outcome, v_orphan.outcome IS NULL) s;
+        PERFORM @schema@._count(c.uuid_parent, c.role_name, -pg_backend_pid(), (v_status = 'queued')::int, -1,
+                                (v_status = 'done')::int, (v_status = 'failed')::int, (v_status = 'stopped')::int,
+                                (v_status = 'lost')::int, NULL, clock_timestamp());
+        v_touched := v_touched || c.uuid_parent;
+    END LOOP;
+    PERFORM @schema@._notify_if_ended(v_touched);
+    RETURN v_touched;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._settle_orphans(uuid[]) IS
+    'Settles the running children whose runner died (see _orphans(), _orphan_outcome(), _settle()); returns '
+    'their batches.';
+
+CREATE FUNCTION @schema@._runners_of(p_parent uuid)
+RETURNS int
+LANGUAGE sql STABLE
+-- Runners still starting hold no slot yet, but are named after their batch already.
+RETURN (SELECT count(*)::int FROM pg_stat_activity a
+         WHERE CASE WHEN p_parent IS NULL
+                    THEN a.application_name LIKE 'pgbg:%-%' AND pg_has_role(a.usesysid, 'pgbg_user', 'MEMBER')
+                    ELSE a.application_name = 'pgbg:' || p_parent AND a.usename = current_user
+                         AND a.backend_type = 'pg_background' END
+           AND a.datname = current_database());
+COMMENT ON FUNCTION @schema@._runners_of(uuid) IS
+    'pg_background runners of the caller''s batch p_parent (NULL: of every batch of the database), as '
+    'only runners can show themselves (see _is_runner()).';
+
+CREATE FUNCTION @schema@._runners_wanted(p_parents uuid[])
+RETURNS TABLE (uuid_parent uuid, wanted int)
+LANGUAGE sql STABLE
+AS $fn$
+    -- Only the caller's own batches: a runner runs as the role that starts it, and children must run
+    -- as the role that submitted them.
+    SELECT bt.uuid_parent, least(n.queued, bt.max_parallel - @schema@._runners_of(bt.uuid_parent))::int
+      FROM @schema@.batch bt
+     CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
+     WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+       AND (p_parents IS NULL OR bt.uuid_parent = ANY (p_parents))
+       AND n.queued > 0
+     ORDER BY bt.created_at
+$fn$;
+COMMENT ON FUNCTION @schema@._runners_wanted(uuid[]) IS
+    'For each of the caller''s batches with queued children, how many more pg_background runners it could use.';
+
+CREATE FUNCTION @schema@._start_runners(p_parents uuid[])
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     b record;
-    r record;
-    v_touched uuid[];
-    v_free_global int;
+    v_free int := @schema@._global_cap() - @schema@._runners_of(NULL);
     v_want int;
     v_started int;
+BEGIN
+    FOR b IN SELECT * FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0 LOOP
+        EXIT WHEN v_free <= 0;
+        v_want := least(b.wanted, v_free);
+        v_started := @schema@._launch_runners(b.uuid_parent, v_want);
+        v_free := v_free - v_started;
+        EXIT WHEN v_started < v_want;  -- the server has no worker slot free
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._start_runners(uuid[]) IS
+    'Starts pg_background runners for the caller''s batches (every one when p_parents is NULL) where their '
+    'caps and the global cap leave room.';
+
+CREATE FUNCTION @schema@._housekeep(p_parents uuid[])
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
 BEGIN
     -- pg_stat_activity is otherwise frozen for the rest of the transaction.
     PERFORM pg_stat_clear_snapshot();
@@ -1566,109 +1942,18 @@ BEGIN
         -- Ordered against a runner job that is deciding to unschedule itself (_cron_runner()).
         PERFORM pg_advisory_xact_lock_shared(@schema@._role_key());
     END IF;
-
-    -- A running child whose runner is gone (same pid with the same backend_start) has no one left
-    -- to record its outcome. Rows locked by someone else are left to that someone.
-    FOR r IN
-        WITH gone AS (
-            SELECT x.id FROM @schema@.log_background x
-             WHERE x.status = 'running'
-               AND (p_parents IS NULL OR x.uuid_parent = ANY (p_parents))
-               AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                                WHERE a.pid = x.pid AND (a.backend_start = x.backend_start OR a.backend_start IS NULL))
-               FOR UPDATE OF x SKIP LOCKED),
-        settled AS (
-            UPDATE @schema@.log_background c
-               SET status = CASE WHEN c.stop_requested AND c.requeue_on_stop THEN 'queued'
-                                 WHEN c.stop_requested THEN 'stopped'
-                                 WHEN bt.retry_lost AND c.failures < bt.retries THEN 'queued'
-                                 ELSE 'lost' END::@schema@.child_status,
-                   end_time_exec = clock_timestamp(),
-                   error = CASE WHEN c.stop_requested AND c.requeue_on_stop
-                                THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
-                                WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
-                                ELSE 'worker process ended without recording an outcome '
-                                     '(terminated, crashed or server restarted)' END,
-                   failures = c.failures + (NOT c.stop_requested)::int,
-                   not_before = CASE WHEN NOT c.stop_requested AND bt.retry_lost AND c.failures < bt.retries
-                                     THEN @schema@._retry_at(bt.retry_delay, bt.retry_backoff, c.failures) END,
-                   errors = CASE WHEN c.stop_requested THEN c.errors
-                                 ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
-                                     c.attempt, 'lost', NULL, 'worker process ended without recording an outcome') END
-              FROM gone, @schema@.batch bt
-             WHERE c.id = gone.id AND bt.uuid_parent = c.uuid_parent
-            RETURNING c.uuid_parent, c.role_name, c.status)
-        SELECT s.uuid_parent, s.role_name, count(*) AS n, count(*) FILTER (WHERE s.status = 'queued') AS queued,
-               count(*) FILTER (WHERE s.status = 'stopped') AS stopped, count(*) FILTER (WHERE s.status = 'lost') AS lost
-          FROM settled s GROUP BY s.uuid_parent, s.role_name
-    LOOP
-        PERFORM @schema@._count(r.uuid_parent, r.role_name, -pg_backend_pid(), r.queued, -r.n, 0, 0, r.stopped, r.lost,
-                                NULL, clock_timestamp());
-        v_touched := v_touched || r.uuid_parent;
-    END LOOP;
-    IF v_touched IS NOT NULL THEN
-        PERFORM @schema@._notify_if_ended(v_touched);
-    END IF;
-
-    -- Start runners where slots are free. Only for the caller's own batches: a runner runs as the
-    -- role that starts it, and children must run as the role that submitted them.
+    PERFORM @schema@._settle_orphans(p_parents);
     IF @schema@._launcher() = 'pg_cron' THEN
-        -- A child's job whose runner is gone (its child settled above) must not run again.
-        PERFORM cron.unschedule(j.jobid) FROM cron.job j
-         WHERE starts_with(j.jobname, 'pgbg_child:')
-           AND NOT EXISTS (SELECT 1 FROM @schema@.log_background c
-                            WHERE c.uuid_child::text = substr(j.jobname, 12) AND c.status = 'running');
-        -- Runner jobs pick any batch of their role: as many as its batches can use, up to the cap.
-        PERFORM @schema@._cron_ensure_runners((
-            SELECT least(@schema@._global_cap(), coalesce(sum(least(n.queued + n.running, bt.max_parallel)), 0))::int
-              FROM @schema@.batch bt
-             CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
-             WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL AND n.queued > 0));
-        RETURN;
+        PERFORM @schema@._cron_schedule_runners();
+    ELSE
+        PERFORM @schema@._start_runners(p_parents);
     END IF;
-    -- Runners still starting up hold no lock yet but already carry their batch's name, so both are
-    -- counted.
-    v_free_global := @schema@._global_cap()
-        - greatest(@schema@._slots_held(@schema@._global_lock_key()),
-                   (SELECT count(*)::int FROM pg_stat_activity
-                     WHERE application_name LIKE 'pgbg:%-%' AND datname = current_database()));
-    IF v_free_global <= 0 THEN
-        RETURN;
-    END IF;
-    FOR b IN
-        WITH held AS (
-            SELECT l.classid::bigint AS key, count(*)::int AS n FROM pg_locks l
-             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-             GROUP BY l.classid),
-        named AS (
-            SELECT a.application_name, count(*)::int AS n FROM pg_stat_activity a
-             WHERE a.application_name LIKE 'pgbg:%-%' AND a.datname = current_database()
-             GROUP BY a.application_name)
-        SELECT bt.uuid_parent, bt.max_parallel, bt.enqueue_xid, n.queued,
-               greatest(coalesce(h.n, 0), coalesce(nm.n, 0)) AS active
-          FROM @schema@.batch bt
-          CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
-          LEFT JOIN held h ON h.key = @schema@._batch_lock_key(bt.uuid_parent)
-          LEFT JOIN named nm ON nm.application_name = 'pgbg:' || bt.uuid_parent
-         WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-           AND (p_parents IS NULL OR bt.uuid_parent = ANY (p_parents))
-           AND n.queued > 0
-         ORDER BY bt.created_at
-    LOOP
-        v_want := least(b.queued, b.max_parallel - b.active, v_free_global)::int;
-        CONTINUE WHEN v_want <= 0;
-        v_started := @schema@._launch_runners(b.uuid_parent, b.enqueue_xid, v_want);
-        v_free_global := v_free_global - v_started;
-        EXIT WHEN v_started < v_want OR v_free_global <= 0;
-    END LOOP;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._housekeep(uuid[]) IS
-    'Settles children of dead workers (lost, or queued again when the batch retries lost children) and '
-    'starts runners for the caller''s batches where slots are free (pg_cron: schedules runner jobs); every '
-    'batch when p_parents is NULL. Run by every poll, monitor, wait and launch call, so polling is enough '
-    'to drive a batch.';
+    'Settles children of runners that died (see _settle_orphans()) and starts runners for the caller''s '
+    'batches where slots are free (pg_cron: schedules runner jobs); every batch when p_parents is NULL. The '
+    'runners begin once the calling transaction has ended.';
 
 CREATE FUNCTION @schema@._housekeep(p_parent uuid DEFAULT NULL)
 RETURNS void
@@ -1678,9 +1963,52 @@ BEGIN
     PERFORM @schema@._housekeep(CASE WHEN p_parent IS NOT NULL THEN ARRAY[p_parent] END);
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._housekeep(uuid) IS
-    'Marks children of dead workers lost and starts runners for the caller''s batches where slots are '
-    'free. Run by every monitor, wait and launch call, so polling is enough to drive a batch.';
+COMMENT ON FUNCTION @schema@._housekeep(uuid) IS '_housekeep() of one batch, or of every batch when NULL.';
+
+CREATE FUNCTION @schema@._housekeeping_due(p_parents uuid[])
+RETURNS boolean
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM pg_stat_clear_snapshot();
+    RETURN EXISTS (SELECT 1 FROM @schema@._orphans(p_parents) o WHERE NOT (@schema@._orphan_outcome(o)).running)
+        OR (@schema@._global_cap() > @schema@._runners_of(NULL)
+            AND EXISTS (SELECT 1 FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0));
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._housekeeping_due(uuid[]) IS
+    'Whether _housekeep() has anything to do for these batches (pg_background).';
+
+CREATE FUNCTION @schema@._housekeep_apart(p_parents uuid[])
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_pid int;
+    v_cookie bigint;
+BEGIN
+    -- For a caller that stays in its transaction (a wait): what housekeeping writes, and the runners it
+    -- starts for it, must not wait for that transaction to end. Done by a worker of its own, in a
+    -- transaction that commits at once, and only when there is something to do. Under pg_cron the
+    -- runner jobs settle their role's orphans and stay scheduled while work is queued.
+    IF @schema@._launcher() <> 'pg_background' THEN
+        RETURN;
+    ELSIF NOT @schema@._housekeeping_due(p_parents) THEN
+        RETURN;
+    END IF;
+    BEGIN
+        SELECT h.pid, h.cookie INTO v_pid, v_cookie
+          FROM @pgbg_ext@.pg_background_launch_v2(format('SELECT @schema@._housekeep(%L::uuid[])', p_parents)) h;
+    EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
+        RETURN;  -- no worker slot right now: the next round tries again
+    END;
+    PERFORM @pgbg_ext@.pg_background_wait_v2(v_pid, v_cookie);
+    PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._housekeep_apart(uuid[]) IS
+    '_housekeep() in a transaction of its own (a pg_background worker), when it has anything to do: for '
+    'callers that wait in one long statement.';
 
 -- Heartbeats: how a waiter without a session of its own shows it is alive.
 --
@@ -1845,7 +2173,7 @@ BEGIN
         -- Early, for the common case; the runner checks again against its own session's default.
         PERFORM @schema@._cron_refuse_search_path(q, p_search_path)
            FROM unnest(p_querys) q
-          WHERE @schema@._cron_job_command(q, p_search_path) IS NULL
+          WHERE @schema@._cron_job_command(q, NULL, p_search_path) IS NULL
           LIMIT 1;
     END IF;
     INSERT INTO @schema@.batch (uuid_parent, label, user_name, ip_client, max_parallel, search_path,
@@ -1917,14 +2245,14 @@ BEGIN
         RAISE EXCEPTION 'p_monitor => true needs the pg_background launcher'
             USING ERRCODE = 'feature_not_supported',
                   DETAIL = 'Its wait keeps this transaction open, and pg_cron can start the batch only once it is committed.',
-                  HINT = 'Launch with p_monitor => false, then SELECT pgbg.pg_background_wait(...) in a statement of its own.';
+                  HINT = 'Launch with p_monitor => false, then SELECT @schema@.pg_background_wait(...) in a statement of its own.';
     END IF;
-    IF EXISTS (SELECT 1 FROM unnest(v_querys) AS q WHERE q ~* '\mCONCURRENTLY\M') THEN
+    IF EXISTS (SELECT 1 FROM unnest(v_querys) AS q WHERE @schema@._waits_for_older_snapshots(q)) THEN
         RAISE EXCEPTION 'p_monitor => true cannot wait for a batch with CONCURRENTLY statements'
             USING ERRCODE = 'feature_not_supported',
                   DETAIL = 'They wait for every older snapshot, including that of the waiting statement.',
-                  HINT = 'Launch with p_monitor => false, then poll pg_background_monitor() or pg_background_wait() '
-                         'from short statements.';
+                  HINT = 'Launch with p_monitor => false, then CALL @schema@.pg_background_await(...) outside a '
+                         'transaction block, or poll pg_background_poll() from short statements.';
     END IF;
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'p_monitor => true waits for other transactions and needs READ COMMITTED, not %',
@@ -2021,7 +2349,7 @@ BEGIN
     -- triggerers) must not both launch.
     PERFORM pg_advisory_xact_lock(hashtext('@schema@/origin/' || p_origin));
 
-    SELECT b.uuid_parent, b.claimed_by, b.claimed_at, b.requeue_on_takeover INTO v_prev
+    SELECT b.uuid_parent, b.claimed_by, b.claimed_at, b.requeue_on_takeover, b.outcome_taken_by INTO v_prev
       FROM @schema@.batch b
      WHERE b.origin = p_origin AND b.role_name = current_user
      ORDER BY b.created_at DESC
@@ -2037,12 +2365,17 @@ BEGIN
        AND (SELECT array_agg(c.query ORDER BY c.seq) FROM @schema@.log_background c
              WHERE c.uuid_parent = v_prev.uuid_parent) = v_querys THEN
         v_status := @schema@.batch_status(v_prev.uuid_parent);
-        IF v_status IS DISTINCT FROM 'done' THEN
-            IF NOT p_takeover AND @schema@.pg_background_watched(v_prev.uuid_parent, p_claimed_by) THEN
+        -- Only a batch whose success a try took (its task completed: this try is a clear) is run again.
+        -- A success nobody took belongs to a try that died before it could: this try takes it.
+        IF v_status IS DISTINCT FROM 'done' OR v_prev.outcome_taken_by IS NULL THEN
+            -- An earlier try's trigger that still waits would stop what this try resumes: let it go
+            -- first. A success is only taken, never stopped.
+            IF v_status IS DISTINCT FROM 'done' AND NOT p_takeover
+               AND @schema@.pg_background_watched(v_prev.uuid_parent, p_claimed_by) THEN
                 RETURN QUERY SELECT v_prev.uuid_parent, 'waiting'::text, v_prev.claimed_at, v_prev.claimed_by;
                 RETURN;
             END IF;
-            -- An earlier try's batch that did not succeed: this try owns it from now on.
+            -- An earlier try's batch that this try finishes: it owns it from now on.
             UPDATE @schema@.batch b
                SET claimed_by = p_claimed_by, claimed_at = clock_timestamp(),
                    requeue_on_takeover = coalesce(p_requeue_on_takeover, false)
@@ -2055,6 +2388,8 @@ BEGIN
             IF v_status IN ('running', 'queued') THEN
                 PERFORM @schema@._housekeep(ARRAY[v_prev.uuid_parent]);
                 RETURN QUERY SELECT v_prev.uuid_parent, 'reconnected'::text, clock_timestamp(), v_prev.claimed_by;
+            ELSIF v_status = 'done' THEN
+                RETURN QUERY SELECT v_prev.uuid_parent, 'finished'::text, clock_timestamp(), v_prev.claimed_by;
             ELSE
                 PERFORM @schema@.pg_background_retry(v_prev.uuid_parent, 'resumed by ' || p_claimed_by);
                 RETURN QUERY SELECT v_prev.uuid_parent, 'resumed'::text, clock_timestamp(), v_prev.claimed_by;
@@ -2075,11 +2410,13 @@ COMMENT ON FUNCTION @schema@.pg_background_submit(text[], text, text, boolean, b
                                                   int, interval, float8, boolean) IS
     'Idempotent submit for a waiter identified by p_origin (what asks, e.g. an Airflow task instance) and '
     'p_claimed_by (which attempt, e.g. its try). Returns the batch and what happened: attached (this claim '
-    'already holds the latest batch of p_origin), waiting (that batch did not succeed and another claim''s '
+    'already holds the latest batch of p_origin), waiting (that batch has not succeeded and another claim''s '
     'waiter still watches it; call again, or with p_takeover), reconnected (still running, now claimed; '
-    'if its holder had p_requeue_on_takeover, running children were stopped and queued again), resumed '
-    '(ended without success: failed, lost and stopped children queued again, done ones kept) or launched '
-    '(a new batch; also when the latest one succeeded or holds other statements).';
+    'if its holder had p_requeue_on_takeover, running children were stopped and queued again), finished '
+    '(it succeeded and no claim took that outcome with pg_background_take_outcome(): now claimed, nothing '
+    'runs again), resumed (ended without success: failed, lost and stopped children queued again, done '
+    'ones kept) or launched (a new batch: the latest one''s success was taken by another claim, whose task '
+    'completed, or it holds other statements).';
 
 -- Watching, polling and waiting.
 
@@ -2151,73 +2488,140 @@ COMMENT ON FUNCTION @schema@.pg_background_poll_many(uuid[]) IS
     'A watcher''s round trip for many batches: the housekeeping of those batches, then their rows of '
     'the batches view. Batches the caller cannot see, or that do not exist, have no row.';
 
+CREATE FUNCTION @schema@._holds_back(p_parent uuid)
+RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM @schema@.log_background x
+                WHERE x.uuid_parent = p_parent AND x.status IN ('queued', 'running') AND x.run_mode = 'worker'
+                  AND @schema@._waits_for_older_snapshots(x.query));
+COMMENT ON FUNCTION @schema@._holds_back(uuid) IS
+    'Whether a child of the batch still to run waits for every older snapshot: a statement that waits for '
+    'the batch would hold it back.';
+
+CREATE FUNCTION @schema@._await_end(p_parent uuid, p_deadline timestamptz, p_apart boolean)
+RETURNS @schema@.child_status
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_status @schema@.child_status;
+    v_nap float8 := 0.005;
+BEGIN
+    LOOP
+        IF p_apart THEN
+            PERFORM @schema@._housekeep_apart(ARRAY[p_parent]);
+        END IF;
+        v_status := @schema@.batch_status(p_parent);
+        EXIT WHEN v_status IS NULL OR v_status NOT IN ('queued', 'running') OR clock_timestamp() >= p_deadline;
+        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM p_deadline - clock_timestamp()), 0.001)));
+        v_nap := least(v_nap * 2, 0.2);
+    END LOOP;
+    RETURN v_status;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._await_end(uuid, timestamptz, boolean) IS
+    'Waits in the calling statement until the batch has ended or p_deadline (NULL: no limit) has passed; '
+    'its status then. p_apart: housekeeping in transactions of its own meanwhile.';
+
 CREATE FUNCTION @schema@.pg_background_poll(uuid_father uuid, p_wait interval DEFAULT NULL)
 RETURNS SETOF @schema@.batches
 LANGUAGE plpgsql
 AS $fn$
-DECLARE
-    v_deadline timestamptz := clock_timestamp() + coalesce(p_wait, interval '0');
-    v_nap float8 := 0.005;
-    v_status @schema@.child_status;
 BEGIN
-    -- Waiting here (rather than sleeping in the poller) notices the end within milliseconds; each
-    -- call is still one short statement, so CREATE INDEX CONCURRENTLY waits at most p_wait for it.
-    LOOP
+    -- Waiting here (rather than sleeping in the poller) notices the end within milliseconds. A batch
+    -- that a waiting statement would hold back (see _holds_back()) is not waited for: its poller
+    -- waits between calls.
+    IF coalesce(p_wait, interval '0') <= interval '0' OR @schema@._holds_back(uuid_father) THEN
         PERFORM @schema@._housekeep(ARRAY[uuid_father]);
-        v_status := @schema@.batch_status(uuid_father);
-        EXIT WHEN clock_timestamp() >= v_deadline OR v_status IS NULL OR v_status NOT IN ('running', 'queued');
-        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0)));
-        v_nap := least(v_nap * 2, 0.1);
-    END LOOP;
+    ELSE
+        PERFORM @schema@._await_end(uuid_father, clock_timestamp() + p_wait, true);
+    END IF;
     RETURN QUERY SELECT * FROM @schema@.batches WHERE uuid_parent = uuid_father;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@.pg_background_poll(uuid, interval) IS
     'What a poller needs in one round trip: the housekeeping of pg_background_monitor() and the batch''s '
     'row of the batches view (status and counts), without the child rows; with p_wait, first waits up to '
-    'that long for the batch to end. No row for an unknown batch.';
+    'that long for the batch to end, unless a child still to run waits for every older snapshot (CREATE '
+    'INDEX, REINDEX or DETACH PARTITION CONCURRENTLY), which the wait would hold back: then the poller '
+    'waits between calls. No row for an unknown batch.';
+
+CREATE FUNCTION @schema@._wait_checks(p_parent uuid, p_form text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM @schema@.batch WHERE uuid_parent = p_parent) THEN
+        RAISE EXCEPTION 'no batch with uuid %', p_parent USING ERRCODE = 'no_data_found',
+            HINT = 'A role sees only its own batches.';
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '%() needs READ COMMITTED, not %', p_form, current_setting('transaction_isolation')
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._wait_checks(uuid, text) IS 'What a wait refuses before it starts.';
 
 CREATE FUNCTION @schema@.pg_background_wait(uuid_father uuid, p_timeout interval DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    v_deadline timestamptz := clock_timestamp() + p_timeout;
     v_status @schema@.child_status;
-    v_nap float8 := 0.005;
-    -- pg_cron's runner jobs settle lost children and stay scheduled while work is queued, with no
-    -- help. Housekeeping from this one long statement would hold its row and advisory locks until
-    -- the wait ends, and keep them from doing so.
-    v_housekeep boolean := @schema@._launcher() = 'pg_background';
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM @schema@.batch WHERE uuid_parent = uuid_father) THEN
-        RAISE EXCEPTION 'no batch with uuid %', uuid_father USING ERRCODE = 'no_data_found',
-            HINT = 'A role sees only its own batches.';
+    PERFORM @schema@._wait_checks(uuid_father, 'pg_background_wait');
+    IF @schema@._holds_back(uuid_father) THEN
+        RAISE EXCEPTION 'pg_background_wait() would hold back batch %: a statement of it waits for every older snapshot',
+            uuid_father
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'CREATE INDEX, REINDEX and DETACH PARTITION CONCURRENTLY wait for every older snapshot, '
+                           'including that of the statement waiting for them.',
+                  HINT = format('Outside a transaction block, CALL %s.pg_background_await(%L, %L, NULL) waits '
+                                'without holding one; or poll %s.pg_background_poll() from short statements.',
+                                '@schema@', uuid_father, p_timeout, '@schema@');
     END IF;
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'pg_background_wait() needs READ COMMITTED, not %',
-            current_setting('transaction_isolation') USING ERRCODE = 'feature_not_supported';
-    END IF;
-    LOOP
-        IF v_housekeep THEN
-            PERFORM @schema@._housekeep(ARRAY[uuid_father]);
-        END IF;
-        v_status := @schema@.batch_status(uuid_father);
-        IF v_status NOT IN ('queued', 'running') THEN
-            RETURN v_status::text;
-        END IF;
-        IF clock_timestamp() >= v_deadline THEN
-            RETURN NULL;
-        END IF;
-        PERFORM pg_sleep(CASE WHEN v_deadline IS NULL THEN v_nap
-                              ELSE least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0.001)) END);
-        v_nap := least(v_nap * 2, 0.2);
-    END LOOP;
+    -- Housekeeping apart: runners started from this statement's transaction would wait for its end.
+    v_status := @schema@._await_end(uuid_father, clock_timestamp() + p_timeout, true);
+    RETURN CASE WHEN v_status NOT IN ('queued', 'running') THEN v_status::text END;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@.pg_background_wait(uuid, interval) IS
     'Waits until every child of the batch has ended and returns the batch status (done, failed, lost, '
-    'stopped); NULL when p_timeout passes first. The batch keeps running either way.';
+    'stopped); NULL when p_timeout passes first. The batch keeps running either way. Refuses a batch it '
+    'would hold back (see pg_background_await()).';
+
+CREATE PROCEDURE @schema@.pg_background_await(uuid_father uuid, p_timeout interval DEFAULT NULL,
+                                              INOUT status text DEFAULT NULL)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_deadline timestamptz := clock_timestamp() + p_timeout;
+    v_nap float8 := 0.005;
+BEGIN
+    PERFORM @schema@._wait_checks(uuid_father, 'pg_background_await');
+    -- Each check is a transaction of its own: no snapshot is held in between, so statements of the batch
+    -- that wait for every older snapshot do not wait for this one. (In a transaction block, the first
+    -- COMMIT raises "invalid transaction termination".)
+    LOOP
+        PERFORM @schema@._housekeep(ARRAY[uuid_father]);
+        status := @schema@.batch_status(uuid_father);
+        COMMIT;
+        IF status NOT IN ('queued', 'running') THEN
+            RETURN;
+        ELSIF clock_timestamp() >= v_deadline THEN
+            status := NULL;
+            RETURN;
+        END IF;
+        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0.001)));
+        COMMIT;
+        v_nap := least(v_nap * 2, 0.2);
+    END LOOP;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@.pg_background_await(uuid, interval, text) IS
+    'pg_background_wait() as a procedure that commits between its checks (CALL it outside a transaction '
+    'block): it holds no snapshot while it waits, so it never holds back a batch''s CREATE INDEX, REINDEX or '
+    'DETACH PARTITION CONCURRENTLY. status: done, failed, lost, stopped, or NULL when p_timeout passed first.';
 
 CREATE FUNCTION @schema@.pg_background_monitor(uuid_father uuid DEFAULT NULL, p_show_verbose boolean DEFAULT true)
 RETURNS SETOF @schema@.monitor_row
@@ -2435,14 +2839,16 @@ BEGIN
             USING ERRCODE = 'no_data_found', HINT = 'Children run as the role that submitted them; only it can retry.';
     END IF;
     -- New runners wait for this transaction, as for the one that queued the batch.
-    UPDATE @schema@.batch SET stop_requested_at = NULL, stop_requested_by = NULL, enqueue_xid = pg_current_xact_id()
+    -- What runs again has an outcome of its own, for the next claim to take.
+    UPDATE @schema@.batch SET stop_requested_at = NULL, stop_requested_by = NULL, enqueue_xid = pg_current_xact_id(),
+                              outcome_taken_by = NULL, outcome_taken_at = NULL
      WHERE uuid_parent = uuid_father;
     -- done children stay done: a retry runs only what did not succeed. Earlier attempts stay in errors.
     WITH r AS (
         UPDATE @schema@.log_background c
            SET status = 'queued', pid = NULL, backend_start = NULL, result = NULL,
                start_time_exec = NULL, end_time_exec = NULL, stop_requested = false, requeue_on_stop = false,
-               not_before = NULL, failures = 0, stopped_by = NULL,
+               not_before = NULL, failures = 0, interruptions = 0, stopped_by = NULL,
                sqlstate = NULL, error = NULL, error_detail = NULL, error_hint = NULL, error_context = NULL
           FROM (SELECT id, status AS was FROM @schema@.log_background
                  WHERE uuid_parent = uuid_father AND status IN ('failed', 'lost', 'stopped') FOR UPDATE) p
@@ -2533,6 +2939,28 @@ COMMENT ON FUNCTION @schema@.pg_background_summary(uuid, int, int) IS
     'The outcome of a batch as JSON: status, counts, wall time, its first p_rows children and its first '
     'p_problems failed, lost or stopped ones (texts cut to 500 characters), so its size does not grow with '
     'the batch. NULL for a batch the caller cannot see.';
+
+CREATE FUNCTION @schema@.pg_background_take_outcome(uuid_father uuid, p_claimed_by text, p_rows int DEFAULT 20,
+                                                    p_problems int DEFAULT 5)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    -- Only the claim that holds an ended batch takes its outcome: a late call of an earlier try
+    -- (a zombie worker) records nothing.
+    UPDATE @schema@.batch b
+       SET outcome_taken_by = p_claimed_by, outcome_taken_at = clock_timestamp()
+     WHERE b.uuid_parent = uuid_father AND b.claimed_by = p_claimed_by
+       AND b.outcome_taken_by IS DISTINCT FROM p_claimed_by
+       AND @schema@.batch_status(uuid_father) NOT IN ('queued', 'running');
+    RETURN @schema@.pg_background_summary(uuid_father, p_rows, p_problems);
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_take_outcome(uuid, text, int, int) IS
+    'pg_background_summary() of an ended batch, recording that p_claimed_by took its outcome: what a waiter '
+    'calls as it ends its task. pg_background_submit() launches a succeeded batch anew only once a claim '
+    'took its success (the task completed); a success nobody took (its waiter died first) is taken by the '
+    'next claim instead.';
 
 CREATE FUNCTION @schema@.pg_background_summaries(uuid_fathers uuid[], p_rows int DEFAULT 20, p_problems int DEFAULT 5)
 RETURNS TABLE (uuid_parent uuid, summary jsonb)
@@ -2784,7 +3212,9 @@ GRANT UPDATE (status, pid, backend_start, result, start_time_exec, end_time_exec
 GRANT USAGE ON SEQUENCE @schema@.log_background_id_seq TO pgbg_user;
 GRANT UPDATE ON @schema@.settings TO pgbg_admin;
 GRANT SELECT, INSERT, UPDATE ON @schema@.batch_progress TO pgbg_user;
-GRANT UPDATE (claimed_at, requeue_on_takeover, stop_requested_by, notes) ON @schema@.batch TO pgbg_user;
-GRANT UPDATE (not_before, failures, errors, requeue_on_stop, stopped_by) ON @schema@.log_background TO pgbg_user;
+GRANT UPDATE (claimed_at, requeue_on_takeover, stop_requested_by, notes, outcome_taken_by, outcome_taken_at)
+    ON @schema@.batch TO pgbg_user;
+GRANT UPDATE (not_before, failures, errors, requeue_on_stop, stopped_by, interruptions)
+    ON @schema@.log_background TO pgbg_user;
 GRANT SELECT, INSERT, DELETE, UPDATE (alive_until) ON @schema@.waiter TO pgbg_user;
 GRANT SELECT, INSERT, DELETE ON @schema@.waiter_watch TO pgbg_user;

@@ -173,11 +173,18 @@ class PgBackgroundBatchTrigger(BaseTrigger):
             summary = end.summary
             if summary is None:
                 raise _TaskFails(f"batch {self.uuid_parent} is no longer in the database")
+            if self._ends_task(succeeded(summary)) and self.claim is not None:
+                # Taking the outcome is what ends this try's wait in the engine; a worker that resumes
+                # the task takes it there instead. A restart of the triggerer before the event is
+                # handled runs this trigger again, with the same claim.
+                summary = await self._take_outcome(self.uuid_parent, self.claim) or summary
             self.log.info(summary_line(summary))
             if not succeeded(summary):
                 raise _TaskFails(failure_message(summary))
             if self.resume_on_success:
-                event: TriggerEvent = TriggerEvent({"uuid_parent": self.uuid_parent, "status": "success"})
+                event: TriggerEvent = TriggerEvent(
+                    {"uuid_parent": self.uuid_parent, "status": "success", "claim": self.claim}
+                )
             else:
                 event = TaskSuccessEvent(xcoms={"return_value": summary, **self._batch_xcom()})
         except asyncio.CancelledError:
@@ -188,9 +195,21 @@ class PgBackgroundBatchTrigger(BaseTrigger):
             event = self._failure(f"batch {self.uuid_parent or '(not launched)'}: {describe(exc)}")
         yield event
 
+    def _ends_task(self, success: bool) -> bool:
+        """Whether this trigger ends its task itself (else a worker resumes it)."""
+        if success:
+            return not self.resume_on_success
+        return TASK_FAILED_EVENT_RETRIES and not self.resume_on_failure
+
+    async def _take_outcome(self, uuid_parent: str, claim: str) -> dict[str, Any] | None:
+        hook = self._hook()
+        return await self._call(
+            partial(hook.atake_outcome, uuid_parent=uuid_parent, claimed_by=claim, rows=self.max_result_rows)
+        )
+
     def _failure(self, message: str, *, timeout_stopped: int | None = None) -> TriggerEvent:
         self.log.error("%s", message)
-        if TASK_FAILED_EVENT_RETRIES and not self.resume_on_failure:
+        if self._ends_task(False):
             return TaskFailedEvent(xcoms=self._batch_xcom())
         # Airflow < 3.3 would fail a TaskFailedEvent for good: resume on a worker, which raises, so
         # the task's retries and failure callbacks apply (and the OpenLineage listener sees the end).

@@ -70,8 +70,8 @@ def run_dag(pgbg_conn: str, scratch: str) -> Callable[..., Any]:
     """Runs one of the test DAGs with dag.test(); the scratch schema is passed as run conf."""
     dags = _load_dags()
 
-    def run(name: str, **kwargs: Any) -> Any:
-        return getattr(dags, name).test(run_conf={"schema": scratch}, **kwargs)
+    def run(name: str, conf: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+        return getattr(dags, name).test(run_conf={"schema": scratch, **(conf or {})}, **kwargs)
 
     return run
 
@@ -93,3 +93,30 @@ def dag_test_command(name: str, scratch: str) -> list[str]:
 def marks(user: psycopg.Connection, scratch: str) -> Callable[[], list[int]]:
     user.execute(f"CREATE TABLE {scratch}.marks (n int)")
     return lambda: [r[0] for r in user.execute(f"SELECT n FROM {scratch}.marks ORDER BY n").fetchall()]
+
+
+@pytest.fixture
+def stored_connection(pgbg_conn: str) -> str:
+    """The API server finds the connection where a deployment keeps it: in the metadata database."""
+    store_connection("pgbg_test", os.environ["AIRFLOW_CONN_PGBG_TEST"])
+    return pgbg_conn
+
+
+def store_connection(conn_id: str, uri: str) -> None:
+    from airflow.models import Connection
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.query(Connection).filter(Connection.conn_id == conn_id).delete()
+        session.add(Connection(conn_id=conn_id, uri=uri))
+
+
+@pytest.fixture
+def finished_run(
+    run_dag: Callable[..., Any], user: psycopg.Connection, scratch: str, stored_connection: str
+) -> dict[str, Any]:
+    """A DAG run whose batch has done, failed and hostile-looking children."""
+    user.execute(f"CREATE TABLE {scratch}.marks (n int)")
+    dr = run_dag("ui_batch")
+    (ti,) = dr.get_task_instances()
+    return {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id, "state": ti.state}

@@ -157,9 +157,9 @@ def test_a_server_restart_mid_batch_is_waited_out(fleet: str, fleet_user: psycop
         rows = monitor(conn, parent)
         assert statuses(rows) == ["done"] * 4
         assert sorted(r[0] for r in conn.execute("SELECT n FROM restart_marks").fetchall()) == [0, 1, 2, 3]
-        # The two children running at the restart were lost with their runners and ran again.
+        # The two children running at the restart rolled back with their runners and ran again.
         assert sorted(r["attempt"] for r in rows) == [1, 1, 2, 2]
-        assert [e["status"] for r in rows for e in (r["errors"] or [])] == ["lost", "lost"]
+        assert [e["status"] for r in rows for e in (r["errors"] or [])] == ["interrupted", "interrupted"]
 
 
 def test_a_kill_during_an_outage_reaches_the_batch(fleet: str, fleet_user: psycopg.Connection) -> None:

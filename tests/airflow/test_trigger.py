@@ -80,7 +80,7 @@ def test_a_task_with_a_success_callback_ends_on_a_worker(pgbg_conn: str, user: p
     # ends the task from the triggerer, whose failure callbacks Airflow runs.
     event = asyncio.run(first_event())
     assert not isinstance(event, TaskSuccessEvent)
-    assert event.payload == {"uuid_parent": parent, "status": "success"}
+    assert event.payload == {"uuid_parent": parent, "status": "success", "claim": None}
 
 
 def not_stopped(user: psycopg.Connection, parent: str) -> bool:

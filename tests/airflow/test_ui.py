@@ -7,12 +7,10 @@ import io
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
+from html import unescape
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,101 +20,27 @@ import psycopg
 import pytest
 
 from airflow_pgbg.links.batch import batch_page_path
+from tests.airflow.apiserver import ApiServer, chromium
+from tests.airflow.apiserver import api_server as running_api_server
+from tests.airflow.apiserver import console_state as _state
+from tests.airflow.apiserver import page_url as _page
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ApiServer:
-    def __init__(self, url: str, password: str, viewer_password: str) -> None:
-        self.url = url
-        self.password = password
-        self.viewer_password = viewer_password
-
-    def token(self, username: str = "admin") -> str:
-        password = self.password if username == "admin" else self.viewer_password
-        r = httpx.post(f"{self.url}/auth/token", json={"username": username, "password": password})
-        r.raise_for_status()
-        return r.json()["access_token"]
-
-    def auth(self, username: str = "admin") -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token(username)}"}
+PAGE_BOUND_SECONDS = 2.0
+"""The first page of a 10,000-child batch with 64 KB previews, through the API server."""
 
 
 @pytest.fixture(scope="module")
 def api_server(airflow_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
     """A real API server on the tests' Airflow home, with an admin and a read-only user ("viewer")."""
     out = tmp_path_factory.mktemp("api-server")
-    password, viewer_password = secrets.token_urlsafe(12), secrets.token_urlsafe(12)
-    passwords = out / "passwords.json"
-    passwords.write_text(json.dumps({"admin": password, "viewer": viewer_password}))
-    port = _free_port()
+    passwords = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
+    (out / "passwords.json").write_text(json.dumps(passwords))
     env = {
-        **os.environ,
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(out / "passwords.json"),
     }
-    log = open(out / "api-server.log", "w")  # noqa: SIM115 - the server writes to it for as long as it runs
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/api/v2/monitor/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"api-server did not start:\n{(out / 'api-server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield ApiServer(url, password, viewer_password)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-@pytest.fixture
-def stored_connection(pgbg_conn: str) -> str:
-    """The API server finds the connection where a deployment keeps it: in the metadata database."""
-    from airflow.models import Connection
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        session.query(Connection).filter(Connection.conn_id == "pgbg_test").delete()
-        session.add(Connection(conn_id="pgbg_test", uri=os.environ["AIRFLOW_CONN_PGBG_TEST"]))
-    return pgbg_conn
-
-
-@pytest.fixture
-def finished_run(
-    run_dag: Callable[..., Any], user: psycopg.Connection, scratch: str, stored_connection: str
-) -> dict[str, Any]:
-    """A DAG run whose batch has done, failed and hostile-looking children."""
-    user.execute(f"CREATE TABLE {scratch}.marks (n int)")
-    dr = run_dag("ui_batch")
-    (ti,) = dr.get_task_instances()
-    return {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id, "state": ti.state}
-
-
-def _page(server: ApiServer, run: dict[str, Any], suffix: str = "") -> str:
-    path = batch_page_path(run["dag_id"], run["run_id"], run["task_id"])
-    base, _, query = path.partition("?")
-    return f"{server.url}{base}{suffix}?{query}"
+    with running_api_server(out, passwords, env) as server:
+        yield server
 
 
 def test_endpoints_need_an_authenticated_user(api_server: ApiServer, finished_run: dict[str, Any]) -> None:
@@ -124,12 +48,6 @@ def test_endpoints_need_an_authenticated_user(api_server: ApiServer, finished_ru
         r = httpx.get(_page(api_server, finished_run, suffix))
         assert r.status_code in (401, 403), (suffix, r.status_code)
         assert "marks" not in r.text
-
-
-def _state(html: str) -> dict[str, Any]:
-    """The page's state block (URLs, and the action token for users who may edit)."""
-    block = html.split('<script type="application/json" id="console-state">', 1)[1].split("</script>", 1)[0]
-    return json.loads(block)
 
 
 def test_json_csv_and_page(api_server: ApiServer, finished_run: dict[str, Any], pgbg_conn: str) -> None:
@@ -266,12 +184,16 @@ def test_a_big_batch_opens_within_the_bound(
     (ti,) = dr.get_task_instances()
     run = {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id}
     auth = api_server.auth()
-    started = time.monotonic()
-    page = httpx.get(_page(api_server, run), headers=auth, timeout=60)
-    took = time.monotonic() - started
-    assert page.status_code == 200, page.text[-2000:]
-    print(f"\n[ui] first page of a 10,000-child batch: {len(page.content) / 1024:.0f} KiB in {took:.2f} s")
+    took = []
+    for _ in range(3):  # the best of three: this machine's other work is not the page's cost
+        started = time.monotonic()
+        page = httpx.get(_page(api_server, run), headers=auth, timeout=60)
+        took.append(time.monotonic() - started)
+        assert page.status_code == 200, page.text[-2000:]
+    print(f"\n[ui] first page of a 10,000-child batch: {len(page.content) / 1024:.0f} KiB in {min(took):.2f} s")
     assert len(page.content) <= 1024 * 1024
+    # README: 0.37 s on 2 cores; the page that read every preview (132.7 MB) took far longer.
+    assert min(took) <= PAGE_BOUND_SECONDS, took
     data = httpx.get(_page(api_server, run, ".json"), headers=auth, timeout=60).json()
     assert data["batch"]["children"] == 10_000
     assert data["view"]["matching"] == 10_000
@@ -317,18 +239,7 @@ def test_in_a_real_browser(api_server: ApiServer, finished_run: dict[str, Any], 
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=os.environ.get("PGBG_CHROMIUM", "/usr/bin/chromium"),
-            args=[
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
+        browser = chromium(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             # Log in through Airflow's own login page.
@@ -408,10 +319,7 @@ def test_live_updates_and_an_editor_stops_one_child_in_a_browser(
 
         run = poll_until(running_run, 60, 0.5, "the live batch to run")
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=os.environ.get("PGBG_CHROMIUM", "/usr/bin/chromium"),
-                args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"],
-            )
+            browser = chromium(p)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(f"{api_server.url}/")
@@ -462,3 +370,122 @@ def test_live_updates_and_an_editor_stops_one_child_in_a_browser(
         user.execute("SELECT pgbg.pg_background_stop(uuid_parent) FROM pgbg.batch WHERE role_name = current_user")
         proc.wait(90)
     print(f"\nscreenshots: {tmp_path}")
+
+
+# -- what a task's own code cannot make the console or the listener do -----------------------------
+
+
+def _launch_elsewhere(conn: psycopg.Connection, origin: str) -> str:
+    """A running batch that belongs to another task instance (another team's, say)."""
+    row = conn.execute(
+        "SELECT pgbg.pg_background_launch_num(ARRAY['select pg_sleep(60)', 'select pg_sleep(60)'], "
+        "p_monitor => false, p_origin => %s)",
+        (origin,),
+    ).fetchone()
+    return str(row[0])
+
+
+def _statuses(conn: psycopg.Connection, parent: str) -> set[str]:
+    rows = conn.execute("SELECT status::text FROM pgbg.log_background WHERE uuid_parent = %s", (parent,))
+    return {r[0] for r in rows}
+
+
+def _mark(server: ApiServer, run: dict[str, Any], state: str) -> None:
+    reply = httpx.patch(
+        f"{server.url}/api/v2/dags/{run['dag_id']}/dagRuns/{quote(run['run_id'], safe='')}"
+        f"/taskInstances/{run['task_id']}",
+        headers=server.auth(),
+        json={"new_state": state},
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
+
+
+def _every_endpoint_refuses(server: ApiServer, run: dict[str, Any], victim: str, says: str) -> None:
+    """Page, JSON, CSV, a child, and both actions (with a valid token) are refused, saying why."""
+    auth = server.auth()
+    path, _, query = _page(server, run).partition("?")
+    token = httpx.get(_page(server, run, "/token.json"), headers=auth).json()["token"]
+    replies = {
+        "page": httpx.get(_page(server, run), headers=auth),
+        "json": httpx.get(_page(server, run, ".json"), headers=auth),
+        "csv": httpx.get(_page(server, run, ".csv"), headers=auth),
+        "child": httpx.get(f"{path}/children/{victim}.json?{query}", headers=auth),
+        "stop": httpx.post(f"{path}/stop.json?{query}", headers={**auth, "X-Pgbg-Token": token}, json={}),
+        "requeue": httpx.post(f"{path}/requeue.json?{query}", headers={**auth, "X-Pgbg-Token": token}, json={}),
+    }
+    for name, reply in replies.items():
+        assert reply.status_code == 409, (name, reply.status_code, reply.text[-500:])
+        assert says in unescape(reply.text), (name, reply.text[-500:])
+        assert "pg_sleep" not in reply.text, name  # nothing of the other batch is shown
+    assert "Batch reference refused" in replies["page"].text
+
+
+def _listener_refuses(server: ApiServer, run: dict[str, Any], what: str, conn: psycopg.Connection, victim: str) -> None:
+    """A person marks the task: the listener refuses the reference (logged) instead of stopping the batch."""
+    from tests.helpers import poll_until
+
+    refusals = server.log_text().count(what)
+    _mark(server, run, "failed")
+    poll_until(
+        lambda: server.log_text().count(what) > refusals or "stopped" in _statuses(conn, victim),
+        30,
+        0.2,
+        "the listener to act",
+    )
+    time.sleep(1)  # a stop would have come by now
+    assert "stopped" not in _statuses(conn, victim)
+    assert server.log_text().count(what) > refusals
+
+
+def test_a_reference_to_another_connection_is_refused_by_the_console_and_the_listener(
+    api_server: ApiServer,
+    run_dag: Callable[..., Any],
+    stored_connection: str,
+    make_role: Callable[..., str],
+) -> None:
+    from psycopg.conninfo import conninfo_to_dict
+
+    from tests.airflow.conftest import store_connection
+
+    # Another team's role and its Airflow connection, with a batch of theirs running.
+    other_dsn = make_role()
+    p = conninfo_to_dict(other_dsn)
+    store_connection("pgbg_other", f"postgresql://{p['user']}:{p['password']}@{p['host']}:{p['port']}/{p['dbname']}")
+    with psycopg.connect(other_dsn, autocommit=True) as other:
+        victim = _launch_elsewhere(other, "team_b_dag/run/load/-1")
+        dr = run_dag("forged_ref", conf={"victim": victim, "conn": "pgbg_other"})
+        (ti,) = dr.get_task_instances()
+        assert ti.state == "success"
+        run = {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id}
+        says = "XCom names connection 'pgbg_other'"
+        _every_endpoint_refuses(api_server, run, victim, says)
+        assert "but the task is defined with connection 'pgbg_test'" in api_server.log_text()
+        _listener_refuses(api_server, run, "refused the batch of task pgbg_forged_ref.batch", other, victim)
+        other.execute("SELECT pgbg.pg_background_stop(%s)", (victim,))
+
+
+def test_a_reference_to_another_task_instances_batch_is_refused(
+    api_server: ApiServer, run_dag: Callable[..., Any], stored_connection: str, user: psycopg.Connection
+) -> None:
+    # Same connection and role, but a batch the engine records as another task instance's.
+    victim = _launch_elsewhere(user, "another_dag/manual__1/other_task/-1")
+    dr = run_dag("forged_ref", conf={"victim": victim})
+    (ti,) = dr.get_task_instances()
+    run = {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id}
+    _every_endpoint_refuses(api_server, run, victim, "was launched by 'another_dag/manual__1/other_task/-1'")
+    _listener_refuses(api_server, run, f"batch {victim} was launched by", user, victim)
+    user.execute("SELECT pgbg.pg_background_stop(%s)", (victim,))
+
+
+def test_a_reference_published_by_a_task_that_runs_no_batch_is_refused(
+    api_server: ApiServer, run_dag: Callable[..., Any], stored_connection: str, user: psycopg.Connection
+) -> None:
+    victim = _launch_elsewhere(user, "another_dag/manual__1/other_task/-1")
+    dr = run_dag("forger", conf={"victim": victim})
+    (ti,) = dr.get_task_instances()
+    assert ti.state == "success"
+    run = {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id}
+    _every_endpoint_refuses(api_server, run, victim, "its definition names no connection")
+    _listener_refuses(api_server, run, "refused the batch of task pgbg_forger.batch", user, victim)
+    user.execute("SELECT pgbg.pg_background_stop(%s)", (victim,))

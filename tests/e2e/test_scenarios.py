@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import psutil
+import psycopg
 import pytest
 
 from airflow_pgbg.compat import CAN_START_FROM_TRIGGER, TRIGGER_HAS_ON_KILL
@@ -230,6 +231,96 @@ def test_6_killed_worker_retry_reconnects_to_the_running_batch(deployment: Deplo
     assert d.statuses(parent) == ["done"] * 4
     assert [c["attempt"] for c in d.children(parent)] == [1] * 4  # no child ran twice
     assert d.marks(run) == [1, 2, 3, 4]
+
+
+def _process_of_backend(d: Deployment, where: str) -> tuple[psutil.Process, int] | None:
+    """The Airflow process whose engine connection matches ``where`` (SQL on pg_stat_activity), and that
+    connection's backend pid: the connection's client port names the process."""
+    rows = d.sql(
+        "SELECT client_port, pid FROM pg_stat_activity WHERE usename = 'pgbg_e2e' "
+        f"AND backend_type = 'client backend' AND {where}"
+    )
+    backends = dict(rows)
+    for conn in psutil.net_connections("tcp"):
+        if conn.laddr and conn.laddr.port in backends and conn.pid:
+            return psutil.Process(conn.pid), backends[conn.laddr.port]
+    return None
+
+
+def _kill_before_it_takes_the_outcome(d: Deployment, parent: str) -> None:
+    """Holds the batch's row while it ends, so that the process about to take its outcome (what ends a
+    try's wait) blocks right there, then kills that process and its session: the outcome stays untaken,
+    as when a worker dies after the batch ended and before the task could succeed."""
+    with psycopg.connect(d.engine_dsn or d.admin_dsn) as holder:
+        holder.execute("SELECT 1 FROM pgbg.batch WHERE uuid_parent = %s FOR UPDATE", (parent,))
+        proc, backend = wait_for(
+            lambda: _process_of_backend(d, "wait_event_type = 'Lock' AND query LIKE '%%pg_background_take_outcome%%'"),
+            90,
+            "the worker to wait to take the outcome",
+        )
+        assert d.statuses(parent) == ["done"] * len(d.statuses(parent))
+        proc.send_signal(signal.SIGKILL)
+        d.sql("SELECT pg_terminate_backend(%s)", backend)
+        holder.rollback()
+
+
+def _retry_took_the_outcome(d: Deployment, dag_id: str, run: str, parent: str, children: int) -> None:
+    wait_for(lambda: d.run_state(dag_id, run) == "success", 150, "the retry to succeed")
+    assert d.ti(dag_id, run)["try_number"] == 2
+    assert d.batches(dag_id, run) == [parent]  # nothing launched again
+    assert d.statuses(parent) == ["done"] * children
+    assert [c["attempt"] for c in d.children(parent)] == [1] * children  # no child ran twice
+    assert d.marks(run) == list(range(1, children + 1))  # every statement's effect exactly once
+    taken = d.sql("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", parent)[0][0]
+    assert (taken or "").startswith("try 2"), taken
+
+
+def test_6b_killed_worker_whose_batch_ended_meanwhile_retry_takes_the_outcome(
+    deployment: Deployment, on: Launcher
+) -> None:
+    d = deployment
+    dag_id = on.dag("e2e_worker_lost_after_end")
+    run = d.trigger(dag_id)
+    parent = _running_batch(d, dag_id, run, "running", 2)
+    proc, _ = wait_for(lambda: _process_of_backend(d, "query LIKE '%%pg_background_poll%%'"), 30, "the task's process")
+    proc.send_signal(signal.SIGKILL)
+    # The batch ends seconds later, before the retry (its retry_delay) comes.
+    _retry_took_the_outcome(d, dag_id, run, parent, 2)
+    ended, claimed = d.sql("SELECT ended_at, claimed_at FROM pgbg.batches WHERE uuid_parent = %s", parent)[0]
+    assert ended < claimed  # the retry found it ended
+
+
+def test_6c_worker_killed_after_its_batch_ended_retry_takes_the_outcome(deployment: Deployment, on: Launcher) -> None:
+    d = deployment
+    dag_id = on.dag("e2e_worker_lost_after_end")
+    run = d.trigger(dag_id)
+    parent = _running_batch(d, dag_id, run, "running", 2)
+    _kill_before_it_takes_the_outcome(d, parent)
+    _retry_took_the_outcome(d, dag_id, run, parent, 2)
+
+
+def test_6d_resume_worker_killed_retry_takes_the_outcome(deployment: Deployment, on: Launcher) -> None:
+    d = deployment
+    dag_id = on.dag("e2e_resume_killed")
+    run = d.trigger(dag_id)
+    parent = _running_batch(d, dag_id, run, "deferred", 2)
+    # The trigger resumes the task on a worker (a success callback runs only there), which takes the
+    # outcome: killed right before, the retry takes it.
+    _kill_before_it_takes_the_outcome(d, parent)
+    _retry_took_the_outcome(d, dag_id, run, parent, 2)
+
+
+def test_6e_a_clear_after_success_runs_the_batch_again(deployment: Deployment) -> None:
+    d = deployment
+    dag_id = "e2e_worker_lost_after_end"
+    run = d.trigger(dag_id)
+    wait_for(lambda: d.run_state(dag_id, run) == "success", 90, "the run to succeed")
+    (first,) = d.batches(dag_id, run)
+    d.clear(dag_id, run)
+    wait_for(lambda: len(d.batches(dag_id, run)) == 2 and d.run_state(dag_id, run) == "success", 90, "the rerun")
+    assert d.statuses(d.batches(dag_id, run)[1]) == ["done", "done"]
+    assert d.marks(run) == [1, 1, 2, 2]  # a clear of a task that completed runs its statements again
+    assert d.batches(dag_id, run)[0] == first
 
 
 def test_7_database_restart_while_deferred_is_waited_out(deployment: Deployment, on: Launcher, record) -> None:

@@ -126,16 +126,23 @@ def test_counts_follow_every_transition(user: psycopg.Connection, flaky: str) ->
     assert counts() == {"queued": 0, "running": 0, "done": 3, "failed": 1, "stopped": 0, "lost": 0, "children": 4}
 
 
+def _terminate_runners(admin: psycopg.Connection, parent: str) -> None:
+    admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (f"pgbg:{parent}",)
+    )
+
+
 def test_a_lost_child_is_retried_only_when_the_batch_allows_it(
     admin: psycopg.Connection, user: psycopg.Connection
 ) -> None:
     def lose_one(retry_lost: bool) -> list[dict[str, Any]]:
-        parent = _launch(user, ["select pg_sleep(1)"], retries=1, retry_delay="0 s", retry_lost=retry_lost)
-        poll_until(lambda: statuses(monitor(user, parent)) == ["running"], 20)
-        # The runner dies hard: nobody records the outcome, the next poll finds the child's worker gone.
-        admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (f"pgbg:{parent}",)
+        # With a statement timeout, the child runs in a worker (or job) of its own, where its work may
+        # have committed before its runner died: lost, unless the batch says it may run again.
+        parent = _launch(
+            user, ["select pg_sleep(1)"], retries=1, retry_delay="0 s", retry_lost=retry_lost, statement_timeout="1 min"
         )
+        poll_until(lambda: statuses(monitor(user, parent)) == ["running"], 20)
+        _terminate_runners(admin, parent)
         wait(user, parent)
         return monitor(user, parent)
 
@@ -144,6 +151,46 @@ def test_a_lost_child_is_retried_only_when_the_batch_allows_it(
     (again,) = lose_one(retry_lost=True)
     assert (again["status"], again["attempt"]) == ("done", 2)
     assert [e["status"] for e in again["errors"]] == ["lost"]
+
+
+def test_an_inline_child_whose_runner_was_interrupted_runs_again_without_using_a_retry(
+    admin: psycopg.Connection, user: psycopg.Connection, scratch: str
+) -> None:
+    """Run inline, a child's work rolls back with its runner: it never happened, so it is queued again
+    (no retry used, even with none allowed), and its history says so."""
+    user.execute(f"CREATE TABLE {scratch}.effects (n int)")
+    parent = _launch(user, [f"insert into {scratch}.effects select 1 from pg_sleep(1)"])
+    poll_until(lambda: statuses(monitor(user, parent)) == ["running"], 20)
+    _terminate_runners(admin, parent)
+    assert wait(user, parent) == "done"
+    (row,) = monitor(user, parent)
+    assert row["attempt"] == 2
+    assert [(e["attempt"], e["status"]) for e in row["errors"]] == [(1, "interrupted")]
+    assert user.execute(f"SELECT count(*) FROM {scratch}.effects").fetchone()[0] == 1
+    failures, interruptions = user.execute(
+        "SELECT failures, interruptions FROM pgbg.log_background WHERE uuid_parent = %s", (parent,)
+    ).fetchone()
+    assert (failures, interruptions) == (0, 1)
+
+
+def test_a_child_that_keeps_taking_its_runner_down_ends_lost(
+    admin: psycopg.Connection, user: psycopg.Connection
+) -> None:
+    parent = _launch(user, ["select pg_sleep(30)"])
+    for attempt in (1, 2, 3):
+        poll_until(
+            lambda attempt=attempt: (
+                [(r["status"], r["attempt"]) for r in monitor(user, parent)] == [("running", attempt)]
+            ),
+            30,
+            what=f"attempt {attempt} running",
+        )
+        _terminate_runners(admin, parent)
+    assert wait(user, parent) == "lost"
+    (row,) = monitor(user, parent)
+    assert row["attempt"] == 3
+    assert [e["status"] for e in row["errors"]] == ["interrupted", "interrupted", "lost"]
+    assert "interrupted 3 times" in row["error"]
 
 
 def test_deadlock_victims_are_retried(admin: psycopg.Connection, user: psycopg.Connection, scratch: str) -> None:

@@ -159,3 +159,42 @@ def test_nobody_can_put_counts_on_another_roles_batch(make_role: Callable[..., s
         assert carol.execute(
             "SELECT status::text, failed FROM pgbg.batches WHERE uuid_parent = %s", (parent,)
         ).fetchone() == ("done", 0)
+
+
+def _concurrency(rows: list[dict]) -> int:
+    """Most children that ran at the same moment."""
+    edges = sorted([(r["start_time_exec"], 1) for r in rows] + [(r["end_time_exec"], -1) for r in rows])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_nobody_else_can_hold_a_batchs_slots_or_pose_as_its_runners(
+    user: psycopg.Connection, make_role: Callable[..., str]
+) -> None:
+    """Slots are session advisory locks, which any session may take, and runners are named after their
+    batch, which any session may copy: neither a session without the engine's grants nor another role
+    of pgbg_user changes how many of a batch's children run, however it takes the keys and names."""
+    outsider_dsn, other_dsn = make_role("pg_read_all_settings"), make_role()
+    with (
+        psycopg.connect(outsider_dsn, autocommit=True) as outsider,
+        psycopg.connect(other_dsn, autocommit=True) as other,
+    ):
+        # Launched in a transaction: its runners wait for it, while the others take their slots first.
+        user.execute("BEGIN")
+        parent = launch(user, ["select pg_sleep(0.5)"] * 4, max_parallel=2)
+        cap = user.execute("SELECT pgbg._global_cap()").fetchone()[0]
+        global_key = user.execute("SELECT hashtext('pgbg/global') & 2147483647").fetchone()[0]
+        batch_key = user.execute("SELECT hashtext('pgbg/' || %s) & 2147483647", (parent,)).fetchone()[0]
+        for squatter in (outsider, other):
+            squatter.execute("SELECT set_config('application_name', %s, false)", (f"pgbg:{parent}",))
+        outsider.execute("SELECT pg_advisory_lock(%s, s) FROM generate_series(1, %s) s", (global_key, cap))
+        outsider.execute("SELECT pg_advisory_lock(%s, s) FROM generate_series(1, 2) s", (batch_key,))
+        other.execute("SELECT pg_advisory_lock(%s, s) FROM generate_series(3, 4) s", (batch_key,))
+        user.execute("COMMIT")
+        assert user.execute("CALL pgbg.pg_background_await(%s, '30 s', NULL)", (parent,)).fetchone()[0] == "done"
+        assert _concurrency(monitor(user, parent)) == 2  # its own cap, not less, not more
+        # Housekeeping counts only the batch's own runners (none is left).
+        assert user.execute("SELECT pgbg._runners_of(%s)", (parent,)).fetchone()[0] == 0

@@ -68,7 +68,9 @@ def test_stop_a_child_running_in_its_own_worker(user: psycopg.Connection, scratc
 
 
 def test_a_terminated_worker_turns_its_child_lost(admin: psycopg.Connection, user: psycopg.Connection) -> None:
-    parent = launch(user, ["select pg_sleep(30)", "select 1"], max_parallel=1)
+    # A statement of its own worker (a statement timeout puts it there), whose work may have committed; an
+    # inline one is queued again instead (test_retries).
+    parent = launch(user, ["select pg_sleep(30)", "select 1"], max_parallel=1, statement_timeout="5 min")
     _running(user, parent, 1)
     pid = monitor(user, parent)[0]["pid"]
     assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -39,11 +40,63 @@ def test_submit_launches_once_per_claim_and_resumes_for_a_new_one(user: psycopg.
     assert wait(user, parent) == "failed"  # 1/0 again, the inserts did not run twice
     assert sorted(r[0] for r in user.execute(f"SELECT n FROM {scratch}.effects").fetchall()) == [1, 3]
     assert [r["attempt"] for r in monitor(user, parent)] == [1, 2, 1]
-    # Other statements, or an earlier batch that succeeded, give a new batch.
+    # Other statements, or an earlier batch whose success a try took (its task completed), give a new batch.
     assert submit(user, ["select 2"], "dag/run/task/-1", "try 3")["action"] == "launched"
     done = submit(user, ["select 2"], "dag/run/task/-1", "try 3")
     assert wait(user, str(done["uuid_parent"])) == "done"
+    take_outcome(user, str(done["uuid_parent"]), "try 3")
     assert submit(user, ["select 2"], "dag/run/task/-1", "try 4")["action"] == "launched"
+
+
+def take_outcome(conn: psycopg.Connection, parent: str, claim: str) -> dict[str, Any]:
+    return conn.execute("SELECT pgbg.pg_background_take_outcome(%s, %s)", (parent, claim)).fetchone()[0]
+
+
+def test_a_success_nobody_took_is_taken_by_the_next_try_not_run_again(user: psycopg.Connection, scratch: str) -> None:
+    """A try whose worker died after its batch succeeded: the retry takes that outcome; only a try after
+    one that took it (a clear of a task that completed) runs the statements again."""
+    user.execute(f"CREATE TABLE {scratch}.effects (n int)")
+    statements = [f"insert into {scratch}.effects values ({i})" for i in range(3)]
+    origin = "dag/run/taken/-1"
+    parent = str(submit(user, statements, origin, "try 1")["uuid_parent"])
+    assert wait(user, parent) == "done"
+    # try 1 died before it took the outcome: try 2 gets the same batch, finished, and nothing runs.
+    second = submit(user, statements, origin, "try 2")
+    assert (second["action"], str(second["uuid_parent"]), second["previous_holder"]) == ("finished", parent, "try 1")
+    # A late call of try 1 records nothing; try 2's records that it took the success.
+    assert take_outcome(user, parent, "try 1")["status"] == "done"
+    assert (
+        user.execute("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] is None
+    )
+    summary = take_outcome(user, parent, "try 2")
+    assert (summary["status"], summary["counts"]["done"]) == ("done", 3)
+    row = user.execute(
+        "SELECT outcome_taken_by, outcome_taken_at IS NOT NULL FROM pgbg.batches WHERE uuid_parent = %s", (parent,)
+    ).fetchone()
+    assert row == ("try 2", True)
+    assert sorted(r[0] for r in user.execute(f"SELECT n FROM {scratch}.effects").fetchall()) == [0, 1, 2]
+    # The task completed with try 2: try 3 is a clear, and runs the statements again in a new batch.
+    third = submit(user, statements, origin, "try 3")
+    assert third["action"] == "launched"
+    assert wait(user, str(third["uuid_parent"])) == "done"
+    assert len(user.execute(f"SELECT n FROM {scratch}.effects").fetchall()) == 6
+
+
+def test_a_taken_failure_is_resumed_and_its_new_outcome_taken_again(user: psycopg.Connection) -> None:
+    origin = "dag/run/retaken/-1"
+    parent = str(submit(user, ["select 1", "select 1/0"], origin, "try 1")["uuid_parent"])
+    assert wait(user, parent) == "failed"
+    assert take_outcome(user, parent, "try 1")["status"] == "failed"
+    # A failure is resumed whoever took it; what runs again has an outcome of its own to take.
+    assert submit(user, ["select 1", "select 1/0"], origin, "try 2")["action"] == "resumed"
+    assert (
+        user.execute("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] is None
+    )
+    assert wait(user, parent) == "failed"
+    take_outcome(user, parent, "try 2")
+    assert user.execute("SELECT outcome_taken_by FROM pgbg.batch WHERE uuid_parent = %s", (parent,)).fetchone()[0] == (
+        "try 2"
+    )
 
 
 def test_a_watched_batch_waits_for_its_watcher_then_is_taken_over(user_dsn: str, user: psycopg.Connection) -> None:
@@ -63,9 +116,14 @@ def test_a_watched_batch_waits_for_its_watcher_then_is_taken_over(user_dsn: str,
         assert user.execute("SELECT pgbg.pg_background_watched(%s, 'try 2 deferred')", (parent,)).fetchone()[0]
         assert not user.execute("SELECT pgbg.pg_background_watched(%s, 'try 1 deferred')", (parent,)).fetchone()[0]
         assert submit(user, ["select pg_sleep(30)"] * 2, origin, "try 2 deferred")["action"] == "waiting"
-    # The watcher's connection is gone: the new try takes over. Its holder waited from the triggerer,
-    # so the running child is stopped and queued again, as that holder's kill would have done.
-    assert not user.execute("SELECT pgbg.pg_background_watched(%s, 'try 2 deferred')", (parent,)).fetchone()[0]
+    # The watcher's connection is gone (its backend a moment later): the new try takes over. Its holder
+    # waited from the triggerer, so the running child is stopped and queued again, as that holder's kill
+    # would have done.
+    poll_until(
+        lambda: not user.execute("SELECT pgbg.pg_background_watched(%s, 'try 2 deferred')", (parent,)).fetchone()[0],
+        10,
+        what="the watcher's session to end",
+    )
     second = submit(user, ["select pg_sleep(30)"] * 2, origin, "try 2 deferred", requeue_on_takeover=True)
     assert second["action"] == "reconnected"
     # The cut-short child waits behind the rest; the runner goes on with the next one.
@@ -190,3 +248,67 @@ def test_submit_needs_an_origin_and_a_claim(user: psycopg.Connection, claim: str
             submit(user, ["select 1"], "o", None)  # type: ignore[arg-type]
     else:
         assert submit(user, ["select 1"], "o", claim)["action"] == "launched"
+
+
+@pytest.fixture
+def concurrent_build(user: psycopg.Connection, scratch: str) -> Callable[[], str]:
+    """Launches a batch that builds an index CONCURRENTLY (and reindexes it so), which waits for every
+    snapshot older than its own: a waiter that held one would hold it back until the waiter's end."""
+    user.execute(f"CREATE TABLE {scratch}.big AS SELECT g AS a FROM generate_series(1, 20000) g")
+    names = iter(range(100))
+
+    def launch_build() -> str:
+        k = next(names)
+        return launch(
+            user,
+            [
+                f"create index concurrently big_{k} on {scratch}.big (a)",
+                f"reindex index concurrently {scratch}.big_{k}",
+            ],
+            max_parallel=1,
+        )
+
+    return launch_build
+
+
+def test_a_wait_in_one_statement_refuses_a_batch_it_would_hold_back(
+    user: psycopg.Connection, concurrent_build: Callable[[], str]
+) -> None:
+    parent = concurrent_build()
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="would hold back") as refused:
+        wait(user, parent, "60 s")
+    assert time.monotonic() - started < 2  # at once, not after its timeout
+    assert "pg_background_await" in refused.value.diag.message_hint
+    # The form that works: a procedure that commits between its checks.
+    started = time.monotonic()
+    assert user.execute("CALL pgbg.pg_background_await(%s, '60 s', NULL)", (parent,)).fetchone()[0] == "done"
+    assert time.monotonic() - started < 20
+    assert statuses(monitor(user, parent)) == ["done", "done"]
+    # Nothing left to hold back: the function waits for it too.
+    assert wait(user, parent, "5 s") == "done"
+
+
+def test_a_poll_that_would_hold_a_batch_back_does_not_wait(
+    user: psycopg.Connection, concurrent_build: Callable[[], str]
+) -> None:
+    parent = concurrent_build()
+    started = time.monotonic()
+    polls = 0
+    while True:
+        polls += 1
+        status = user.execute("SELECT status FROM pgbg.pg_background_poll(%s, '10 s')", (parent,)).fetchone()[0]
+        if status not in ("queued", "running"):
+            break
+        time.sleep(0.2)  # the poller waits between calls, holding no snapshot
+    assert status == "done"
+    assert time.monotonic() - started < 20  # no poll held it for its 10 s
+    assert polls > 1
+
+
+def test_a_synchronous_launch_refuses_a_batch_it_would_hold_back(user: psycopg.Connection, scratch: str) -> None:
+    user.execute(f"CREATE TABLE {scratch}.t (a int)")
+    before = user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0]
+    with pytest.raises(psycopg.errors.FeatureNotSupported):
+        launch(user, [f"create index concurrently on {scratch}.t (a)"], monitor=True)
+    assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == before

@@ -38,15 +38,19 @@ ALTER TABLE @schema@.log_background
     ADD COLUMN failures int NOT NULL DEFAULT 0,
     ADD COLUMN errors jsonb,
     ADD COLUMN requeue_on_stop boolean NOT NULL DEFAULT false,
-    ADD COLUMN stopped_by text;
+    ADD COLUMN stopped_by text,
+    ADD COLUMN interruptions int NOT NULL DEFAULT 0;
 COMMENT ON COLUMN @schema@.log_background.not_before IS 'A queued retry starts no earlier than this.';
 COMMENT ON COLUMN @schema@.log_background.failures IS
     'Automatic retries used since the child was last queued by a person or a new try.';
 COMMENT ON COLUMN @schema@.log_background.errors IS
-    'Every failed or lost attempt, oldest first: [{attempt, status, sqlstate, error, at}].';
+    'Every failed, lost or interrupted attempt, oldest first: [{attempt, status, sqlstate, error, at}].';
 COMMENT ON COLUMN @schema@.log_background.requeue_on_stop IS
     'Set with stop_requested by a takeover: the stopped attempt goes back to the queue.';
 COMMENT ON COLUMN @schema@.log_background.stopped_by IS 'Who stopped the child.';
+COMMENT ON COLUMN @schema@.log_background.interruptions IS
+    'Times its runner was cancelled, terminated or died while running it inline: it rolled back each time '
+    'and was queued again, without using a retry; at 3 it ends lost.';
 -- Failed, lost and stopped children in order, for summaries and the batch page.
 CREATE INDEX ON @schema@.log_background (uuid_parent, seq) WHERE status IN ('failed', 'lost', 'stopped');
 -- 0.1.0's index on (status, uuid_parent) for queued and running children let the planner claim a
@@ -111,8 +115,12 @@ COMMENT ON COLUMN @schema@.settings.cron_linger IS
     'its job. A batch launched meanwhile starts within 20 ms; a parked job takes pg_cron up to 2 s to start '
     'again. Each lingering runner holds one of cron.max_running_jobs.';
 
-ALTER TABLE @schema@.batch ADD COLUMN notes text;
+ALTER TABLE @schema@.batch ADD COLUMN notes text, ADD COLUMN outcome_taken_by text, ADD COLUMN outcome_taken_at timestamptz;
 COMMENT ON COLUMN @schema@.batch.notes IS 'What the engine wants the submitter to know, e.g. a cap it lowered.';
+COMMENT ON COLUMN @schema@.batch.outcome_taken_by IS
+    'The claim that took the batch''s outcome (pg_background_take_outcome()) as it ended its wait: a task '
+    'that completed. A success nobody took is taken by the next claim instead of being run again.';
+COMMENT ON COLUMN @schema@.batch.outcome_taken_at IS 'When outcome_taken_by took it.';
 
 -- Waiters that show they are alive by a row they keep refreshing, where a session advisory lock
 -- (pg_background_watch) would mean nothing: behind a pooler in transaction mode, such a lock stays

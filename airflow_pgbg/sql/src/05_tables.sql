@@ -64,7 +64,9 @@ CREATE TABLE @schema@.batch (
     requeue_on_takeover boolean NOT NULL DEFAULT false,
     stop_requested_by text,
     counted boolean NOT NULL DEFAULT true,
-    notes text
+    notes text,
+    outcome_taken_by text,
+    outcome_taken_at timestamptz
 );
 COMMENT ON TABLE @schema@.batch IS 'One row per batch (parent UUID): who submitted it and how it runs.';
 CREATE INDEX ON @schema@.batch (origin, created_at) WHERE origin IS NOT NULL;
@@ -95,6 +97,10 @@ COMMENT ON COLUMN @schema@.batch.stop_requested_by IS 'Who asked for the stop (f
 COMMENT ON COLUMN @schema@.batch.counted IS
     'false for batches that were running when engine 1.0.0 was installed over 0.1.0: they are counted row by row.';
 COMMENT ON COLUMN @schema@.batch.notes IS 'What the engine wants the submitter to know, e.g. a cap it lowered.';
+COMMENT ON COLUMN @schema@.batch.outcome_taken_by IS
+    'The claim that took the batch''s outcome (pg_background_take_outcome()) as it ended its wait: a task '
+    'that completed. A success nobody took is taken by the next claim instead of being run again.';
+COMMENT ON COLUMN @schema@.batch.outcome_taken_at IS 'When outcome_taken_by took it.';
 
 CREATE TABLE @schema@.log_background (
     id bigserial PRIMARY KEY,
@@ -126,7 +132,8 @@ CREATE TABLE @schema@.log_background (
     failures int NOT NULL DEFAULT 0,
     errors jsonb,
     requeue_on_stop boolean NOT NULL DEFAULT false,
-    stopped_by text
+    stopped_by text,
+    interruptions int NOT NULL DEFAULT 0
 );
 -- Runners claim the next queued child of a batch in order, after the one they claimed before: only
 -- indexes in seq order, so the planner never sorts every queued child once per claim.
@@ -149,10 +156,13 @@ COMMENT ON COLUMN @schema@.log_background.not_before IS 'A queued retry starts n
 COMMENT ON COLUMN @schema@.log_background.failures IS
     'Automatic retries used since the child was last queued by a person or a new try.';
 COMMENT ON COLUMN @schema@.log_background.errors IS
-    'Every failed or lost attempt, oldest first: [{attempt, status, sqlstate, error, at}].';
+    'Every failed, lost or interrupted attempt, oldest first: [{attempt, status, sqlstate, error, at}].';
 COMMENT ON COLUMN @schema@.log_background.requeue_on_stop IS
     'Set with stop_requested by a takeover: the stopped attempt goes back to the queue.';
 COMMENT ON COLUMN @schema@.log_background.stopped_by IS 'Who stopped the child.';
+COMMENT ON COLUMN @schema@.log_background.interruptions IS
+    'Times its runner was cancelled, terminated or died while running it inline: it rolled back each time '
+    'and was queued again, without using a retry; at 3 it ends lost.';
 
 -- A role sees and changes only its own rows; pgbg_admin sees and stops everything.
 ALTER TABLE @schema@.batch ENABLE ROW LEVEL SECURITY;

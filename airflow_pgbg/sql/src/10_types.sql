@@ -25,3 +25,15 @@ COMMENT ON TYPE @schema@.monitor_row IS 'Row shape of pg_background_monitor(); a
 
 CREATE TYPE @schema@.cron_run AS (status text, job_pid int, start_time timestamptz, return_message text);
 COMMENT ON TYPE @schema@.cron_run IS 'The run of a pg_cron job that runs one child (see _cron_run()).';
+
+CREATE TYPE @schema@.child_outcome AS (
+    result jsonb,
+    sqlstate text,
+    message text,
+    detail text,
+    hint text,
+    context text
+);
+COMMENT ON TYPE @schema@.child_outcome IS
+    'How a child''s statement ended, as its runner saw it: its result document, or its error (SQLSTATE, '
+    'message, detail, hint, context). _settle() turns it into the child''s status.';

@@ -191,3 +191,13 @@ RETURN @schema@._statement_head(p_sql) ~ ('^(VACUUM|CALL|DO|CLUSTER|REINDEX|SET|
 COMMENT ON FUNCTION @schema@._needs_own_worker(text) IS
     'True for statements that must be a top-level statement of their own: they refuse to run in a '
     'function or transaction block, may commit (CALL, DO), or would change the runner''s session (SET).';
+
+CREATE FUNCTION @schema@._waits_for_older_snapshots(p_sql text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+RETURN p_sql ~* '\mCONCURRENTLY\M'
+   AND (@schema@._statement_head(p_sql) ~ '^(CREATE (UNIQUE )?INDEX|REINDEX)( |$)'
+        OR @schema@._statement_head(p_sql) ~ '^ALTER TABLE' AND p_sql ~* '\mDETACH\s+PARTITION\M');
+COMMENT ON FUNCTION @schema@._waits_for_older_snapshots(text) IS
+    'True for CREATE INDEX, REINDEX and ALTER TABLE ... DETACH PARTITION CONCURRENTLY: they wait for every '
+    'snapshot older than theirs, a waiting statement''s too.';

@@ -1,5 +1,5 @@
 -- The launcher in use, the caps, and slots: session advisory locks held by runners, freed when a
--- runner dies.
+-- runner dies. Only runners count against a cap, whatever other sessions hold or call themselves.
 
 CREATE FUNCTION @schema@._launcher()
 RETURNS text
@@ -48,30 +48,60 @@ LANGUAGE sql IMMUTABLE
 RETURN hashtext('@schema@/' || p_parent::text) & 2147483647;
 COMMENT ON FUNCTION @schema@._batch_lock_key(uuid) IS 'Advisory lock key of the slots of one batch.';
 
-CREATE FUNCTION @schema@._slots_held(p_key int)
+CREATE FUNCTION @schema@._is_runner(p_pid int, p_role name)
+RETURNS boolean
+LANGUAGE sql STABLE
+-- What a session says of itself that nobody without the engine's grants can fake: its role (a member
+-- of pgbg_user), and, for a role's own sessions, that it is a background worker. Anyone may hold any
+-- advisory lock or take any application_name.
+RETURN EXISTS (SELECT 1 FROM pg_stat_activity a
+                WHERE a.pid = p_pid AND a.application_name LIKE 'pgbg:%'
+                  AND pg_has_role(a.usesysid, 'pgbg_user', 'MEMBER')
+                  AND (p_role IS NULL OR a.usename = p_role AND a.backend_type IN ('pg_background', 'pg_cron')));
+COMMENT ON FUNCTION @schema@._is_runner(int, name) IS
+    'Whether a process is an engine runner: of p_role, as a background worker, when given; else of any role '
+    'of pgbg_user.';
+
+CREATE FUNCTION @schema@._slot_holders(p_key int, p_role name)
 RETURNS int
 LANGUAGE sql VOLATILE
-RETURN (SELECT count(*)::int FROM pg_locks
-        WHERE locktype = 'advisory' AND granted AND objsubid = 2
-          AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-          AND classid = p_key::oid);
-COMMENT ON FUNCTION @schema@._slots_held(int) IS 'Slots of one kind currently held by live runners.';
+RETURN (SELECT count(*)::int FROM pg_locks l
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND l.classid = p_key::oid AND @schema@._is_runner(l.pid, p_role));
+COMMENT ON FUNCTION @schema@._slot_holders(int, name) IS
+    'Runners (see _is_runner()) holding a slot under p_key; locks others hold there do not count.';
 
-CREATE FUNCTION @schema@._take_slot(p_key int, p_slots int)
+CREATE FUNCTION @schema@._take_slot(p_key int, p_slots int, p_role name)
 RETURNS int
 LANGUAGE plpgsql VOLATILE
 AS $fn$
+DECLARE
+    v_others int;
 BEGIN
-    FOR s IN 1..p_slots LOOP
-        IF pg_try_advisory_lock(p_key, s) THEN
+    FOR s IN 1..p_slots + 1000 LOOP
+        CONTINUE WHEN NOT pg_try_advisory_lock(p_key, s);
+        IF s <= p_slots THEN
             RETURN s;
         END IF;
+        -- Past the cap only in place of numbers below held by sessions that are not runners.
+        PERFORM pg_stat_clear_snapshot();
+        SELECT count(*) INTO v_others FROM pg_locks l
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND l.classid = p_key::oid AND l.objid < s::oid AND NOT @schema@._is_runner(l.pid, p_role);
+        IF s - v_others <= p_slots THEN
+            RETURN s;
+        END IF;
+        PERFORM pg_advisory_unlock(p_key, s);
+        RETURN NULL;
     END LOOP;
     RETURN NULL;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._take_slot(int, int) IS
-    'Takes the first free slot 1..p_slots as a session advisory lock; NULL when all are taken.';
+COMMENT ON FUNCTION @schema@._take_slot(int, int, name) IS
+    'Takes slot 1..p_slots under p_key as a session advisory lock (a number held by a session that is not '
+    'a runner of p_role, see _is_runner(), is skipped and not counted); NULL when all are taken.';
 
 CREATE FUNCTION @schema@._try_slot(p_key int, p_slots int)
 RETURNS int

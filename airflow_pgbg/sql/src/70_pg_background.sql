@@ -62,19 +62,61 @@ $fn$;
 COMMENT ON FUNCTION @schema@._top_level_result(int, bigint) IS
     'Result document of a finished nested worker; re-raises its error with SQLSTATE, detail and hint.';
 
-CREATE PROCEDURE @schema@._runner(p_parent uuid, p_enqueue_xid xid8)
+CREATE PROCEDURE @schema@._run_in_worker(p_sql text, p_child uuid, p_timeout interval,
+                                         INOUT p_outcome @schema@.child_outcome)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_pid int;
+    v_cookie bigint;
+    v_finished boolean;
+BEGIN
+    p_outcome := NULL;
+    BEGIN
+        SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @schema@._start_top_level(p_sql, p_child, p_timeout) h;
+    EXCEPTION WHEN query_canceled THEN
+        p_outcome.sqlstate := '57014';  -- cut short before it started
+        p_outcome.message := 'canceling statement due to user request';
+        RETURN;
+    END;
+    -- Wait in short statements with a COMMIT between them: CREATE INDEX CONCURRENTLY in the nested
+    -- worker waits for every older snapshot, this runner's too.
+    COMMIT;
+    LOOP
+        BEGIN
+            v_finished := @pgbg_ext@.pg_background_wait_v2(v_pid, v_cookie, 250);
+        EXCEPTION WHEN query_canceled THEN
+            -- A stop, or this runner cancelled from outside: the statement goes down with it.
+            PERFORM @pgbg_ext@.pg_background_cancel_v2(v_pid, v_cookie, 0);
+        END;
+        COMMIT;
+        EXIT WHEN v_finished;
+    END LOOP;
+    BEGIN
+        p_outcome.result := @schema@._top_level_result(v_pid, v_cookie);
+    EXCEPTION WHEN query_canceled OR OTHERS THEN
+        GET STACKED DIAGNOSTICS p_outcome.sqlstate = RETURNED_SQLSTATE, p_outcome.message = MESSAGE_TEXT,
+                                p_outcome.detail = PG_EXCEPTION_DETAIL, p_outcome.hint = PG_EXCEPTION_HINT;
+    END;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._run_in_worker(text, uuid, interval, @schema@.child_outcome) IS
+    'Runs a child at top level in a nested pg_background worker (with the batch''s statement timeout) and '
+    'returns how it ended; a cancel of the runner cancels the statement.';
+
+CREATE PROCEDURE @schema@._runner(p_parent uuid, p_starter xid8)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_ran boolean;
 BEGIN
-    CALL @schema@._work(p_parent, p_enqueue_xid, v_ran);
+    CALL @schema@._work(p_parent, p_starter, v_ran);
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._runner(uuid, xid8) IS
     'Body of a pg_background runner worker (see _work()). Started by _launch_runners().';
 
-CREATE FUNCTION @schema@._launch_runners(p_parent uuid, p_enqueue_xid xid8, p_count int)
+CREATE FUNCTION @schema@._launch_runners(p_parent uuid, p_count int)
 RETURNS int
 LANGUAGE plpgsql
 AS $fn$
@@ -85,8 +127,9 @@ DECLARE
 BEGIN
     FOR k IN 1..coalesce(p_count, 0) LOOP
         BEGIN
+            -- Runners wait for this transaction to end: it may be queuing what they are started for.
             SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @pgbg_ext@.pg_background_submit_v2(
-                format('CALL @schema@._runner(%L::uuid, %L::xid8)', p_parent, p_enqueue_xid)) h;
+                format('CALL @schema@._runner(%L::uuid, %L::xid8)', p_parent, pg_current_xact_id())) h;
             -- Detached handles do not count against pg_background.max_workers of this session.
             PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
             v_started := v_started + 1;
@@ -98,5 +141,6 @@ BEGIN
     RETURN v_started;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._launch_runners(uuid, xid8, int) IS
-    'Starts up to p_count runners for a batch; stops quietly when the server has no worker slot free.';
+COMMENT ON FUNCTION @schema@._launch_runners(uuid, int) IS
+    'Starts up to p_count runners for a batch, which begin once the calling transaction has ended; stops '
+    'quietly when the server has no worker slot free.';

@@ -52,19 +52,57 @@ $fn$;
 COMMENT ON FUNCTION @schema@._cron_child_start(text, uuid) IS
     'Schedules the job that runs one child at top level; its runner unschedules it once its run has ended.';
 
-CREATE FUNCTION @schema@._cron_job_command(p_sql text, p_search_path text)
+CREATE FUNCTION @schema@._cron_exec(p_child uuid, p_search_path text, p_sql text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    o @schema@.child_outcome;
+BEGIN
+    -- pg_cron runs a job again every second until its runner unschedules it: a run of an attempt that
+    -- already ran (a runner that died before it could) does nothing.
+    PERFORM 1 FROM @schema@.log_background c
+     WHERE c.uuid_child = p_child AND c.status = 'running' AND c.result IS NULL AND c.sqlstate IS NULL;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- The job's session has the role's default search_path: the batch's one for this transaction.
+    PERFORM set_config('search_path', p_search_path, true);
+    o := @schema@._run_inline(p_sql, (SELECT s FROM @schema@.settings s));
+    -- The outcome, with its real SQLSTATE and a preview of its rows, commits with its work.
+    UPDATE @schema@.log_background
+       SET result = o.result, sqlstate = o.sqlstate, error = o.message, error_detail = o.detail,
+           error_hint = o.hint, error_context = o.context
+     WHERE uuid_child = p_child;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cron_exec(uuid, text, text) IS
+    'What the pg_cron job of a child that needs no top level runs, as one statement (pg_cron reports a '
+    'command as succeeded after its first statement): the child''s statement with the batch''s search_path, '
+    'its outcome recorded with its work, once per attempt.';
+
+CREATE FUNCTION @schema@._cron_recorded(p_child uuid)
+RETURNS @schema@.child_outcome
+LANGUAGE sql STABLE
+RETURN (SELECT CASE WHEN c.result IS NOT NULL OR c.sqlstate IS NOT NULL
+                    THEN ROW(c.result, c.sqlstate, c.error, c.error_detail, c.error_hint, c.error_context)::@schema@.child_outcome
+               END
+          FROM @schema@.log_background c WHERE c.uuid_child = p_child);
+COMMENT ON FUNCTION @schema@._cron_recorded(uuid) IS 'The outcome _cron_exec() recorded for a child, if it ran.';
+
+CREATE FUNCTION @schema@._cron_job_command(p_sql text, p_child uuid, p_search_path text)
 RETURNS text
 LANGUAGE sql STABLE
--- A pg_cron job starts a new session of the role, with the role's default search_path (the one
--- RESET restores here: runners are such sessions too). A statement that only needs a timeout is
--- preceded by the batch's search_path; one that must be a top-level statement of its own cannot
--- be, since a second statement in the command puts it in a transaction block.
+-- A pg_cron job starts a new session of the role, with the role's default search_path (the one RESET
+-- restores here: runners are such sessions too). A statement that must be a top-level statement of its
+-- own runs as it is, and can only with that path (anything before it would put it in a transaction
+-- block); any other runs through _cron_exec(), with the batch's path.
 RETURN CASE
-    WHEN p_search_path = (SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE s.name = 'search_path') THEN p_sql
     WHEN NOT @schema@._needs_own_worker(p_sql)
-        THEN format('SELECT pg_catalog.set_config(''search_path'', %L, false); %s', p_search_path, p_sql)
+        THEN format('SELECT @schema@._cron_exec(%L::uuid, %L, %L)', p_child, p_search_path, p_sql)
+    WHEN p_search_path = (SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE s.name = 'search_path') THEN p_sql
 END;
-COMMENT ON FUNCTION @schema@._cron_job_command(text, text) IS
+COMMENT ON FUNCTION @schema@._cron_job_command(text, uuid, text) IS
     'Command of the pg_cron job that runs a child with the batch''s search_path; NULL when that cannot be done.';
 
 CREATE FUNCTION @schema@._cron_refuse_search_path(p_sql text, p_search_path text)
@@ -132,6 +170,8 @@ BEGIN
         WHEN v_message LIKE 'could not obtain lock%' THEN '55P03'
         WHEN v_message LIKE 'canceling statement due to statement timeout%' THEN '57014'
         WHEN v_message LIKE 'canceling statement due to user request%' OR v_message = 'job canceled' THEN '57014'
+        -- What pg_cron records of a run the server's restart cut short.
+        WHEN v_message = 'server restarted' THEN '57P02'
         WHEN v_message LIKE 'permission denied%' OR v_message LIKE 'must be owner of%'
           OR v_message LIKE 'must be superuser%' OR v_message LIKE 'must be a member of%' THEN '42501'
         WHEN v_message ~ '^(relation|table) ".*" does not exist' THEN '42P01'
@@ -155,6 +195,83 @@ COMMENT ON FUNCTION @schema@._cron_child_result(bigint, @schema@.cron_run, boole
     'Result document of a child run by a job of its own, or its error re-raised (pg_cron records the '
     'text without the SQLSTATE: common ones are named by their message, XX000 otherwise); forgets the run.';
 
+CREATE PROCEDURE @schema@._run_in_cron_job(p_sql text, p_child uuid, p_search_path text, p_timeout interval,
+                                           INOUT p_outcome @schema@.child_outcome)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_command text := @schema@._cron_job_command(p_sql, p_child, p_search_path);
+    v_job bigint;
+    v_run @schema@.cron_run;
+    v_defused boolean := false;
+    v_cancelled boolean := false;
+    v_timed_out boolean := false;
+    v_gone_since timestamptz;
+BEGIN
+    -- The statement is the command of a job of its own, which runs it at top level at the next second.
+    -- Unscheduling a job ends its run, so the job stays until the run has ended; once the run has begun
+    -- (pg_cron has copied the command by then) the command becomes a no-op for any rerun the schedule
+    -- starts meanwhile. This runner enforces the statement timeout and passes a stop on to the run.
+    p_outcome := NULL;
+    BEGIN
+        IF v_command IS NULL THEN
+            PERFORM @schema@._cron_refuse_search_path(p_sql, p_search_path);
+        END IF;
+        v_job := @schema@._cron_child_start(v_command, p_child);
+    EXCEPTION WHEN query_canceled OR OTHERS THEN
+        GET STACKED DIAGNOSTICS p_outcome.sqlstate = RETURNED_SQLSTATE, p_outcome.message = MESSAGE_TEXT,
+                                p_outcome.detail = PG_EXCEPTION_DETAIL, p_outcome.hint = PG_EXCEPTION_HINT;
+        RETURN;  -- refused, or stopped before it was scheduled
+    END;
+    COMMIT;
+    LOOP
+        BEGIN
+            v_run := @schema@._cron_run(v_job);
+            IF v_run.status IS NOT NULL AND NOT v_defused AND NOT v_cancelled THEN
+                -- Same name, same job (cron.alter_job is for administrators).
+                PERFORM cron.schedule('pgbg_child:' || p_child, '1 seconds', 'SELECT ''pgbg: this child has run''');
+                v_defused := true;
+            END IF;
+            EXIT WHEN v_run.status IN ('succeeded', 'failed');
+            -- Stopped before its run began: give pg_cron a moment to start one it had picked.
+            EXIT WHEN v_cancelled AND v_run.status IS NULL AND clock_timestamp() > v_gone_since + interval '1.5 s';
+            -- The job's own clock: pg_cron's start_time is when it began to start the job, and it learns
+            -- of the end a moment late; the backend knows when it began.
+            IF p_timeout IS NOT NULL AND NOT v_timed_out AND v_run.job_pid IS NOT NULL
+               AND EXISTS (SELECT 1 FROM pg_stat_activity a
+                            WHERE a.pid = v_run.job_pid AND a.state = 'active'
+                              AND clock_timestamp() > a.query_start + p_timeout) THEN
+                PERFORM pg_cancel_backend(v_run.job_pid);
+                v_timed_out := true;
+            END IF;
+            PERFORM pg_sleep(0.01);
+        EXCEPTION WHEN query_canceled THEN
+            -- A stop reached this runner: take the child's run down with it (unscheduled, a job's run is
+            -- ended by pg_cron).
+            v_cancelled := true;
+            v_gone_since := coalesce(v_gone_since, clock_timestamp());
+            PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
+            IF v_run.job_pid IS NOT NULL THEN
+                PERFORM pg_cancel_backend(v_run.job_pid);
+            END IF;
+        END;
+        COMMIT;
+    END LOOP;
+    PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
+    BEGIN
+        p_outcome.result := @schema@._cron_child_result(v_job, v_run, v_cancelled, v_timed_out);
+    EXCEPTION WHEN query_canceled OR OTHERS THEN
+        GET STACKED DIAGNOSTICS p_outcome.sqlstate = RETURNED_SQLSTATE, p_outcome.message = MESSAGE_TEXT,
+                                p_outcome.detail = PG_EXCEPTION_DETAIL, p_outcome.hint = PG_EXCEPTION_HINT;
+    END;
+    -- What _cron_exec() recorded, when it ran the statement, rather than what pg_cron makes of it.
+    p_outcome := coalesce(@schema@._cron_recorded(p_child), p_outcome);
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._run_in_cron_job(text, uuid, text, interval, @schema@.child_outcome) IS
+    'Runs a child at top level as the command of a pg_cron job of its own (with the batch''s search_path where '
+    'the command can set it, and the batch''s statement timeout) and returns how it ended.';
+
 CREATE FUNCTION @schema@._cron_own_job()
 RETURNS bigint
 LANGUAGE plpgsql
@@ -177,19 +294,94 @@ $fn$;
 COMMENT ON FUNCTION @schema@._cron_own_job() IS
     'The pg_cron job this session is a run of (NULL if pg_cron has not said so within 2 s).';
 
-CREATE FUNCTION @schema@._cron_park(p_job bigint)
+CREATE PROCEDURE @schema@._cron_park(INOUT p_parked boolean DEFAULT NULL)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_job bigint := @schema@._cron_own_job();
+BEGIN
+    -- Ordered against a launch of the role (it queues under this lock, shared, then schedules a job if
+    -- none is left): no batch is left with queued work and no job. Parked rather than removed:
+    -- '@reboot' runs it only when pg_cron starts (after a server restart, when it resumes the role's
+    -- queued work), and the job keeps its id for a fast next start. A role has at most as many as its
+    -- largest cap.
+    PERFORM pg_advisory_xact_lock(@schema@._role_key());
+    p_parked := NOT (@schema@._role_has_queued() AND @schema@._role_slots_free());
+    IF p_parked THEN
+        PERFORM cron.schedule(j.jobname, '@reboot', j.command) FROM cron.job j WHERE j.jobid = v_job;
+    END IF;
+    COMMIT;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._cron_park(boolean) IS
+    'Parks the pg_cron runner job of this session (schedule @reboot), for the next batch of its role to '
+    'wake, and commits; p_parked is false, and nothing parked, when its role has queued work a runner could '
+    'start.';
+
+CREATE FUNCTION @schema@._cron_schedule_runners()
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
 BEGIN
-    -- Parked rather than removed: '@reboot' runs it only when pg_cron starts (after a server
-    -- restart, when it resumes the role's queued work), and the job keeps its id for a fast
-    -- next start. A role has at most as many as its largest cap.
-    PERFORM cron.schedule(j.jobname, '@reboot', j.command) FROM cron.job j WHERE j.jobid = p_job;
+    -- A child's job whose runner is gone (its child settled) must not run again.
+    PERFORM cron.unschedule(j.jobid) FROM cron.job j
+     WHERE starts_with(j.jobname, 'pgbg_child:')
+       AND NOT EXISTS (SELECT 1 FROM @schema@.log_background c
+                        WHERE c.uuid_child::text = substr(j.jobname, 12) AND c.status = 'running');
+    -- Runner jobs pick any batch of their role: as many as its batches can use, up to the cap.
+    PERFORM @schema@._cron_ensure_runners((
+        SELECT least(@schema@._global_cap(), coalesce(sum(least(n.queued + n.running, bt.max_parallel)), 0))::int
+          FROM @schema@.batch bt
+         CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
+         WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL AND n.queued > 0));
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._cron_park(bigint) IS
-    'Parks a pg_cron runner job (schedule @reboot), for the next batch of its role to wake.';
+COMMENT ON FUNCTION @schema@._cron_schedule_runners() IS
+    'pg_cron housekeeping: unschedules the jobs of children no runner runs any more, and schedules runner '
+    'jobs of the caller''s role for its batches with queued children.';
+
+CREATE FUNCTION @schema@._role_has_queued()
+RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
+                WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL);
+COMMENT ON FUNCTION @schema@._role_has_queued() IS 'Whether a batch of the caller''s role, not stopped, has queued children.';
+
+CREATE FUNCTION @schema@._role_slots_free()
+RETURNS boolean
+LANGUAGE sql VOLATILE
+RETURN EXISTS (SELECT 1 FROM @schema@.batch bt
+                WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+                  AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                               WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+                  AND @schema@._slot_holders(@schema@._batch_lock_key(bt.uuid_parent), current_user) < bt.max_parallel);
+COMMENT ON FUNCTION @schema@._role_slots_free() IS
+    'Whether a batch of the caller''s role with queued children has a batch slot no runner holds.';
+
+CREATE PROCEDURE @schema@._cron_linger(p_until timestamptz, INOUT p_woken boolean)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_job bigint := @schema@._cron_own_job();
+BEGIN
+    -- The role's next batch often follows soon (a script's next launch, a DAG's next task): a runner
+    -- still here takes it within 20 ms, where a parked job starts only after pg_cron has seen this run
+    -- end (up to 2 s). The probe reads the small index of queued children. A run of a parked job does
+    -- not linger: pg_cron started it for a tick that came while the last run lingered, or at its own
+    -- start, and nothing is about to be launched for it.
+    p_woken := false;
+    IF EXISTS (SELECT 1 FROM cron.job j WHERE j.jobid = v_job AND j.schedule = '@reboot') THEN
+        RETURN;
+    END IF;
+    WHILE NOT p_woken AND clock_timestamp() < p_until LOOP
+        COMMIT;
+        PERFORM pg_sleep(0.02);
+        p_woken := @schema@._role_has_queued();
+    END LOOP;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@._cron_linger(timestamptz, boolean) IS
+    'A pg_cron runner with nothing left stays until p_until for its role''s next batch; p_woken when one came.';
 
 CREATE PROCEDURE @schema@._cron_runner()
 LANGUAGE plpgsql
@@ -197,30 +389,26 @@ AS $fn$
 DECLARE
     b record;
     v_ran boolean;
-    v_parents uuid[];
     v_settled boolean := false;
     v_idle_since timestamptz := clock_timestamp();
     v_linger interval := (SELECT s.cron_linger FROM @schema@.settings s);
     v_woken boolean;
-    v_job bigint;
+    v_parked boolean;
 BEGIN
     PERFORM set_config('application_name', 'pgbg:cron', false);
     -- The finished runs of this role's runner jobs (job_run_details would grow every second otherwise).
-    DELETE FROM cron.job_run_details
-     WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
+    DELETE FROM cron.job_run_details WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
     COMMIT;
     LOOP
         v_ran := false;
-        FOR b IN
-            SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
-             WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-               AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                            WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
-             ORDER BY bt.created_at
-             LIMIT 20
+        FOR b IN SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
+                  WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+                    AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                                 WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
+                  ORDER BY bt.created_at LIMIT 20
         LOOP
-            -- The runner's loop, as in a pg_background worker: it adopts other batches of the role
-            -- until none needs a runner.
+            -- The runner's loop, as in a pg_background worker: it adopts other batches of the role until
+            -- none needs a runner.
             CALL @schema@._work(b.uuid_parent, b.enqueue_xid, v_ran);
             EXIT WHEN v_ran;
         END LOOP;
@@ -229,74 +417,29 @@ BEGIN
             v_settled := false;
             v_idle_since := clock_timestamp();
         END IF;
-        -- A runner of this role killed mid-child (its job runs again a second later: this may be it)
-        -- left that child 'running'. Settle it here, lost or queued again: a poll could, but a
-        -- pg_background_wait() would schedule the runner job only when its own statement ends.
-        v_parents := ARRAY(SELECT DISTINCT x.uuid_parent FROM @schema@.log_background x
-                             JOIN @schema@.batch bt USING (uuid_parent)
-                            WHERE x.status = 'running' AND bt.role_name = current_user
-                              AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                                               WHERE a.pid = x.pid AND a.backend_start = x.backend_start));
-        IF cardinality(v_parents) > 0 AND NOT v_settled THEN
-            PERFORM @schema@._housekeep(v_parents);
+        -- A runner of this role killed mid-child (its job runs again a second later: this may be it) left
+        -- that child 'running': settle it here, once per idle turn (rows locked by another session stay
+        -- theirs). A wait would leave it to the runner jobs.
+        IF NOT v_settled AND EXISTS (SELECT 1 FROM @schema@._orphans(NULL) o WHERE o.role_name = current_user) THEN
+            PERFORM @schema@._housekeep(NULL::uuid[]);
             COMMIT;
-            v_settled := true;  -- once per idle turn: rows locked by another session stay theirs
+            v_settled := true;
             CONTINUE;
         END IF;
-        IF NOT v_ran AND EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                                  WHERE x.status = 'queued' AND bt.role_name = current_user
-                                    AND bt.stop_requested_at IS NULL) THEN
-            -- Work, but no free slot. When every batch with queued children has all its slots taken,
-            -- the runners holding them run the rest: park, rather than run again every second for as
-            -- long as that lasts, as lingering runners woken by a batch with a smaller cap would.
-            -- Short of a global slot only, this job runs again in a second.
-            IF NOT EXISTS (
-                SELECT 1 FROM @schema@.batch bt
-                 WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-                   AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                                WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
-                   AND (SELECT count(*) FROM pg_locks l
-                         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                           AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
-                           AND l.classid = @schema@._batch_lock_key(bt.uuid_parent)::oid) < bt.max_parallel) THEN
-                v_job := @schema@._cron_own_job();
-                PERFORM pg_advisory_xact_lock(@schema@._role_key());
-                PERFORM @schema@._cron_park(v_job);
-                COMMIT;
+        IF NOT v_ran AND @schema@._role_has_queued() THEN
+            -- Work, but no free slot. When every batch with queued children has all its slots taken, the
+            -- runners holding them run the rest: park, rather than run again every second for as long as
+            -- that lasts. Short of a global slot only, this job runs again in a second.
+            IF NOT @schema@._role_slots_free() THEN
+                CALL @schema@._cron_park(v_parked);
             END IF;
             RETURN;
         END IF;
-        -- Idle: stay a moment (settings.cron_linger) before parking. The role's next batch often
-        -- follows soon (a script's next launch, a DAG's next task): a runner still here takes it
-        -- within 20 ms, where a parked job starts only after pg_cron has seen this run end (up to
-        -- 2 s). The probe reads the small index of queued children. A run of a parked job does not
-        -- linger: pg_cron started it for a tick that came while the last run lingered, or at its own
-        -- start, and nothing is about to be launched for it.
-        v_woken := false;
-        IF clock_timestamp() < v_idle_since + v_linger THEN
-            v_job := @schema@._cron_own_job();
-            IF NOT EXISTS (SELECT 1 FROM cron.job j WHERE j.jobid = v_job AND j.schedule = '@reboot') THEN
-                WHILE NOT v_woken AND clock_timestamp() < v_idle_since + v_linger LOOP
-                    COMMIT;
-                    PERFORM pg_sleep(0.02);
-                    v_woken := EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                                        WHERE x.status = 'queued' AND bt.role_name = current_user
-                                          AND bt.stop_requested_at IS NULL);
-                END LOOP;
-            END IF;
-        END IF;
+        CALL @schema@._cron_linger(v_idle_since + v_linger, v_woken);
         CONTINUE WHEN v_woken;
-        -- Nothing left: leave for good, unless work was queued meanwhile (which waits for this lock,
-        -- then schedules a job if none is left).
-        v_job := @schema@._cron_own_job();
-        PERFORM pg_advisory_xact_lock(@schema@._role_key());
-        IF NOT EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                        WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL) THEN
-            PERFORM @schema@._cron_park(v_job);
-            COMMIT;
-            RETURN;
-        END IF;
-        COMMIT;
+        -- Nothing left: leave for good, unless work was queued meanwhile.
+        CALL @schema@._cron_park(v_parked);
+        EXIT WHEN v_parked;
     END LOOP;
 END
 $fn$;

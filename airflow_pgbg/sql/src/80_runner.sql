@@ -1,4 +1,7 @@
--- Runners: one loop for both launchers.
+-- Runners: one loop for both launchers. A runner holds a global slot and a slot of its batch and
+-- repeats: claim the next child (in the transaction that counts the one before), commit, run it
+-- (inline here, in a nested worker, or in a pg_cron job), settle its outcome. _verdict() alone decides
+-- how a child ended; _settle() records it.
 
 CREATE FUNCTION @schema@._claim(p_parent uuid, p_shard int, p_backend_start timestamptz,
                                p_settled @schema@.child_status, p_claim boolean, p_after int)
@@ -13,8 +16,9 @@ BEGIN
         UPDATE @schema@.log_background c
            SET status = 'running', pid = pg_backend_pid(), backend_start = p_backend_start,
                start_time_exec = clock_timestamp(), end_time_exec = NULL, attempt = c.attempt + 1,
-               not_before = NULL, stop_requested = false, requeue_on_stop = false
-         WHERE p_claim
+               not_before = NULL, stop_requested = false, requeue_on_stop = false, result = NULL,
+               sqlstate = NULL
+         WHERE p_claim AND c.status = 'queued'
            AND c.id = (SELECT x.id FROM @schema@.log_background x
                         WHERE x.uuid_parent = p_parent AND x.status = 'queued' AND x.role_name = current_user
                           AND (x.not_before IS NULL OR x.not_before <= clock_timestamp())
@@ -51,307 +55,298 @@ COMMENT ON FUNCTION @schema@._claim(uuid, int, timestamptz, @schema@.child_statu
     'after the runner''s previous claim skips the index entries of children already claimed, which stay '
     'until no snapshot can see them (a long poll holds one back).';
 
-CREATE PROCEDURE @schema@._work(p_parent uuid, p_enqueue_xid xid8, INOUT p_ran boolean DEFAULT false)
+CREATE FUNCTION @schema@._claim_next(p_parent uuid, p_shard int, p_backend_start timestamptz,
+                                    p_settled @schema@.child_status, p_claim boolean, p_after int)
+RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int)
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    RETURN QUERY SELECT * FROM @schema@._claim(p_parent, p_shard, p_backend_start, p_settled, p_claim, p_after);
+    IF NOT FOUND AND p_claim AND p_after > 0 THEN
+        -- Children queued again behind this runner (retries, a takeover) come after the rest.
+        RETURN QUERY SELECT * FROM @schema@._claim(p_parent, p_shard, p_backend_start, NULL, true, 0);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._claim_next(uuid, int, timestamptz, @schema@.child_status, boolean, int) IS
+    '_claim() after the runner''s previous child, then from the start of the queue.';
+
+CREATE FUNCTION @schema@._verdict(p_outcome @schema@.child_outcome, p_gone boolean, p_child @schema@.log_background,
+                                  p_batch @schema@.batch)
+RETURNS text
+LANGUAGE sql STABLE
+-- Decided from SQLSTATEs and the engine's own state, never from an error's text: 57014 is a cancel
+-- (pg_background turns a terminate into one too), 57P01/57P02 a shutdown.
+RETURN CASE
+    WHEN (p_outcome).result IS NOT NULL THEN 'done'
+    WHEN (p_child).stop_requested AND (p_child).requeue_on_stop THEN 'requeued'
+    WHEN (p_child).stop_requested THEN 'stopped'
+    WHEN (p_outcome).sqlstate = '57014' AND (p_batch).statement_timeout IS NOT NULL
+         AND clock_timestamp() - (p_child).start_time_exec >= (p_batch).statement_timeout THEN 'timed out'
+    WHEN NOT (p_gone OR (p_outcome).sqlstate IN ('57014', '57P01', '57P02')) THEN
+        CASE WHEN @schema@._is_transient((p_outcome).sqlstate) AND (p_child).failures < (p_batch).retries
+             THEN 'retry' ELSE 'failed' END
+    -- Cut short from outside the engine, or its runner died. A stop of the whole batch is under way; or
+    -- an inline child rolled back with its runner's transaction (it never happened: it runs again,
+    -- unless it keeps taking its runner down); or the work may have committed in its own worker.
+    WHEN (p_batch).stop_requested_at IS NOT NULL THEN 'stopped'
+    WHEN (p_child).run_mode = 'inline' AND (p_child).interruptions + 1 < 3 THEN 'interrupted'
+    WHEN (p_child).run_mode = 'inline' THEN 'lost'
+    WHEN (p_batch).retry_lost AND (p_child).failures < (p_batch).retries THEN 'retry lost'
+    ELSE 'lost'
+END;
+COMMENT ON FUNCTION @schema@._verdict(@schema@.child_outcome, boolean, @schema@.log_background, @schema@.batch) IS
+    'How a running child ended: done, requeued (a takeover cut it short), stopped, timed out, retry (a '
+    'transient failure with retries left), failed, interrupted (an inline child whose runner was '
+    'cancelled, terminated or died: it rolled back and is queued again, 3 times at most), retry lost, or '
+    'lost (it may have committed in a worker of its own, or its runner died under it 3 times). p_gone: '
+    'its runner died without an outcome.';
+
+CREATE FUNCTION @schema@._settle(p_id bigint, p_outcome @schema@.child_outcome, p_gone boolean DEFAULT false)
+RETURNS TABLE (status @schema@.child_status, leave boolean)
+LANGUAGE plpgsql
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    c @schema@.log_background;
+    b @schema@.batch;
+    v text;
+    v_failed boolean;
+BEGIN
+    -- The child's row first: a stop holds it while it marks it and signals the runner, and a stop of
+    -- the whole batch marks the batch's row first; both are seen as they committed.
+    SELECT * INTO c FROM @schema@.log_background x WHERE x.id = p_id FOR UPDATE;
+    SELECT * INTO b FROM @schema@.batch x WHERE x.uuid_parent = c.uuid_parent;
+    v := @schema@._verdict(p_outcome, p_gone, c, b);
+    v_failed := v IN ('timed out', 'retry', 'failed');
+    UPDATE @schema@.log_background x
+       SET status = CASE v WHEN 'done' THEN 'done' WHEN 'stopped' THEN 'stopped' WHEN 'timed out' THEN 'failed'
+                           WHEN 'failed' THEN 'failed' WHEN 'lost' THEN 'lost' ELSE 'queued' END::@schema@.child_status,
+           result = p_outcome.result,
+           sqlstate = p_outcome.sqlstate,
+           error = CASE v
+               WHEN 'requeued' THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
+               WHEN 'stopped' THEN 'stopped by pg_background_stop()'
+               WHEN 'interrupted' THEN 'its runner was interrupted; rolled back and queued again: ' || p_outcome.message
+               WHEN 'lost' THEN CASE WHEN c.run_mode = 'inline'
+                                     THEN 'its runner was interrupted 3 times while running it (each time rolled back)'
+                                     WHEN p_gone THEN 'worker process ended without recording an outcome '
+                                                      '(terminated, crashed or server restarted)'
+                                     ELSE 'worker process was cancelled or terminated from outside: ' || p_outcome.message END
+               ELSE p_outcome.message END,
+           error_detail = nullif(p_outcome.detail, ''),
+           error_hint = nullif(p_outcome.hint, ''),
+           error_context = nullif(p_outcome.context, ''),
+           end_time_exec = clock_timestamp(),
+           failures = c.failures + (v IN ('retry', 'retry lost') OR v = 'lost' AND c.run_mode <> 'inline'
+                                    OR v = 'failed' AND @schema@._is_transient(p_outcome.sqlstate))::int,
+           interruptions = c.interruptions + (v IN ('interrupted', 'lost') AND c.run_mode = 'inline')::int,
+           not_before = CASE WHEN v IN ('retry', 'retry lost')
+                             THEN @schema@._retry_at(b.retry_delay, b.retry_backoff, c.failures) END,
+           errors = CASE WHEN v IN ('done', 'requeued', 'stopped') THEN c.errors
+                         ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
+                             c.attempt, CASE WHEN v_failed THEN 'failed' WHEN v = 'interrupted' THEN 'interrupted'
+                                             ELSE 'lost' END,
+                             p_outcome.sqlstate, coalesce(p_outcome.message, 'worker process ended without recording an outcome')) END
+     WHERE x.id = p_id;
+    -- A runner cancelled or terminated from outside leaves; others start where work remains.
+    RETURN QUERY SELECT CASE v WHEN 'done' THEN 'done' WHEN 'stopped' THEN 'stopped' WHEN 'timed out' THEN 'failed'
+                               WHEN 'failed' THEN 'failed' WHEN 'lost' THEN 'lost'
+                               ELSE 'queued' END::@schema@.child_status,
+                        v IN ('interrupted', 'retry lost', 'lost') AND NOT p_gone;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._settle(bigint, @schema@.child_outcome, boolean) IS
+    'Records how a running child ended (see _verdict()): its status, result or error, retries and '
+    'interruptions used, and the attempt in errors. Returns the status, and whether its runner should '
+    'leave. p_gone: its runner died; housekeeping settles it.';
+
+CREATE FUNCTION @schema@._run_inline(p_sql text, p_settings @schema@.settings)
+RETURNS @schema@.child_outcome
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    v_parent uuid := p_parent;
-    v_batch @schema@.batch;
-    v_settings @schema@.settings;
-    v_xact text;
-    v_nap float8 := 0.002;
-    v_global_slot int;
-    v_batch_slot int;
-    v_slot int;
-    v_backend_start timestamptz;
-    v_id bigint;
-    v_child uuid;
-    v_cron boolean := @schema@._launcher() = 'pg_cron';
-    v_pid int;
-    v_cookie bigint;
-    v_finished boolean;
-    v_job bigint;
-    v_run @schema@.cron_run;
-    v_defused boolean;
-    v_cancelled boolean;
-    v_timed_out boolean;
-    v_gone_since timestamptz;
-    v_leave boolean := false;
-    v_settled @schema@.child_status;
-    v_fail_fast boolean := false;
-    v_failed_child uuid;
-    v_seq int;
-    v_after int := 0;
-    v_sql text;
-    v_command text;
-    v_mode text;
-    v_result jsonb;
-    v_state text;
-    v_msg text;
-    v_detail text;
-    v_hint text;
-    v_context text;
-    v_next uuid;
-    v_due timestamptz;
+    o @schema@.child_outcome;
 BEGIN
-    PERFORM set_config('application_name', 'pgbg:' || v_parent, false);
-    -- The batch becomes visible when the transaction that queued it commits; if it rolls back,
-    -- there is nothing to run.
-    LOOP
-        v_xact := pg_xact_status(p_enqueue_xid);
-        EXIT WHEN v_xact IS DISTINCT FROM 'in progress';
+    o.result := @schema@._execute_inline(p_sql, p_settings.preview_rows, p_settings.preview_bytes);
+    -- A child that wrote nothing has nothing to make durable but its log row, which a crash would
+    -- only put back in the queue: its commit need not wait for a WAL flush.
+    IF pg_current_xact_id_if_assigned() IS NULL THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
+    RETURN o;
+EXCEPTION WHEN query_canceled OR OTHERS THEN
+    GET STACKED DIAGNOSTICS o.sqlstate = RETURNED_SQLSTATE, o.message = MESSAGE_TEXT, o.detail = PG_EXCEPTION_DETAIL,
+                            o.hint = PG_EXCEPTION_HINT, o.context = PG_EXCEPTION_CONTEXT;
+    RETURN o;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._run_inline(text, @schema@.settings) IS
+    'Runs a child in the runner''s own transaction (its effects commit with its outcome, or roll back '
+    'with its error) and returns how it ended.';
+
+CREATE FUNCTION @schema@._await_starter(p_starter xid8)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_nap float8 := 0.002;
+BEGIN
+    -- Whoever starts a runner (a launch, a poll, a retry, housekeeping) may still be writing the work
+    -- it started it for; what the runner looks for is visible once that transaction has ended.
+    WHILE pg_xact_status(p_starter) = 'in progress' LOOP
         PERFORM pg_sleep(v_nap);
         v_nap := least(v_nap * 2, 0.1);
     END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._await_starter(xid8) IS
+    'Waits until the transaction that started this runner has ended, so that the runner sees its work.';
+
+CREATE FUNCTION @schema@._retry_due(p_parent uuid)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+RETURN (SELECT min(x.not_before) FROM @schema@.log_background x
+         WHERE x.uuid_parent = p_parent AND x.status = 'queued' AND x.not_before > clock_timestamp());
+COMMENT ON FUNCTION @schema@._retry_due(uuid) IS 'When the next child of the batch waiting for a retry is due; NULL if none waits.';
+
+CREATE FUNCTION @schema@._take_slots(p_batch @schema@.batch, OUT global_slot int, OUT batch_slot int)
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    global_slot := @schema@._take_slot(@schema@._global_lock_key(), @schema@._global_cap(), NULL);
+    IF global_slot IS NOT NULL THEN
+        batch_slot := @schema@._take_slot(@schema@._batch_lock_key(p_batch.uuid_parent), p_batch.max_parallel,
+                                          p_batch.role_name);
+        IF batch_slot IS NULL THEN
+            PERFORM pg_advisory_unlock(@schema@._global_lock_key(), global_slot);
+            global_slot := NULL;
+        END IF;
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._take_slots(@schema@.batch) IS
+    'A global slot and a slot of the batch for this runner, or neither (NULLs) when either cap is reached.';
+
+CREATE FUNCTION @schema@._adopt(p_batch @schema@.batch, INOUT p_slot int, OUT next @schema@.batch)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_slot int;
+BEGIN
+    -- The batch has nothing left to start: keep the global slot busy with another batch of the role
+    -- that is short of runners, rather than leave it to the next poll.
+    FOR next IN
+        SELECT b.* FROM @schema@.batch b
+         WHERE b.role_name = current_user AND b.stop_requested_at IS NULL AND b.uuid_parent <> p_batch.uuid_parent
+           AND EXISTS (SELECT 1 FROM @schema@.log_background x WHERE x.uuid_parent = b.uuid_parent AND x.status = 'queued')
+         ORDER BY b.created_at
+         LIMIT 20
+    LOOP
+        v_slot := @schema@._take_slot(@schema@._batch_lock_key(next.uuid_parent), next.max_parallel, next.role_name);
+        IF v_slot IS NOT NULL THEN
+            PERFORM pg_advisory_unlock(@schema@._batch_lock_key(p_batch.uuid_parent), p_slot);
+            p_slot := v_slot;
+            PERFORM set_config('application_name', 'pgbg:' || next.uuid_parent, false);
+            PERFORM set_config('search_path', next.search_path, false);
+            RETURN;
+        END IF;
+    END LOOP;
+    next := NULL;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._adopt(@schema@.batch, int) IS
+    'Moves the runner to another batch of its role with queued children and a free slot (its batch '
+    'slot swapped in p_slot); next is NULL when there is none.';
+
+CREATE PROCEDURE @schema@._work(p_parent uuid, p_starter xid8, INOUT p_ran boolean DEFAULT false)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_batch @schema@.batch;
+    v_settings @schema@.settings;
+    v_slots record;
+    v_backend_start timestamptz;
+    c record;
+    v_after int := 0;
+    v_outcome @schema@.child_outcome;
+    v_settled @schema@.child_status;
+    v_leave boolean := false;
+    v_fail_fast uuid;
+    v_adopted record;
+BEGIN
+    PERFORM set_config('application_name', 'pgbg:' || p_parent, false);
+    PERFORM @schema@._await_starter(p_starter);
     SELECT * INTO v_settings FROM @schema@.settings;
-    SELECT * INTO v_batch FROM @schema@.batch WHERE uuid_parent = v_parent AND role_name = current_user;
-    IF v_xact = 'aborted' OR NOT FOUND THEN
-        RETURN;
+    SELECT * INTO v_batch FROM @schema@.batch WHERE uuid_parent = p_parent AND role_name = current_user;
+    IF NOT FOUND THEN
+        RETURN;  -- its starter rolled back
     END IF;
-    v_global_slot := @schema@._take_slot(@schema@._global_lock_key(), @schema@._global_cap());
-    IF v_global_slot IS NULL THEN
-        RETURN;
-    END IF;
-    v_batch_slot := @schema@._take_slot(@schema@._batch_lock_key(v_parent), v_batch.max_parallel);
-    IF v_batch_slot IS NULL THEN
-        PERFORM pg_advisory_unlock_all();
-        RETURN;
+    v_slots := @schema@._take_slots(v_batch);
+    IF v_slots.global_slot IS NULL THEN
+        RETURN;  -- the caps are reached
     END IF;
     p_ran := true;
     SELECT backend_start INTO v_backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid();
     PERFORM set_config('search_path', v_batch.search_path, false);
     COMMIT;
-
     LOOP
-        -- One transaction per child: the outcome of the previous one (its work too, for an inline
-        -- child) and the claim of the next. Publishing a claim alone need not wait for a WAL flush:
-        -- a claim lost in a crash leaves a child that never ran queued rather than lost.
+        -- One transaction per child: the outcome of the one before (and an inline one's work), its count,
+        -- and the claim of the next. A claim alone need not wait for a WAL flush: lost in a crash, it
+        -- leaves a child that never ran queued.
         IF v_settled IS NULL THEN
             PERFORM set_config('synchronous_commit', 'off', true);
         END IF;
-        SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq INTO v_id, v_child, v_sql, v_mode, v_seq
-          FROM @schema@._claim(v_parent, v_global_slot, v_backend_start, v_settled, NOT (v_fail_fast OR v_leave),
-                               v_after) c;
+        SELECT * INTO c FROM @schema@._claim_next(v_batch.uuid_parent, v_slots.global_slot, v_backend_start,
+                                                  v_settled, v_fail_fast IS NULL AND NOT v_leave, v_after);
         v_settled := NULL;
-        IF v_id IS NULL AND v_after > 0 AND NOT (v_fail_fast OR v_leave) THEN
-            -- Children queued again behind us (retries, a takeover) come after the rest.
+        IF v_fail_fast IS NOT NULL THEN
+            COMMIT;  -- the failure is recorded: now take the rest of the batch down
+            PERFORM @schema@._stop(v_batch.uuid_parent, format('stopped: fail_fast after child %s failed', v_fail_fast),
+                                   false, NULL);
+            COMMIT;
+            v_fail_fast := NULL;
+        ELSIF v_leave THEN
+            COMMIT;
+            EXIT;
+        ELSIF c.id IS NULL AND @schema@._retry_due(v_batch.uuid_parent) IS NOT NULL THEN
+            COMMIT;  -- children waiting for an automatic retry keep this runner on the batch
+            PERFORM pg_sleep(least(greatest(extract(epoch FROM @schema@._retry_due(v_batch.uuid_parent) - clock_timestamp()),
+                                            0.001), 0.2));
+        ELSIF c.id IS NULL THEN
+            COMMIT;  -- whoever commits the last outcome of a batch sees every other one: it tells the waiters
+            PERFORM @schema@._notify_if_ended(ARRAY[v_batch.uuid_parent]);
+            COMMIT;
+            v_adopted := @schema@._adopt(v_batch, v_slots.batch_slot);
+            COMMIT;
+            EXIT WHEN v_adopted.next IS NULL;
+            v_batch := v_adopted.next;
+            v_slots.batch_slot := v_adopted.p_slot;
             v_after := 0;
-            SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq INTO v_id, v_child, v_sql, v_mode, v_seq
-              FROM @schema@._claim(v_parent, v_global_slot, v_backend_start, NULL, true, 0) c;
-        END IF;
-        v_after := coalesce(v_seq, v_after);
-        IF v_fail_fast THEN
-            -- The failure is recorded; now take the rest of the batch down.
+        ELSE
+            v_after := c.seq;
             COMMIT;
-            PERFORM @schema@._stop(v_parent, format('stopped: fail_fast after child %s failed', v_failed_child), false, NULL);
-            COMMIT;
-            v_fail_fast := false;
-            CONTINUE;
-        END IF;
-        EXIT WHEN v_leave;
-
-        IF v_id IS NULL THEN
-            -- Children waiting for an automatic retry keep this runner on the batch.
-            SELECT min(x.not_before) INTO v_due FROM @schema@.log_background x
-             WHERE x.uuid_parent = v_parent AND x.status = 'queued' AND x.not_before > clock_timestamp();
-            IF v_due IS NOT NULL THEN
-                COMMIT;
-                PERFORM pg_sleep(least(greatest(extract(epoch FROM v_due - clock_timestamp()), 0.001), 0.2));
-                CONTINUE;
-            END IF;
-            COMMIT;
-            -- Whoever commits the last outcome of a batch sees every other one: it tells the waiters.
-            PERFORM @schema@._notify_if_ended(ARRAY[v_parent]);
-            COMMIT;
-            -- This batch has nothing left to start. Keep the global slot busy with another batch
-            -- of the same role that is short of runners, instead of leaving it to the next poll.
-            v_next := NULL;
-            FOR v_batch IN
-                SELECT b.* FROM @schema@.batch b
-                 WHERE b.role_name = current_user AND b.stop_requested_at IS NULL
-                   AND b.uuid_parent <> v_parent
-                   AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                                WHERE x.uuid_parent = b.uuid_parent AND x.status = 'queued')
-                 ORDER BY b.created_at
-                 LIMIT 20
-            LOOP
-                v_slot := @schema@._take_slot(@schema@._batch_lock_key(v_batch.uuid_parent), v_batch.max_parallel);
-                IF v_slot IS NOT NULL THEN
-                    PERFORM pg_advisory_unlock(@schema@._batch_lock_key(v_parent), v_batch_slot);
-                    v_batch_slot := v_slot;
-                    v_next := v_batch.uuid_parent;
-                    EXIT;
-                END IF;
-            END LOOP;
-            EXIT WHEN v_next IS NULL;
-            v_parent := v_next;
-            v_after := 0;
-            PERFORM set_config('application_name', 'pgbg:' || v_parent, false);
-            PERFORM set_config('search_path', v_batch.search_path, false);
-            COMMIT;
-            CONTINUE;
-        END IF;
-        COMMIT;
-
-        v_pid := NULL;
-        v_job := NULL;
-        v_run := NULL;
-        IF v_mode = 'worker' AND NOT v_cron THEN
-            -- Launch, then wait in short statements with a COMMIT between them: CREATE INDEX
-            -- CONCURRENTLY in the nested worker waits for every older snapshot, this runner's too.
-            BEGIN
-                SELECT h.pid, h.cookie INTO v_pid, v_cookie
-                  FROM @schema@._start_top_level(v_sql, v_child, v_batch.statement_timeout) h;
-            EXCEPTION WHEN query_canceled THEN
-                NULL;  -- stopped before it started; recorded below
-            END;
-            COMMIT;
-            v_finished := v_pid IS NULL;
-            WHILE NOT v_finished LOOP
-                BEGIN
-                    v_finished := @pgbg_ext@.pg_background_wait_v2(v_pid, v_cookie, 250);
-                EXCEPTION WHEN query_canceled THEN
-                    PERFORM @pgbg_ext@.pg_background_cancel_v2(v_pid, v_cookie, 0);
-                END;
-                COMMIT;
-            END LOOP;
-        ELSIF v_mode = 'worker' THEN
-            -- pg_cron: the statement is the command of a job of its own, which runs it at top level
-            -- at the next second. Unscheduling a job ends its run, so the job stays until the run has
-            -- ended; once the run has begun (pg_cron has copied the command by then) the command
-            -- becomes a no-op for any rerun the schedule starts meanwhile. This runner enforces the
-            -- statement timeout and passes a stop on to the run.
-            v_defused := false;
-            v_cancelled := false;
-            v_timed_out := false;
-            v_gone_since := NULL;
-            v_command := @schema@._cron_job_command(v_sql, v_batch.search_path);
-            BEGIN
-                IF v_command IS NOT NULL THEN
-                    v_job := @schema@._cron_child_start(v_command, v_child);
-                END IF;
-            EXCEPTION WHEN query_canceled THEN
-                NULL;  -- stopped before it was scheduled; recorded below
-            END;
-            COMMIT;
-            WHILE v_job IS NOT NULL LOOP
-                BEGIN
-                    v_run := @schema@._cron_run(v_job);
-                    IF v_run.status IS NOT NULL AND NOT v_defused AND NOT v_cancelled THEN
-                        -- Same name, same job (cron.alter_job is for administrators).
-                        PERFORM cron.schedule('pgbg_child:' || v_child, '1 seconds', 'SELECT ''pgbg: this child has run''');
-                        v_defused := true;
-                    END IF;
-                    EXIT WHEN v_run.status IN ('succeeded', 'failed');
-                    -- Stopped before its run began: give pg_cron a moment to start one it had picked.
-                    EXIT WHEN v_cancelled AND v_run.status IS NULL AND clock_timestamp() > v_gone_since + interval '1.5 s';
-                    -- The job's own clock: pg_cron's start_time is when it began to start the job,
-                    -- and it learns of the end a moment late; the backend knows when it began.
-                    IF v_batch.statement_timeout IS NOT NULL AND NOT v_timed_out AND v_run.job_pid IS NOT NULL
-                       AND EXISTS (SELECT 1 FROM pg_stat_activity a
-                                    WHERE a.pid = v_run.job_pid AND a.state = 'active'
-                                      AND clock_timestamp() > a.query_start + v_batch.statement_timeout) THEN
-                        PERFORM pg_cancel_backend(v_run.job_pid);
-                        v_timed_out := true;
-                    END IF;
-                    PERFORM pg_sleep(0.01);
-                EXCEPTION WHEN query_canceled THEN
-                    -- A stop reached this runner: take the child's run down with it (unscheduled, a
-                    -- job's run is ended by pg_cron).
-                    v_cancelled := true;
-                    v_gone_since := coalesce(v_gone_since, clock_timestamp());
-                    PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
-                    IF v_run.job_pid IS NOT NULL THEN
-                        PERFORM pg_cancel_backend(v_run.job_pid);
-                    END IF;
-                END;
-                COMMIT;
-            END LOOP;
-            PERFORM cron.unschedule(j.jobid) FROM cron.job j WHERE j.jobid = v_job;
-        END IF;
-
-        BEGIN
-            IF v_mode = 'inline' THEN
-                v_result := @schema@._execute_inline(v_sql, v_settings.preview_rows, v_settings.preview_bytes);
-                -- A child that wrote nothing has nothing to make durable but its log row, which a crash
-                -- would turn into 'lost': its commit need not wait for a WAL flush either.
-                IF pg_current_xact_id_if_assigned() IS NULL THEN
-                    PERFORM set_config('synchronous_commit', 'off', true);
-                END IF;
-            ELSIF v_cron AND v_command IS NULL THEN
-                PERFORM @schema@._cron_refuse_search_path(v_sql, v_batch.search_path);
-            ELSIF v_cron THEN
-                v_result := @schema@._cron_child_result(v_job, v_run, v_cancelled, v_timed_out);
-            ELSIF v_pid IS NULL THEN
-                RAISE EXCEPTION 'canceling statement due to user request' USING ERRCODE = 'query_canceled';
+            IF c.run_mode = 'inline' THEN
+                v_outcome := @schema@._run_inline(c.query, v_settings);
+            ELSIF v_settings.launcher = 'pg_cron' THEN
+                CALL @schema@._run_in_cron_job(c.query, c.uuid_child, v_batch.search_path, v_batch.statement_timeout,
+                                               v_outcome);
             ELSE
-                v_result := @schema@._top_level_result(v_pid, v_cookie);
+                CALL @schema@._run_in_worker(c.query, c.uuid_child, v_batch.statement_timeout, v_outcome);
             END IF;
-            UPDATE @schema@.log_background
-               SET status = 'done', result = v_result, end_time_exec = clock_timestamp(), sqlstate = NULL,
-                   error = NULL, error_detail = NULL, error_hint = NULL, error_context = NULL
-             WHERE id = v_id;
-            v_settled := 'done';
-        EXCEPTION
-            WHEN query_canceled OR admin_shutdown THEN
-                -- pg_background_stop() sets stop_requested under a row lock before it signals, so
-                -- the flag tells a stop from a statement_timeout and from pg_cancel_backend() or
-                -- pg_terminate_backend() sent by someone else (pg_background turns SIGTERM into a
-                -- cancel): such a worker is treated as gone, its child lost, and the runner leaves.
-                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
-                UPDATE @schema@.log_background c
-                   SET status = CASE WHEN c.stop_requested AND c.requeue_on_stop THEN 'queued'
-                                     WHEN c.stop_requested THEN 'stopped'
-                                     WHEN v_msg LIKE '%statement timeout%' THEN 'failed'
-                                     WHEN v_batch.retry_lost AND c.failures < v_batch.retries THEN 'queued'
-                                     ELSE 'lost' END::@schema@.child_status,
-                       sqlstate = v_state,
-                       error = CASE WHEN c.stop_requested AND c.requeue_on_stop
-                                    THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
-                                    WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
-                                    WHEN v_msg LIKE '%statement timeout%' THEN v_msg
-                                    ELSE 'worker process was cancelled or terminated from outside: ' || v_msg END,
-                       end_time_exec = clock_timestamp(),
-                       failures = c.failures + (NOT c.stop_requested AND v_msg NOT LIKE '%statement timeout%')::int,
-                       not_before = CASE WHEN NOT c.stop_requested AND v_msg NOT LIKE '%statement timeout%'
-                                              AND v_batch.retry_lost AND c.failures < v_batch.retries
-                                         THEN @schema@._retry_at(v_batch.retry_delay, v_batch.retry_backoff, c.failures) END,
-                       errors = CASE WHEN c.stop_requested THEN c.errors
-                                     ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
-                                         c.attempt, CASE WHEN v_msg LIKE '%statement timeout%' THEN 'failed' ELSE 'lost' END,
-                                         v_state, v_msg) END
-                 WHERE id = v_id
-                RETURNING status, NOT stop_requested AND v_msg NOT LIKE '%statement timeout%'
-                     INTO v_settled, v_leave;
-            WHEN OTHERS THEN
-                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT,
-                                        v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT,
-                                        v_context = PG_EXCEPTION_CONTEXT;
-                UPDATE @schema@.log_background c
-                   SET status = CASE WHEN @schema@._is_transient(v_state) AND c.failures < v_batch.retries
-                                     THEN 'queued' ELSE 'failed' END::@schema@.child_status,
-                       not_before = CASE WHEN @schema@._is_transient(v_state) AND c.failures < v_batch.retries
-                                         THEN @schema@._retry_at(v_batch.retry_delay, v_batch.retry_backoff, c.failures) END,
-                       failures = c.failures + @schema@._is_transient(v_state)::int,
-                       sqlstate = v_state, error = v_msg,
-                       error_detail = nullif(v_detail, ''), error_hint = nullif(v_hint, ''),
-                       error_context = nullif(v_context, ''), end_time_exec = clock_timestamp(),
-                       errors = coalesce(c.errors, '[]') || @schema@._attempt_error(c.attempt, 'failed', v_state, v_msg)
-                 WHERE id = v_id
-                RETURNING status INTO v_settled;
-                -- Only a final failure stops a fail_fast batch; a retry is not one.
-                v_fail_fast := v_batch.fail_fast AND v_settled = 'failed';
-                v_failed_child := v_child;
-        END;
-        v_id := NULL;
+            SELECT s.status, s.leave INTO v_settled, v_leave FROM @schema@._settle(c.id, v_outcome) s;
+            IF v_settled = 'failed' AND v_batch.fail_fast THEN
+                v_fail_fast := c.uuid_child;  -- only a final failure; a retry is not one
+            END IF;
+        END IF;
     END LOOP;
-    -- Leave the name first so that nobody counts this process once its slots are free.
+    -- Leave the name first, so that nobody counts this process once its slots are free.
     PERFORM set_config('application_name', 'pgbg:exiting', false);
     PERFORM pg_advisory_unlock_all();
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._work(uuid, xid8, boolean) IS
-    'The runner''s loop: holds one global and one batch slot and executes queued children until none is '
-    'left (waiting for children due for a retry, adopting other batches of the role), recording each '
-    'outcome in the transaction of its work together with the claim of the next child. p_ran: it got '
-    'its slots.';
+    'The runner''s loop: holds one global and one batch slot and runs queued children until none is left '
+    '(waiting for children due for a retry, adopting other batches of the role), recording each outcome in '
+    'the transaction of its work together with the claim of the next child. p_starter: the transaction '
+    'that started the runner, awaited first. p_ran: it got its slots.';

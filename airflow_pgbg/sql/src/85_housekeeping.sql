@@ -1,16 +1,150 @@
--- Housekeeping: children of runners that died, and runners where slots are free.
+-- Housekeeping: children of runners that died, and runners where slots are free. Every poll, monitor,
+-- wait, launch and retry does it, so polling is enough to drive a batch. Runners it starts begin once
+-- its transaction has ended; a call that stays in its transaction (a wait) has it done apart.
 
-CREATE FUNCTION @schema@._housekeep(p_parents uuid[])
+CREATE FUNCTION @schema@._orphan_outcome(p_child @schema@.log_background, OUT running boolean,
+                                         OUT outcome @schema@.child_outcome)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_job bigint;
+    v_run @schema@.cron_run;
+BEGIN
+    -- Whether a child whose runner died still runs somewhere, or how it ended there. Only a statement of
+    -- its own worker or job can have outlived its runner; an inline one rolled back with it.
+    running := false;
+    IF p_child.run_mode = 'inline' THEN
+        RETURN;
+    ELSIF @schema@._launcher() = 'pg_background' THEN
+        running := EXISTS (SELECT 1 FROM pg_stat_activity a
+                            WHERE a.application_name = 'pgbg-child:' || p_child.uuid_child
+                              AND a.usename = p_child.role_name AND a.backend_type = 'pg_background');
+        RETURN;
+    END IF;
+    -- Under pg_cron, how the child's job ended is recorded: it is not lost with the runner.
+    outcome := @schema@._cron_recorded(p_child.uuid_child);
+    SELECT j.jobid INTO v_job FROM cron.job j WHERE j.jobname = 'pgbg_child:' || p_child.uuid_child;
+    running := outcome IS NULL AND EXISTS (SELECT 1 FROM cron.job_run_details d
+                                            WHERE d.jobid = v_job AND d.status IN ('starting', 'running'));
+    v_run := @schema@._cron_run(v_job);
+    IF outcome IS NULL AND NOT running AND v_run.status IN ('succeeded', 'failed') THEN
+        BEGIN
+            outcome.result := @schema@._cron_child_result(v_job, v_run, false, false);
+        EXCEPTION WHEN query_canceled OR OTHERS THEN
+            GET STACKED DIAGNOSTICS outcome.sqlstate = RETURNED_SQLSTATE, outcome.message = MESSAGE_TEXT,
+                                    outcome.detail = PG_EXCEPTION_DETAIL, outcome.hint = PG_EXCEPTION_HINT;
+        END;
+    END IF;
+    IF NOT running AND v_job IS NOT NULL THEN
+        PERFORM cron.unschedule(v_job);  -- it must not run again
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._orphan_outcome(@schema@.log_background) IS
+    'For a running child whose runner died: whether its nested worker or pg_cron job still runs it, or '
+    'how that job ended (pg_cron records it); neither for an inline child, which rolled back with its runner.';
+
+CREATE FUNCTION @schema@._orphans(p_parents uuid[])
+RETURNS SETOF @schema@.log_background
+LANGUAGE sql STABLE
+AS $fn$
+    SELECT x.* FROM @schema@.log_background x
+     WHERE x.status = 'running'
+       AND (p_parents IS NULL OR x.uuid_parent = ANY (p_parents))
+       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                        WHERE a.pid = x.pid AND (a.backend_start = x.backend_start OR a.backend_start IS NULL))
+$fn$;
+COMMENT ON FUNCTION @schema@._orphans(uuid[]) IS
+    'Running children whose runner (the same pid with the same backend_start) is gone.';
+
+CREATE FUNCTION @schema@._settle_orphans(p_parents uuid[])
+RETURNS uuid[]
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    c @schema@.log_background;
+    v_orphan record;
+    v_status @schema@.child_status;
+    v_touched uuid[] := '{}';
+BEGIN
+    -- Rows locked by someone else are left to that someone.
+    FOR c IN SELECT x.* FROM @schema@.log_background x WHERE x.id IN (SELECT o.id FROM @schema@._orphans(p_parents) o)
+               FOR UPDATE SKIP LOCKED
+    LOOP
+        v_orphan := @schema@._orphan_outcome(c);
+        CONTINUE WHEN v_orphan.running;
+        SELECT s.status INTO v_status FROM @schema@._settle(c.id, v_orphan.outcome, v_orphan.outcome IS NULL) s;
+        PERFORM @schema@._count(c.uuid_parent, c.role_name, -pg_backend_pid(), (v_status = 'queued')::int, -1,
+                                (v_status = 'done')::int, (v_status = 'failed')::int, (v_status = 'stopped')::int,
+                                (v_status = 'lost')::int, NULL, clock_timestamp());
+        v_touched := v_touched || c.uuid_parent;
+    END LOOP;
+    PERFORM @schema@._notify_if_ended(v_touched);
+    RETURN v_touched;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._settle_orphans(uuid[]) IS
+    'Settles the running children whose runner died (see _orphans(), _orphan_outcome(), _settle()); returns '
+    'their batches.';
+
+CREATE FUNCTION @schema@._runners_of(p_parent uuid)
+RETURNS int
+LANGUAGE sql STABLE
+-- Runners still starting hold no slot yet, but are named after their batch already.
+RETURN (SELECT count(*)::int FROM pg_stat_activity a
+         WHERE CASE WHEN p_parent IS NULL
+                    THEN a.application_name LIKE 'pgbg:%-%' AND pg_has_role(a.usesysid, 'pgbg_user', 'MEMBER')
+                    ELSE a.application_name = 'pgbg:' || p_parent AND a.usename = current_user
+                         AND a.backend_type = 'pg_background' END
+           AND a.datname = current_database());
+COMMENT ON FUNCTION @schema@._runners_of(uuid) IS
+    'pg_background runners of the caller''s batch p_parent (NULL: of every batch of the database), as '
+    'only runners can show themselves (see _is_runner()).';
+
+CREATE FUNCTION @schema@._runners_wanted(p_parents uuid[])
+RETURNS TABLE (uuid_parent uuid, wanted int)
+LANGUAGE sql STABLE
+AS $fn$
+    -- Only the caller's own batches: a runner runs as the role that starts it, and children must run
+    -- as the role that submitted them.
+    SELECT bt.uuid_parent, least(n.queued, bt.max_parallel - @schema@._runners_of(bt.uuid_parent))::int
+      FROM @schema@.batch bt
+     CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
+     WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+       AND (p_parents IS NULL OR bt.uuid_parent = ANY (p_parents))
+       AND n.queued > 0
+     ORDER BY bt.created_at
+$fn$;
+COMMENT ON FUNCTION @schema@._runners_wanted(uuid[]) IS
+    'For each of the caller''s batches with queued children, how many more pg_background runners it could use.';
+
+CREATE FUNCTION @schema@._start_runners(p_parents uuid[])
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     b record;
-    r record;
-    v_touched uuid[];
-    v_free_global int;
+    v_free int := @schema@._global_cap() - @schema@._runners_of(NULL);
     v_want int;
     v_started int;
+BEGIN
+    FOR b IN SELECT * FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0 LOOP
+        EXIT WHEN v_free <= 0;
+        v_want := least(b.wanted, v_free);
+        v_started := @schema@._launch_runners(b.uuid_parent, v_want);
+        v_free := v_free - v_started;
+        EXIT WHEN v_started < v_want;  -- the server has no worker slot free
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._start_runners(uuid[]) IS
+    'Starts pg_background runners for the caller''s batches (every one when p_parents is NULL) where their '
+    'caps and the global cap leave room.';
+
+CREATE FUNCTION @schema@._housekeep(p_parents uuid[])
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
 BEGIN
     -- pg_stat_activity is otherwise frozen for the rest of the transaction.
     PERFORM pg_stat_clear_snapshot();
@@ -18,109 +152,18 @@ BEGIN
         -- Ordered against a runner job that is deciding to unschedule itself (_cron_runner()).
         PERFORM pg_advisory_xact_lock_shared(@schema@._role_key());
     END IF;
-
-    -- A running child whose runner is gone (same pid with the same backend_start) has no one left
-    -- to record its outcome. Rows locked by someone else are left to that someone.
-    FOR r IN
-        WITH gone AS (
-            SELECT x.id FROM @schema@.log_background x
-             WHERE x.status = 'running'
-               AND (p_parents IS NULL OR x.uuid_parent = ANY (p_parents))
-               AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                                WHERE a.pid = x.pid AND (a.backend_start = x.backend_start OR a.backend_start IS NULL))
-               FOR UPDATE OF x SKIP LOCKED),
-        settled AS (
-            UPDATE @schema@.log_background c
-               SET status = CASE WHEN c.stop_requested AND c.requeue_on_stop THEN 'queued'
-                                 WHEN c.stop_requested THEN 'stopped'
-                                 WHEN bt.retry_lost AND c.failures < bt.retries THEN 'queued'
-                                 ELSE 'lost' END::@schema@.child_status,
-                   end_time_exec = clock_timestamp(),
-                   error = CASE WHEN c.stop_requested AND c.requeue_on_stop
-                                THEN 'cut short and queued again: ' || coalesce(c.stopped_by, 'takeover')
-                                WHEN c.stop_requested THEN 'stopped by pg_background_stop()'
-                                ELSE 'worker process ended without recording an outcome '
-                                     '(terminated, crashed or server restarted)' END,
-                   failures = c.failures + (NOT c.stop_requested)::int,
-                   not_before = CASE WHEN NOT c.stop_requested AND bt.retry_lost AND c.failures < bt.retries
-                                     THEN @schema@._retry_at(bt.retry_delay, bt.retry_backoff, c.failures) END,
-                   errors = CASE WHEN c.stop_requested THEN c.errors
-                                 ELSE coalesce(c.errors, '[]') || @schema@._attempt_error(
-                                     c.attempt, 'lost', NULL, 'worker process ended without recording an outcome') END
-              FROM gone, @schema@.batch bt
-             WHERE c.id = gone.id AND bt.uuid_parent = c.uuid_parent
-            RETURNING c.uuid_parent, c.role_name, c.status)
-        SELECT s.uuid_parent, s.role_name, count(*) AS n, count(*) FILTER (WHERE s.status = 'queued') AS queued,
-               count(*) FILTER (WHERE s.status = 'stopped') AS stopped, count(*) FILTER (WHERE s.status = 'lost') AS lost
-          FROM settled s GROUP BY s.uuid_parent, s.role_name
-    LOOP
-        PERFORM @schema@._count(r.uuid_parent, r.role_name, -pg_backend_pid(), r.queued, -r.n, 0, 0, r.stopped, r.lost,
-                                NULL, clock_timestamp());
-        v_touched := v_touched || r.uuid_parent;
-    END LOOP;
-    IF v_touched IS NOT NULL THEN
-        PERFORM @schema@._notify_if_ended(v_touched);
-    END IF;
-
-    -- Start runners where slots are free. Only for the caller's own batches: a runner runs as the
-    -- role that starts it, and children must run as the role that submitted them.
+    PERFORM @schema@._settle_orphans(p_parents);
     IF @schema@._launcher() = 'pg_cron' THEN
-        -- A child's job whose runner is gone (its child settled above) must not run again.
-        PERFORM cron.unschedule(j.jobid) FROM cron.job j
-         WHERE starts_with(j.jobname, 'pgbg_child:')
-           AND NOT EXISTS (SELECT 1 FROM @schema@.log_background c
-                            WHERE c.uuid_child::text = substr(j.jobname, 12) AND c.status = 'running');
-        -- Runner jobs pick any batch of their role: as many as its batches can use, up to the cap.
-        PERFORM @schema@._cron_ensure_runners((
-            SELECT least(@schema@._global_cap(), coalesce(sum(least(n.queued + n.running, bt.max_parallel)), 0))::int
-              FROM @schema@.batch bt
-             CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
-             WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL AND n.queued > 0));
-        RETURN;
+        PERFORM @schema@._cron_schedule_runners();
+    ELSE
+        PERFORM @schema@._start_runners(p_parents);
     END IF;
-    -- Runners still starting up hold no lock yet but already carry their batch's name, so both are
-    -- counted.
-    v_free_global := @schema@._global_cap()
-        - greatest(@schema@._slots_held(@schema@._global_lock_key()),
-                   (SELECT count(*)::int FROM pg_stat_activity
-                     WHERE application_name LIKE 'pgbg:%-%' AND datname = current_database()));
-    IF v_free_global <= 0 THEN
-        RETURN;
-    END IF;
-    FOR b IN
-        WITH held AS (
-            SELECT l.classid::bigint AS key, count(*)::int AS n FROM pg_locks l
-             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-             GROUP BY l.classid),
-        named AS (
-            SELECT a.application_name, count(*)::int AS n FROM pg_stat_activity a
-             WHERE a.application_name LIKE 'pgbg:%-%' AND a.datname = current_database()
-             GROUP BY a.application_name)
-        SELECT bt.uuid_parent, bt.max_parallel, bt.enqueue_xid, n.queued,
-               greatest(coalesce(h.n, 0), coalesce(nm.n, 0)) AS active
-          FROM @schema@.batch bt
-          CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
-          LEFT JOIN held h ON h.key = @schema@._batch_lock_key(bt.uuid_parent)
-          LEFT JOIN named nm ON nm.application_name = 'pgbg:' || bt.uuid_parent
-         WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-           AND (p_parents IS NULL OR bt.uuid_parent = ANY (p_parents))
-           AND n.queued > 0
-         ORDER BY bt.created_at
-    LOOP
-        v_want := least(b.queued, b.max_parallel - b.active, v_free_global)::int;
-        CONTINUE WHEN v_want <= 0;
-        v_started := @schema@._launch_runners(b.uuid_parent, b.enqueue_xid, v_want);
-        v_free_global := v_free_global - v_started;
-        EXIT WHEN v_started < v_want OR v_free_global <= 0;
-    END LOOP;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._housekeep(uuid[]) IS
-    'Settles children of dead workers (lost, or queued again when the batch retries lost children) and '
-    'starts runners for the caller''s batches where slots are free (pg_cron: schedules runner jobs); every '
-    'batch when p_parents is NULL. Run by every poll, monitor, wait and launch call, so polling is enough '
-    'to drive a batch.';
+    'Settles children of runners that died (see _settle_orphans()) and starts runners for the caller''s '
+    'batches where slots are free (pg_cron: schedules runner jobs); every batch when p_parents is NULL. The '
+    'runners begin once the calling transaction has ended.';
 
 CREATE FUNCTION @schema@._housekeep(p_parent uuid DEFAULT NULL)
 RETURNS void
@@ -130,6 +173,49 @@ BEGIN
     PERFORM @schema@._housekeep(CASE WHEN p_parent IS NOT NULL THEN ARRAY[p_parent] END);
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._housekeep(uuid) IS
-    'Marks children of dead workers lost and starts runners for the caller''s batches where slots are '
-    'free. Run by every monitor, wait and launch call, so polling is enough to drive a batch.';
+COMMENT ON FUNCTION @schema@._housekeep(uuid) IS '_housekeep() of one batch, or of every batch when NULL.';
+
+CREATE FUNCTION @schema@._housekeeping_due(p_parents uuid[])
+RETURNS boolean
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM pg_stat_clear_snapshot();
+    RETURN EXISTS (SELECT 1 FROM @schema@._orphans(p_parents) o WHERE NOT (@schema@._orphan_outcome(o)).running)
+        OR (@schema@._global_cap() > @schema@._runners_of(NULL)
+            AND EXISTS (SELECT 1 FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0));
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._housekeeping_due(uuid[]) IS
+    'Whether _housekeep() has anything to do for these batches (pg_background).';
+
+CREATE FUNCTION @schema@._housekeep_apart(p_parents uuid[])
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_pid int;
+    v_cookie bigint;
+BEGIN
+    -- For a caller that stays in its transaction (a wait): what housekeeping writes, and the runners it
+    -- starts for it, must not wait for that transaction to end. Done by a worker of its own, in a
+    -- transaction that commits at once, and only when there is something to do. Under pg_cron the
+    -- runner jobs settle their role's orphans and stay scheduled while work is queued.
+    IF @schema@._launcher() <> 'pg_background' THEN
+        RETURN;
+    ELSIF NOT @schema@._housekeeping_due(p_parents) THEN
+        RETURN;
+    END IF;
+    BEGIN
+        SELECT h.pid, h.cookie INTO v_pid, v_cookie
+          FROM @pgbg_ext@.pg_background_launch_v2(format('SELECT @schema@._housekeep(%L::uuid[])', p_parents)) h;
+    EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
+        RETURN;  -- no worker slot right now: the next round tries again
+    END;
+    PERFORM @pgbg_ext@.pg_background_wait_v2(v_pid, v_cookie);
+    PERFORM @pgbg_ext@.pg_background_detach_v2(v_pid, v_cookie);
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._housekeep_apart(uuid[]) IS
+    '_housekeep() in a transaction of its own (a pg_background worker), when it has anything to do: for '
+    'callers that wait in one long statement.';

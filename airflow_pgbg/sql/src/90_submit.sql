@@ -77,7 +77,7 @@ BEGIN
         -- Early, for the common case; the runner checks again against its own session's default.
         PERFORM @schema@._cron_refuse_search_path(q, p_search_path)
            FROM unnest(p_querys) q
-          WHERE @schema@._cron_job_command(q, p_search_path) IS NULL
+          WHERE @schema@._cron_job_command(q, NULL, p_search_path) IS NULL
           LIMIT 1;
     END IF;
     INSERT INTO @schema@.batch (uuid_parent, label, user_name, ip_client, max_parallel, search_path,
@@ -149,14 +149,14 @@ BEGIN
         RAISE EXCEPTION 'p_monitor => true needs the pg_background launcher'
             USING ERRCODE = 'feature_not_supported',
                   DETAIL = 'Its wait keeps this transaction open, and pg_cron can start the batch only once it is committed.',
-                  HINT = 'Launch with p_monitor => false, then SELECT pgbg.pg_background_wait(...) in a statement of its own.';
+                  HINT = 'Launch with p_monitor => false, then SELECT @schema@.pg_background_wait(...) in a statement of its own.';
     END IF;
-    IF EXISTS (SELECT 1 FROM unnest(v_querys) AS q WHERE q ~* '\mCONCURRENTLY\M') THEN
+    IF EXISTS (SELECT 1 FROM unnest(v_querys) AS q WHERE @schema@._waits_for_older_snapshots(q)) THEN
         RAISE EXCEPTION 'p_monitor => true cannot wait for a batch with CONCURRENTLY statements'
             USING ERRCODE = 'feature_not_supported',
                   DETAIL = 'They wait for every older snapshot, including that of the waiting statement.',
-                  HINT = 'Launch with p_monitor => false, then poll pg_background_monitor() or pg_background_wait() '
-                         'from short statements.';
+                  HINT = 'Launch with p_monitor => false, then CALL @schema@.pg_background_await(...) outside a '
+                         'transaction block, or poll pg_background_poll() from short statements.';
     END IF;
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'p_monitor => true waits for other transactions and needs READ COMMITTED, not %',
@@ -253,7 +253,7 @@ BEGIN
     -- triggerers) must not both launch.
     PERFORM pg_advisory_xact_lock(hashtext('@schema@/origin/' || p_origin));
 
-    SELECT b.uuid_parent, b.claimed_by, b.claimed_at, b.requeue_on_takeover INTO v_prev
+    SELECT b.uuid_parent, b.claimed_by, b.claimed_at, b.requeue_on_takeover, b.outcome_taken_by INTO v_prev
       FROM @schema@.batch b
      WHERE b.origin = p_origin AND b.role_name = current_user
      ORDER BY b.created_at DESC
@@ -269,12 +269,17 @@ BEGIN
        AND (SELECT array_agg(c.query ORDER BY c.seq) FROM @schema@.log_background c
              WHERE c.uuid_parent = v_prev.uuid_parent) = v_querys THEN
         v_status := @schema@.batch_status(v_prev.uuid_parent);
-        IF v_status IS DISTINCT FROM 'done' THEN
-            IF NOT p_takeover AND @schema@.pg_background_watched(v_prev.uuid_parent, p_claimed_by) THEN
+        -- Only a batch whose success a try took (its task completed: this try is a clear) is run again.
+        -- A success nobody took belongs to a try that died before it could: this try takes it.
+        IF v_status IS DISTINCT FROM 'done' OR v_prev.outcome_taken_by IS NULL THEN
+            -- An earlier try's trigger that still waits would stop what this try resumes: let it go
+            -- first. A success is only taken, never stopped.
+            IF v_status IS DISTINCT FROM 'done' AND NOT p_takeover
+               AND @schema@.pg_background_watched(v_prev.uuid_parent, p_claimed_by) THEN
                 RETURN QUERY SELECT v_prev.uuid_parent, 'waiting'::text, v_prev.claimed_at, v_prev.claimed_by;
                 RETURN;
             END IF;
-            -- An earlier try's batch that did not succeed: this try owns it from now on.
+            -- An earlier try's batch that this try finishes: it owns it from now on.
             UPDATE @schema@.batch b
                SET claimed_by = p_claimed_by, claimed_at = clock_timestamp(),
                    requeue_on_takeover = coalesce(p_requeue_on_takeover, false)
@@ -287,6 +292,8 @@ BEGIN
             IF v_status IN ('running', 'queued') THEN
                 PERFORM @schema@._housekeep(ARRAY[v_prev.uuid_parent]);
                 RETURN QUERY SELECT v_prev.uuid_parent, 'reconnected'::text, clock_timestamp(), v_prev.claimed_by;
+            ELSIF v_status = 'done' THEN
+                RETURN QUERY SELECT v_prev.uuid_parent, 'finished'::text, clock_timestamp(), v_prev.claimed_by;
             ELSE
                 PERFORM @schema@.pg_background_retry(v_prev.uuid_parent, 'resumed by ' || p_claimed_by);
                 RETURN QUERY SELECT v_prev.uuid_parent, 'resumed'::text, clock_timestamp(), v_prev.claimed_by;
@@ -307,8 +314,10 @@ COMMENT ON FUNCTION @schema@.pg_background_submit(text[], text, text, boolean, b
                                                   int, interval, float8, boolean) IS
     'Idempotent submit for a waiter identified by p_origin (what asks, e.g. an Airflow task instance) and '
     'p_claimed_by (which attempt, e.g. its try). Returns the batch and what happened: attached (this claim '
-    'already holds the latest batch of p_origin), waiting (that batch did not succeed and another claim''s '
+    'already holds the latest batch of p_origin), waiting (that batch has not succeeded and another claim''s '
     'waiter still watches it; call again, or with p_takeover), reconnected (still running, now claimed; '
-    'if its holder had p_requeue_on_takeover, running children were stopped and queued again), resumed '
-    '(ended without success: failed, lost and stopped children queued again, done ones kept) or launched '
-    '(a new batch; also when the latest one succeeded or holds other statements).';
+    'if its holder had p_requeue_on_takeover, running children were stopped and queued again), finished '
+    '(it succeeded and no claim took that outcome with pg_background_take_outcome(): now claimed, nothing '
+    'runs again), resumed (ended without success: failed, lost and stopped children queued again, done '
+    'ones kept) or launched (a new batch: the latest one''s success was taken by another claim, whose task '
+    'completed, or it holds other statements).';

@@ -68,73 +68,140 @@ COMMENT ON FUNCTION @schema@.pg_background_poll_many(uuid[]) IS
     'A watcher''s round trip for many batches: the housekeeping of those batches, then their rows of '
     'the batches view. Batches the caller cannot see, or that do not exist, have no row.';
 
+CREATE FUNCTION @schema@._holds_back(p_parent uuid)
+RETURNS boolean
+LANGUAGE sql STABLE
+RETURN EXISTS (SELECT 1 FROM @schema@.log_background x
+                WHERE x.uuid_parent = p_parent AND x.status IN ('queued', 'running') AND x.run_mode = 'worker'
+                  AND @schema@._waits_for_older_snapshots(x.query));
+COMMENT ON FUNCTION @schema@._holds_back(uuid) IS
+    'Whether a child of the batch still to run waits for every older snapshot: a statement that waits for '
+    'the batch would hold it back.';
+
+CREATE FUNCTION @schema@._await_end(p_parent uuid, p_deadline timestamptz, p_apart boolean)
+RETURNS @schema@.child_status
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_status @schema@.child_status;
+    v_nap float8 := 0.005;
+BEGIN
+    LOOP
+        IF p_apart THEN
+            PERFORM @schema@._housekeep_apart(ARRAY[p_parent]);
+        END IF;
+        v_status := @schema@.batch_status(p_parent);
+        EXIT WHEN v_status IS NULL OR v_status NOT IN ('queued', 'running') OR clock_timestamp() >= p_deadline;
+        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM p_deadline - clock_timestamp()), 0.001)));
+        v_nap := least(v_nap * 2, 0.2);
+    END LOOP;
+    RETURN v_status;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._await_end(uuid, timestamptz, boolean) IS
+    'Waits in the calling statement until the batch has ended or p_deadline (NULL: no limit) has passed; '
+    'its status then. p_apart: housekeeping in transactions of its own meanwhile.';
+
 CREATE FUNCTION @schema@.pg_background_poll(uuid_father uuid, p_wait interval DEFAULT NULL)
 RETURNS SETOF @schema@.batches
 LANGUAGE plpgsql
 AS $fn$
-DECLARE
-    v_deadline timestamptz := clock_timestamp() + coalesce(p_wait, interval '0');
-    v_nap float8 := 0.005;
-    v_status @schema@.child_status;
 BEGIN
-    -- Waiting here (rather than sleeping in the poller) notices the end within milliseconds; each
-    -- call is still one short statement, so CREATE INDEX CONCURRENTLY waits at most p_wait for it.
-    LOOP
+    -- Waiting here (rather than sleeping in the poller) notices the end within milliseconds. A batch
+    -- that a waiting statement would hold back (see _holds_back()) is not waited for: its poller
+    -- waits between calls.
+    IF coalesce(p_wait, interval '0') <= interval '0' OR @schema@._holds_back(uuid_father) THEN
         PERFORM @schema@._housekeep(ARRAY[uuid_father]);
-        v_status := @schema@.batch_status(uuid_father);
-        EXIT WHEN clock_timestamp() >= v_deadline OR v_status IS NULL OR v_status NOT IN ('running', 'queued');
-        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0)));
-        v_nap := least(v_nap * 2, 0.1);
-    END LOOP;
+    ELSE
+        PERFORM @schema@._await_end(uuid_father, clock_timestamp() + p_wait, true);
+    END IF;
     RETURN QUERY SELECT * FROM @schema@.batches WHERE uuid_parent = uuid_father;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@.pg_background_poll(uuid, interval) IS
     'What a poller needs in one round trip: the housekeeping of pg_background_monitor() and the batch''s '
     'row of the batches view (status and counts), without the child rows; with p_wait, first waits up to '
-    'that long for the batch to end. No row for an unknown batch.';
+    'that long for the batch to end, unless a child still to run waits for every older snapshot (CREATE '
+    'INDEX, REINDEX or DETACH PARTITION CONCURRENTLY), which the wait would hold back: then the poller '
+    'waits between calls. No row for an unknown batch.';
+
+CREATE FUNCTION @schema@._wait_checks(p_parent uuid, p_form text)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM @schema@.batch WHERE uuid_parent = p_parent) THEN
+        RAISE EXCEPTION 'no batch with uuid %', p_parent USING ERRCODE = 'no_data_found',
+            HINT = 'A role sees only its own batches.';
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '%() needs READ COMMITTED, not %', p_form, current_setting('transaction_isolation')
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._wait_checks(uuid, text) IS 'What a wait refuses before it starts.';
 
 CREATE FUNCTION @schema@.pg_background_wait(uuid_father uuid, p_timeout interval DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    v_deadline timestamptz := clock_timestamp() + p_timeout;
     v_status @schema@.child_status;
-    v_nap float8 := 0.005;
-    -- pg_cron's runner jobs settle lost children and stay scheduled while work is queued, with no
-    -- help. Housekeeping from this one long statement would hold its row and advisory locks until
-    -- the wait ends, and keep them from doing so.
-    v_housekeep boolean := @schema@._launcher() = 'pg_background';
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM @schema@.batch WHERE uuid_parent = uuid_father) THEN
-        RAISE EXCEPTION 'no batch with uuid %', uuid_father USING ERRCODE = 'no_data_found',
-            HINT = 'A role sees only its own batches.';
+    PERFORM @schema@._wait_checks(uuid_father, 'pg_background_wait');
+    IF @schema@._holds_back(uuid_father) THEN
+        RAISE EXCEPTION 'pg_background_wait() would hold back batch %: a statement of it waits for every older snapshot',
+            uuid_father
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'CREATE INDEX, REINDEX and DETACH PARTITION CONCURRENTLY wait for every older snapshot, '
+                           'including that of the statement waiting for them.',
+                  HINT = format('Outside a transaction block, CALL %s.pg_background_await(%L, %L, NULL) waits '
+                                'without holding one; or poll %s.pg_background_poll() from short statements.',
+                                '@schema@', uuid_father, p_timeout, '@schema@');
     END IF;
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'pg_background_wait() needs READ COMMITTED, not %',
-            current_setting('transaction_isolation') USING ERRCODE = 'feature_not_supported';
-    END IF;
-    LOOP
-        IF v_housekeep THEN
-            PERFORM @schema@._housekeep(ARRAY[uuid_father]);
-        END IF;
-        v_status := @schema@.batch_status(uuid_father);
-        IF v_status NOT IN ('queued', 'running') THEN
-            RETURN v_status::text;
-        END IF;
-        IF clock_timestamp() >= v_deadline THEN
-            RETURN NULL;
-        END IF;
-        PERFORM pg_sleep(CASE WHEN v_deadline IS NULL THEN v_nap
-                              ELSE least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0.001)) END);
-        v_nap := least(v_nap * 2, 0.2);
-    END LOOP;
+    -- Housekeeping apart: runners started from this statement's transaction would wait for its end.
+    v_status := @schema@._await_end(uuid_father, clock_timestamp() + p_timeout, true);
+    RETURN CASE WHEN v_status NOT IN ('queued', 'running') THEN v_status::text END;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@.pg_background_wait(uuid, interval) IS
     'Waits until every child of the batch has ended and returns the batch status (done, failed, lost, '
-    'stopped); NULL when p_timeout passes first. The batch keeps running either way.';
+    'stopped); NULL when p_timeout passes first. The batch keeps running either way. Refuses a batch it '
+    'would hold back (see pg_background_await()).';
+
+CREATE PROCEDURE @schema@.pg_background_await(uuid_father uuid, p_timeout interval DEFAULT NULL,
+                                              INOUT status text DEFAULT NULL)
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_deadline timestamptz := clock_timestamp() + p_timeout;
+    v_nap float8 := 0.005;
+BEGIN
+    PERFORM @schema@._wait_checks(uuid_father, 'pg_background_await');
+    -- Each check is a transaction of its own: no snapshot is held in between, so statements of the batch
+    -- that wait for every older snapshot do not wait for this one. (In a transaction block, the first
+    -- COMMIT raises "invalid transaction termination".)
+    LOOP
+        PERFORM @schema@._housekeep(ARRAY[uuid_father]);
+        status := @schema@.batch_status(uuid_father);
+        COMMIT;
+        IF status NOT IN ('queued', 'running') THEN
+            RETURN;
+        ELSIF clock_timestamp() >= v_deadline THEN
+            status := NULL;
+            RETURN;
+        END IF;
+        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0.001)));
+        COMMIT;
+        v_nap := least(v_nap * 2, 0.2);
+    END LOOP;
+END
+$fn$;
+COMMENT ON PROCEDURE @schema@.pg_background_await(uuid, interval, text) IS
+    'pg_background_wait() as a procedure that commits between its checks (CALL it outside a transaction '
+    'block): it holds no snapshot while it waits, so it never holds back a batch''s CREATE INDEX, REINDEX or '
+    'DETACH PARTITION CONCURRENTLY. status: done, failed, lost, stopped, or NULL when p_timeout passed first.';
 
 CREATE FUNCTION @schema@.pg_background_monitor(uuid_father uuid DEFAULT NULL, p_show_verbose boolean DEFAULT true)
 RETURNS SETOF @schema@.monitor_row

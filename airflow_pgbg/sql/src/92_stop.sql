@@ -189,14 +189,16 @@ BEGIN
             USING ERRCODE = 'no_data_found', HINT = 'Children run as the role that submitted them; only it can retry.';
     END IF;
     -- New runners wait for this transaction, as for the one that queued the batch.
-    UPDATE @schema@.batch SET stop_requested_at = NULL, stop_requested_by = NULL, enqueue_xid = pg_current_xact_id()
+    -- What runs again has an outcome of its own, for the next claim to take.
+    UPDATE @schema@.batch SET stop_requested_at = NULL, stop_requested_by = NULL, enqueue_xid = pg_current_xact_id(),
+                              outcome_taken_by = NULL, outcome_taken_at = NULL
      WHERE uuid_parent = uuid_father;
     -- done children stay done: a retry runs only what did not succeed. Earlier attempts stay in errors.
     WITH r AS (
         UPDATE @schema@.log_background c
            SET status = 'queued', pid = NULL, backend_start = NULL, result = NULL,
                start_time_exec = NULL, end_time_exec = NULL, stop_requested = false, requeue_on_stop = false,
-               not_before = NULL, failures = 0, stopped_by = NULL,
+               not_before = NULL, failures = 0, interruptions = 0, stopped_by = NULL,
                sqlstate = NULL, error = NULL, error_detail = NULL, error_hint = NULL, error_context = NULL
           FROM (SELECT id, status AS was FROM @schema@.log_background
                  WHERE uuid_parent = uuid_father AND status IN ('failed', 'lost', 'stopped') FOR UPDATE) p

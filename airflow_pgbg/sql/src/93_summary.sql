@@ -40,6 +40,28 @@ COMMENT ON FUNCTION @schema@.pg_background_summary(uuid, int, int) IS
     'p_problems failed, lost or stopped ones (texts cut to 500 characters), so its size does not grow with '
     'the batch. NULL for a batch the caller cannot see.';
 
+CREATE FUNCTION @schema@.pg_background_take_outcome(uuid_father uuid, p_claimed_by text, p_rows int DEFAULT 20,
+                                                    p_problems int DEFAULT 5)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    -- Only the claim that holds an ended batch takes its outcome: a late call of an earlier try
+    -- (a zombie worker) records nothing.
+    UPDATE @schema@.batch b
+       SET outcome_taken_by = p_claimed_by, outcome_taken_at = clock_timestamp()
+     WHERE b.uuid_parent = uuid_father AND b.claimed_by = p_claimed_by
+       AND b.outcome_taken_by IS DISTINCT FROM p_claimed_by
+       AND @schema@.batch_status(uuid_father) NOT IN ('queued', 'running');
+    RETURN @schema@.pg_background_summary(uuid_father, p_rows, p_problems);
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_take_outcome(uuid, text, int, int) IS
+    'pg_background_summary() of an ended batch, recording that p_claimed_by took its outcome: what a waiter '
+    'calls as it ends its task. pg_background_submit() launches a succeeded batch anew only once a claim '
+    'took its success (the task completed); a success nobody took (its waiter died first) is taken by the '
+    'next claim instead.';
+
 CREATE FUNCTION @schema@.pg_background_summaries(uuid_fathers uuid[], p_rows int DEFAULT 20, p_problems int DEFAULT 5)
 RETURNS TABLE (uuid_parent uuid, summary jsonb)
 LANGUAGE sql STABLE

@@ -16,7 +16,9 @@ GRANT UPDATE (status, pid, backend_start, result, start_time_exec, end_time_exec
 GRANT USAGE ON SEQUENCE @schema@.log_background_id_seq TO pgbg_user;
 GRANT UPDATE ON @schema@.settings TO pgbg_admin;
 GRANT SELECT, INSERT, UPDATE ON @schema@.batch_progress TO pgbg_user;
-GRANT UPDATE (claimed_at, requeue_on_takeover, stop_requested_by, notes) ON @schema@.batch TO pgbg_user;
-GRANT UPDATE (not_before, failures, errors, requeue_on_stop, stopped_by) ON @schema@.log_background TO pgbg_user;
+GRANT UPDATE (claimed_at, requeue_on_takeover, stop_requested_by, notes, outcome_taken_by, outcome_taken_at)
+    ON @schema@.batch TO pgbg_user;
+GRANT UPDATE (not_before, failures, errors, requeue_on_stop, stopped_by, interruptions)
+    ON @schema@.log_background TO pgbg_user;
 GRANT SELECT, INSERT, DELETE, UPDATE (alive_until) ON @schema@.waiter TO pgbg_user;
 GRANT SELECT, INSERT, DELETE ON @schema@.waiter_watch TO pgbg_user;

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
+from airflow.providers.standard.operators.python import PythonOperator
 from airflow.sdk import DAG
 
 from airflow_pgbg.operators.batch import PgBackgroundBatchOperator
@@ -14,7 +16,7 @@ S = "{{ dag_run.conf['schema'] }}"
 
 def _dag(dag_id: str, **task_kwargs) -> DAG:
     with DAG(dag_id, schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as dag:
-        PgBackgroundBatchOperator(task_id="batch", postgres_conn_id=CONN, poll_interval=0.2, **task_kwargs)
+        PgBackgroundBatchOperator(task_id="batch", postgres_conn_id=CONN, **{"poll_interval": 0.2, **task_kwargs})
     return dag
 
 
@@ -81,5 +83,34 @@ big_batch = _dag(
     max_parallel=8,
     deferrable=False,
 )
+# Statements that wait for every older snapshot, one after the other; polled rarely, so that a poll that
+# held a snapshot while it waited would hold each of them back for seconds.
+_CONCURRENTLY = [
+    f"create index concurrently big_a on {S}.big (a)",
+    f"reindex index concurrently {S}.big_a",
+    f"alter table {S}.parted detach partition {S}.parted_1 concurrently",
+]
+concurrent_blocking = _dag(
+    "pgbg_concurrent_blocking", sql=_CONCURRENTLY, max_parallel=1, deferrable=False, poll_interval=8
+)
+concurrent_deferrable = _dag(
+    "pgbg_concurrent_deferrable", sql=_CONCURRENTLY, max_parallel=1, deferrable=True, poll_interval=8
+)
 # Watched while it runs (the console's live updates and actions).
 ui_live = _dag("pgbg_ui_live", sql=["select pg_sleep(4)"] * 8, max_parallel=2, deferrable=False)
+
+
+def _forge_batch_ref(context: Any, result: Any = None) -> None:
+    """What any task's code can do: publish a batch reference that names another batch (conf "victim"),
+    through another connection (conf "conn"), as if this try had launched it."""
+    conf, ti = context["dag_run"].conf, context["ti"]
+    ref = {"uuid_parent": conf["victim"], "postgres_conn_id": conf.get("conn", CONN), "database": None}
+    ti.xcom_push(key="pgbg_batch", value={**ref, "engine_schema": "pgbg", "claim": f"try {ti.try_number}"})
+
+
+# A batch task whose own code then points its batch reference somewhere else.
+forged_ref = _dag("pgbg_forged_ref", sql=["select 1"], deferrable=False, post_execute=_forge_batch_ref)
+
+# Not a batch task at all, yet it publishes a batch reference.
+with DAG("pgbg_forger", schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as forger:
+    PythonOperator(task_id="batch", python_callable=lambda **context: _forge_batch_ref(context))

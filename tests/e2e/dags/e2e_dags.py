@@ -69,6 +69,35 @@ SCENARIOS = {
             "retry_delay": timedelta(seconds=1),
         },
     ),
+    # Short children, and a retry that comes seconds after a try died (as after a heartbeat timeout): the
+    # batch ends while no try waits for it, or while a try is held just before it takes the outcome; the
+    # retry takes the outcome instead of running anything again.
+    "e2e_worker_lost_after_end": (
+        2,
+        2,
+        "pgbg_e2e",
+        {
+            "max_parallel": 2,
+            "deferrable": False,
+            "poll_interval": 1,
+            "retries": 1,
+            "retry_delay": timedelta(seconds=6),
+        },
+    ),
+    # A deferred task that resumes on a worker to end (a success callback runs only there).
+    "e2e_resume_killed": (
+        2,
+        2,
+        "pgbg_e2e",
+        {
+            "max_parallel": 2,
+            "deferrable": True,
+            "poll_interval": 1,
+            "retries": 1,
+            "retry_delay": timedelta(seconds=1),
+            "on_success_callback": lambda context: None,
+        },
+    ),
     # On a server the scenario restarts; its children are safe to run again.
     "e2e_db_restart": (
         4,

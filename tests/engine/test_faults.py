@@ -1,0 +1,293 @@
+"""Runners killed at each step of a child's life, on both launchers: the promised state, every time.
+
+A runner is held at a precise step by a lock the test holds, then killed there: terminated (as a
+person or a pooler does), or with SIGKILL, which makes the server restart (as a crash does). The
+promise: no child stuck, none run twice, none done without its effect; an inline child, which rolls
+back with its runner, runs again instead of being lost; a child that may have committed in a worker or
+job of its own is lost (or, under pg_cron, which records how its job ended, settled as it ended).
+
+The servers are instances of scripts/db.sh of their own (tests.servers), restarted at will.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from airflow_pgbg.hooks.install import install_engine_dsn
+from tests.helpers import monitor, poll_until, statuses
+from tests.servers import FLEET, MANAGED, Instance, local_servers_or_skip
+
+
+@dataclass
+class Server:
+    """A restartable server running the engine on one launcher, with a role of pgbg_user."""
+
+    launcher: str
+    instance: Instance
+    admin_dsn: str
+    user_dsn: str
+
+    def admin(self) -> psycopg.Connection:
+        return psycopg.connect(self.admin_dsn, autocommit=True)
+
+    def user(self) -> psycopg.Connection:
+        return psycopg.connect(self.user_dsn, autocommit=True)
+
+    def kill(self, pid: int, how: str) -> None:
+        """Terminates a backend, or kills it with SIGKILL and waits for the server's crash restart."""
+        if how == "terminate":
+            with self.admin() as admin:
+                assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+            return
+        witness = self.admin()
+        os.kill(pid, signal.SIGKILL)
+        poll_until(lambda: not self._alive(witness), 30, 0.05, "the server to restart after the crash")
+        poll_until(self._accepting, 60, 0.2, "the server to come back from its crash restart")
+
+    @staticmethod
+    def _alive(conn: psycopg.Connection) -> bool:
+        try:
+            conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
+
+    def _accepting(self) -> bool:
+        try:
+            with self.admin() as admin:
+                return admin.execute("SELECT NOT pg_is_in_recovery()").fetchone()[0]
+        except psycopg.OperationalError:
+            return False
+
+
+@pytest.fixture(scope="module", params=["pg_background", "pg_cron"])
+def server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    local_servers_or_skip()
+    instance = FLEET if request.param == "pg_background" else MANAGED
+    admin_dsn = instance.start()
+    install_engine_dsn(admin_dsn, launcher=request.param)
+    name, password = f"pgbg_fault_{secrets.token_hex(3)}", secrets.token_hex(8)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}' IN ROLE pgbg_user")
+        conn.execute(f"CREATE SCHEMA {name} AUTHORIZATION {name}")
+    yield Server(request.param, instance, admin_dsn, make_conninfo(admin_dsn, user=name, password=password))
+    instance.start()  # whatever a test left it in
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
+        if conn.execute("SELECT to_regclass('cron.job') IS NOT NULL").fetchone()[0]:
+            conn.execute("DELETE FROM cron.job WHERE username = %s", (name,))
+        conn.execute("DELETE FROM pgbg.batch WHERE role_name = %s", (name,))
+        conn.execute(f"DROP SCHEMA {name} CASCADE")
+        conn.execute(f"DROP OWNED BY {name}")
+        conn.execute(f"DROP ROLE {name}")
+
+
+@pytest.fixture
+def effects(server: Server) -> str:
+    """A table whose rows are the children's effects, one per run of a child."""
+    table = f"effects_{secrets.token_hex(3)}"
+    with server.user() as user:
+        user.execute(f"CREATE TABLE {table} (seq int)")
+    return table
+
+
+def _launch(server: Server, statements: list[str], **options: Any) -> str:
+    names = "".join(f", p_{k} => %({k})s" for k in options)
+    with server.user() as user:
+        return str(
+            user.execute(
+                f"SELECT pgbg.pg_background_launch_num(%(q)s::text[], p_monitor => false{names})",
+                {"q": statements, **options},
+            ).fetchone()[0]
+        )
+
+
+def _await(server: Server, parent: str) -> str:
+    """The batch's final status, waited for as a psql user would (housekeeping included)."""
+    with server.user() as user:
+        return user.execute("CALL pgbg.pg_background_await(%s, '90 s', NULL)", (parent,)).fetchone()[0]
+
+
+def _runner_waiting(server: Server, parent: str) -> int | None:
+    """The pid of the batch's runner while it waits for a lock the test holds."""
+    with server.admin() as admin:
+        row = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'",
+            (f"pgbg:{parent}",),
+        ).fetchone()
+    return row[0] if row else None
+
+
+def _runner_running(server: Server, parent: str) -> int | None:
+    with server.admin() as admin:
+        row = admin.execute(
+            "SELECT a.pid FROM pg_stat_activity a JOIN pgbg.log_background c ON c.pid = a.pid "
+            "WHERE a.application_name = %s AND c.uuid_parent = %s AND c.status = 'running'",
+            (f"pgbg:{parent}", parent),
+        ).fetchone()
+    return row[0] if row else None
+
+
+def _effects(server: Server, table: str) -> list[int]:
+    with server.user() as user:
+        return sorted(r[0] for r in user.execute(f"SELECT seq FROM {table}").fetchall())
+
+
+def _children(server: Server, parent: str) -> list[dict[str, Any]]:
+    with server.user() as user:
+        return monitor(user, parent)
+
+
+def _schema(server: Server) -> str:
+    """The role's own schema, where its tables go (the role's search_path starts with it)."""
+    with server.user() as user:
+        return user.execute("SELECT current_user").fetchone()[0]
+
+
+def _held(server: Server, sql: str, then: Callable[[], None]) -> None:
+    """Runs ``then`` while a transaction of the admin holds what ``sql`` locks (until then() returns,
+    or the server restarts)."""
+    holder = server.admin()
+    try:
+        holder.execute("BEGIN")
+        holder.execute(sql)
+        then()
+    finally:
+        with contextlib.suppress(psycopg.Error):  # gone with a crash restart
+            holder.close()
+
+
+KILLS = ["terminate", "sigkill"]
+
+
+def _history(child: dict[str, Any]) -> list[str]:
+    return [e["status"] for e in child["errors"] or []]
+
+
+def _ran_again_once(child: dict[str, Any], how: str) -> None:
+    """An inline child whose runner died ran again, once. After a crash restart it may instead never have
+    been claimed: claims commit without waiting for a WAL flush, and one lost in a crash leaves the child
+    queued as it was."""
+    assert (child["attempt"], _history(child)) in ([(2, ["interrupted"])] + [(1, [])] * (how == "sigkill"))
+
+
+@pytest.mark.parametrize("how", KILLS)
+def test_killed_while_it_records_an_outcome_and_claims_the_next(server: Server, effects: str, how: str) -> None:
+    """Held where the outcome of an inline child and the claim of the next commit together."""
+    parent = _launch(
+        server,
+        [f"insert into {effects} select 1 from pg_sleep(1)", f"insert into {effects} values (2)"],
+        max_parallel=1,
+    )
+    poll_until(lambda: _runner_running(server, parent), 30, what="the first child running")
+
+    def kill_at_the_claim() -> None:
+        pid = poll_until(lambda: _runner_waiting(server, parent), 30, 0.02, "the runner to wait for its count")
+        server.kill(pid, how)
+
+    # The counters are written in the transaction of every outcome and claim.
+    _held(server, "LOCK TABLE pgbg.batch_progress IN SHARE MODE", kill_at_the_claim)
+    assert _await(server, parent) == "done"
+    assert _effects(server, effects) == [1, 2]  # each exactly once: the first rolled back with its runner
+    first, second = _children(server, parent)
+    _ran_again_once(first, how)
+    assert (second["attempt"], second["errors"]) == (1, None)  # its claim had not committed
+
+
+@pytest.mark.parametrize("how", KILLS)
+def test_killed_after_the_claim_committed_before_the_statement_did_anything(
+    server: Server, effects: str, how: str
+) -> None:
+    with server.user() as user:
+        user.execute(f"CREATE TABLE {effects}_gate ()")
+    launched: list[str] = []
+
+    def kill_at_the_statement() -> None:
+        launched.append(
+            _launch(server, [f"insert into {effects} select 1 from (select count(*) from {effects}_gate) g"])
+        )
+        pid = poll_until(lambda: _runner_waiting(server, launched[0]), 30, 0.02, "the child to wait for its table")
+        server.kill(pid, how)
+
+    _held(server, f"LOCK TABLE {_schema(server)}.{effects}_gate IN ACCESS EXCLUSIVE MODE", kill_at_the_statement)
+    (parent,) = launched
+    assert _await(server, parent) == "done"
+    assert _effects(server, effects) == [1]
+    (child,) = _children(server, parent)
+    _ran_again_once(child, how)
+
+
+@pytest.mark.parametrize("how", KILLS)
+def test_killed_during_an_inline_statement(server: Server, effects: str, how: str) -> None:
+    parent = _launch(server, [f"insert into {effects} select 1 from pg_sleep(2)"])
+    pid = poll_until(lambda: _runner_running(server, parent), 30, 0.02, "the child running")
+    server.kill(pid, how)
+    assert _await(server, parent) == "done"
+    assert _effects(server, effects) == [1]
+    (child,) = _children(server, parent)
+    _ran_again_once(child, how)
+
+
+@pytest.mark.parametrize("how", KILLS)
+def test_killed_after_its_own_worker_committed_before_the_outcome_was_recorded(
+    server: Server, effects: str, how: str
+) -> None:
+    """A statement of its own worker or job (a CALL runs at top level) commits there; its runner dies
+    before it records how it ended."""
+    with server.user() as user:
+        user.execute(
+            f"CREATE PROCEDURE {effects}_one() LANGUAGE plpgsql AS "
+            f"$$ BEGIN insert into {effects} values (1); COMMIT; PERFORM pg_sleep(1); END $$"
+        )
+    parent = _launch(server, [f"call {effects}_one()"])
+    poll_until(lambda: statuses(_children(server, parent)) == ["running"], 30, what="the child running")
+
+    def kill_at_the_outcome() -> None:
+        poll_until(lambda: _effects(server, effects) == [1], 30, 0.05, "the worker to commit")
+        pid = poll_until(lambda: _runner_waiting(server, parent), 30, 0.02, "the runner to record the outcome")
+        server.kill(pid, how)
+
+    _held(server, f"SELECT 1 FROM pgbg.log_background WHERE uuid_parent = '{parent}' FOR UPDATE", kill_at_the_outcome)
+    if server.launcher == "pg_cron":
+        # pg_cron keeps how the child's job ended: the child is settled as it ended.
+        assert _await(server, parent) == "done"
+        assert _children(server, parent)[0]["result"]["command"] == "CALL"
+    else:
+        # Nothing says whether it committed: lost (this batch does not retry lost children).
+        assert _await(server, parent) == "lost"
+    assert _effects(server, effects) == [1]  # never twice
+    assert _children(server, parent)[0]["attempt"] == 1
+
+
+def test_a_wait_drives_a_batch_whose_runners_all_died(server: Server, effects: str) -> None:
+    """After a crash restart nobody runs the batch: a wait settles what the dead runners left and starts
+    runners for what it queued again, which must see it (a wait queued it in its own long transaction,
+    which its runners waited for in vain until the wait timed out)."""
+    parent = _launch(
+        server,
+        [f"insert into {effects} select 1 from pg_sleep(1)"],
+        statement_timeout="5 min",  # its own worker or job: lost with its runner, retried as the batch allows
+        retry_lost=True,
+        retries=1,
+    )
+    pid = poll_until(lambda: _runner_running(server, parent), 30, 0.02, "the child running")
+    with server.admin() as admin:
+        admin.execute("CHECKPOINT")  # the claim survives the crash (it committed without a WAL flush)
+    server.kill(pid, "sigkill")
+    with server.user() as user:
+        assert user.execute("SELECT pgbg.pg_background_wait(%s, '60 s')", (parent,)).fetchone()[0] == "done"
+    assert _effects(server, effects) == [1]
+    (child,) = _children(server, parent)
+    # pg_cron runs the job again after its restart, and records how that run ended, if nobody settled the
+    # child before.
+    assert (child["attempt"], _history(child)) in [(2, ["lost"])] + [(1, [])] * (server.launcher == "pg_cron")
