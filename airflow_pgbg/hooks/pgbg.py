@@ -150,6 +150,13 @@ class EngineSql:
             "%s::uuid[], %s::text[])"
         )
         self.heartbeat_end = q("SELECT {s}.pg_background_heartbeat_end(%s::uuid)")
+        # The latest batch of an origin (or the given one), who holds it, and whether another waiter of
+        # the claim waits for it.
+        self.holders = q(
+            "SELECT uuid_parent, claimed_by, {s}.pg_background_watched_by(uuid_parent, %s, %s::uuid) AS watched "
+            "FROM {s}.batch WHERE uuid_parent = %s::uuid OR (%s::uuid IS NULL AND origin = %s) "
+            "ORDER BY created_at DESC LIMIT 1"
+        )
 
 
 class PgBackgroundHook(PostgresHook):
@@ -659,6 +666,20 @@ class PgBackgroundHook(PostgresHook):
     async def aheartbeat_end(self, conn: psycopg.AsyncConnection[Any], waiter_id: str) -> None:
         """``waiter_id`` waits for nothing any more."""
         await self._arows(conn, self.q.heartbeat_end, (waiter_id,))
+
+    async def aholders(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        claim: str,
+        uuid_parent: str | None = None,
+        origin: str | None = None,
+        except_waiter: str | None = None,
+    ) -> tuple[str | None, bool]:
+        """Who holds the batch (given, else the latest of ``origin``) and whether a waiter other than this
+        session and ``except_waiter`` waits for it on behalf of ``claim`` (None, False: no such batch)."""
+        rows = await self._arows(conn, self.q.holders, (claim, except_waiter, uuid_parent, uuid_parent, origin))
+        return (rows[0]["claimed_by"], bool(rows[0]["watched"])) if rows else (None, False)
 
     async def achannel(self, conn: psycopg.AsyncConnection[Any]) -> str:
         """The channel on which the engine announces the end of a batch."""

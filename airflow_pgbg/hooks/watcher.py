@@ -181,6 +181,11 @@ class BatchWatcher:
                 del self._batches[uuid_parent]
             self._wake.set()  # release its watch lock soon
 
+    @property
+    def waiter_id(self) -> str:
+        """The id of this watcher's heartbeat (see ``pg_background_heartbeat``)."""
+        return self._waiter_id
+
     def last_state(self, uuid_parent: str) -> BatchState | None:
         """The latest state polled for a batch that is being waited for."""
         return next((w.state for w in self._waiters.values() if w.uuid_parent == uuid_parent and w.state), None)

@@ -81,3 +81,29 @@ AS $fn$
 $fn$;
 COMMENT ON FUNCTION @schema@._heartbeat_watched(uuid, text) IS
     'Whether a live heartbeat waiter waits for the batch on behalf of a claim other than p_except_claim.';
+
+CREATE FUNCTION @schema@.pg_background_watched_by(uuid_father uuid, p_claim text, p_except_waiter uuid DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+AS $fn$
+BEGIN
+    -- PL/pgSQL: the watch keys are defined after this file (91_watch.sql).
+    RETURN EXISTS (
+               SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND l.classid = @schema@._watch_key(uuid_father)::oid
+                  AND l.objid = @schema@._claim_key(p_claim)::oid
+                  AND l.pid <> pg_backend_pid())
+        OR EXISTS (
+               SELECT 1 FROM @schema@.waiter_watch w
+                 JOIN @schema@.waiter h USING (waiter_id)
+                WHERE w.uuid_parent = uuid_father AND w.claimed_by = p_claim
+                  AND w.waiter_id IS DISTINCT FROM p_except_waiter
+                  AND h.alive_until > clock_timestamp());
+END
+$fn$;
+COMMENT ON FUNCTION @schema@.pg_background_watched_by(uuid, text, uuid) IS
+    'Whether another session (a watch lock) or another live heartbeat waiter than p_except_waiter waits for '
+    'the batch on behalf of p_claim itself: a second waiter of the same claim (Airflow: the trigger of the '
+    'same try, moved to another triggerer).';
