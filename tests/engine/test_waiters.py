@@ -188,6 +188,30 @@ def test_a_heartbeat_waiter_is_alive_until_its_ttl_runs_out(user: psycopg.Connec
     user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
 
 
+def test_watched_by_finds_another_waiter_of_the_same_claim(user_dsn: str, user: psycopg.Connection) -> None:
+    """How a cancelled trigger tells that its try waits for the batch from elsewhere (it moved)."""
+    parent = launch(user, ["select pg_sleep(30)"])
+
+    def watched_by(conn: psycopg.Connection, claim: str, except_waiter: str | None = None) -> bool:
+        return conn.execute(
+            "SELECT pgbg.pg_background_watched_by(%s, %s, %s)", (parent, claim, except_waiter)
+        ).fetchone()[0]
+
+    user.execute("SELECT pgbg.pg_background_watch(%s::uuid[], %s::text[])", ([parent], ["try 1 deferred"]))
+    assert not watched_by(user, "try 1 deferred")  # its own lock is not another waiter
+    with psycopg.connect(user_dsn, autocommit=True) as other:
+        assert watched_by(other, "try 1 deferred")
+        assert not watched_by(other, "try 2 deferred")
+    user.execute("SELECT pgbg.pg_background_unwatch(%s::uuid[], %s::text[])", ([parent], ["try 1 deferred"]))
+    waiter = str(uuid.uuid4())
+    heartbeat(user, waiter, "30 s", watch=[(parent, "try 1 deferred")])
+    assert watched_by(user, "try 1 deferred")
+    assert not watched_by(user, "try 1 deferred", waiter)  # its own heartbeat
+    user.execute("SELECT pgbg.pg_background_heartbeat_end(%s)", (waiter,))
+    assert not watched_by(user, "try 1 deferred")
+    user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
+
+
 def test_a_worker_claim_is_reconnected_not_requeued(user: psycopg.Connection) -> None:
     first = submit(user, ["select pg_sleep(1)"], "dag/run/worker/-1", "try 1")
     parent = str(first["uuid_parent"])
