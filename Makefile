@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv db engine test test-pg-cron test-engine demo bench ui clean lint matrix dist-check ci
+.PHONY: venv db engine test test-pg-cron test-deploy test-engine demo bench ui clean lint matrix dist-check ci
 
 venv: $(STAMP)
 
@@ -35,6 +35,14 @@ test-pg-cron: venv
 	dsn=$${PGBG_TEST_CRON_DSN:-$$(bash scripts/db.sh --instance managed --port 54321 --without pg_background | tail -n 1)} && \
 	PGBG_EXTERNAL_SERVER=1 PGBG_TEST_DSN=$$dsn $(PY) -m pytest tests/engine tests/airflow $(PYTEST_ARGS)
 
+# The deployment people run (tests/deploy): CeleryExecutor with Redis, two schedulers, triggerers and
+# Celery workers, Airflow's metadata behind PgBouncer in transaction mode, and one triggerer waiting on
+# twenty databases. Needs the local servers (scripts/db.sh); Redis and PgBouncer are installed by
+# scripts/redis.sh and scripts/pgbouncer.sh.
+test-deploy: venv
+	@dsn=$$(bash scripts/db.sh | tail -n 1) && \
+	ext=$${PGBG_TEST_DSN:+1}; PGBG_EXTERNAL_SERVER=$$ext PGBG_TEST_DSN=$$dsn $(PY) -m pytest tests/deploy $(PYTEST_ARGS)
+
 test-engine: venv
 	@dsn=$$(bash scripts/db.sh | tail -n 1) && \
 	PGBG_TEST_DSN=$$dsn $(PY) -m pytest tests/engine $(PYTEST_ARGS)
@@ -64,7 +72,7 @@ dist-check: venv
 	@bash scripts/dist_check.sh
 
 # What .ci/run does.
-ci: lint test dist-check matrix
+ci: lint test test-deploy dist-check matrix
 
 # The main job: example_pgbg_basic end to end (DAG=<id> for another example DAG).
 demo: venv

@@ -46,8 +46,9 @@ else
     PGDATA=/var/lib/postgresql/pgbg-$INSTANCE
 fi
 LOG=$PGDATA.log
-# What the root installs: the server, the extension, and pg_cron (the launcher of managed servers).
-PACKAGES="postgresql-18 postgresql-18-pg-background postgresql-18-cron"
+# What the root installs: the server, the extension, pg_cron (the launcher of managed servers) and
+# PgBouncer (scripts/pgbouncer.sh puts it in front of a server; Debian 12's is too old).
+PACKAGES="postgresql-18 postgresql-18-pg-background postgresql-18-cron pgbouncer"
 
 log() { echo "db: $*" >&2; }
 

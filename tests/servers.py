@@ -59,3 +59,44 @@ FLEET = Instance("fleet", 54319, ("max_connections=100",))
 
 MANAGED = Instance("managed", 54321, without="pg_background")
 """A server like a managed service: pg_cron preloaded, pg_background not available."""
+
+
+@dataclass(frozen=True)
+class Pooler:
+    """PgBouncer started by ``scripts/pgbouncer.sh`` in front of a server of scripts/db.sh."""
+
+    name: str
+    port: int
+    server_port: int
+    mode: str = "transaction"
+    settings: tuple[str, ...] = ()
+
+    def _run(self, action: str) -> str:
+        args = ["bash", str(REPO / "scripts" / "pgbouncer.sh"), action, "--instance", self.name]
+        args += ["--port", str(self.port), "--server-port", str(self.server_port), "--mode", self.mode]
+        for setting in self.settings:
+            args += ["-s", setting]
+        out = subprocess.run(args, check=True, capture_output=True, text=True)
+        return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+
+    def start(self) -> str:
+        """Starts the pooler if it is not running; the superuser DSN through it."""
+        return self._run("start")
+
+    def restart(self) -> str:
+        """Restarts the pooler, dropping every server connection it holds (a role the tests dropped and
+        created again is another role to the server: its old connections would still act as the old one)."""
+        return self._run("restart")
+
+    def stop(self) -> None:
+        self._run("stop")
+
+
+FLEET_TX = Pooler("fleet-tx", 64319, FLEET.port)
+"""PgBouncer in transaction mode in front of the fleet server."""
+
+FLEET_SESSION = Pooler("fleet-session", 64320, FLEET.port, mode="session")
+"""PgBouncer in session mode in front of the fleet server."""
+
+MAIN_TX = Pooler("main-tx", 64318, 54318)
+"""PgBouncer in transaction mode in front of the main server (the e2e deployments' DAGs go through it)."""

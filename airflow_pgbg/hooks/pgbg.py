@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from psycopg.rows import dict_row
 from airflow_pgbg import ENGINE_VERSION
 from airflow_pgbg.hooks.install import install_engine, validate_schema, version_key
 from airflow_pgbg.hooks.outage import Backoff, EngineUnreachable, is_outage
+from airflow_pgbg.hooks.pooler import HEARTBEAT_EVERY, POOL_MODE_EXTRA, declared_pool_mode, heartbeat_ttl, session_less
 from airflow_pgbg.status import DEFAULT_SCHEMA, MONITOR_COLUMNS, BatchState
 
 T = TypeVar("T")
@@ -88,7 +90,8 @@ class EngineSql:
             "p_statement_timeout => make_interval(secs => %s), p_retries => %s, "
             "p_retry_delay => make_interval(secs => %s), p_retry_backoff => %s, p_retry_lost => %s"
         )
-        self.version = q("SELECT version FROM {s}.meta")
+        # The server's pid too: a pooler answers the client with a backend pid of its own (see pooler.py).
+        self.version = q("SELECT (SELECT version FROM {s}.meta), pg_backend_pid()")
         self.launch = q(
             "SELECT {s}.pg_background_launch_num(%s::text[], p_monitor => false, p_origin => %s, " + options + ")"
         )
@@ -142,6 +145,18 @@ class EngineSql:
         self.unwatch = q("SELECT {s}.pg_background_unwatch(%s::uuid[], %s::text[])")
         self.watched = q("SELECT {s}.pg_background_watched(%s::uuid, %s)")
         self.channel = q("SELECT {s}.batch_end_channel()")
+        self.heartbeat = q(
+            "SELECT {s}.pg_background_heartbeat(%s::uuid, make_interval(secs => %s), %s::uuid[], %s::text[], "
+            "%s::uuid[], %s::text[])"
+        )
+        self.heartbeat_end = q("SELECT {s}.pg_background_heartbeat_end(%s::uuid)")
+        # The latest batch of an origin (or the given one), who holds it, and whether another waiter of
+        # the claim waits for it.
+        self.holders = q(
+            "SELECT uuid_parent, claimed_by, {s}.pg_background_watched_by(uuid_parent, %s, %s::uuid) AS watched "
+            "FROM {s}.batch WHERE uuid_parent = %s::uuid OR (%s::uuid IS NULL AND origin = %s) "
+            "ORDER BY created_at DESC LIMIT 1"
+        )
 
 
 class PgBackgroundHook(PostgresHook):
@@ -162,6 +177,12 @@ class PgBackgroundHook(PostgresHook):
         self.q = EngineSql(engine_schema)
         self._pg: psycopg.Connection[Any] | None = None
         self._watches: set[tuple[str, str]] = set()
+        self.session_less = False
+        """The last connection made has no server session of its own (a pooler in transaction mode, or one
+        that may be): no LISTEN, no session advisory locks, no server-side prepared statements."""
+        self._declared_pool_mode: str | None = None
+        self._waiter_id = str(uuid.uuid4())
+        self._beat_at: float | None = None  # when the heartbeat is due again (None: never sent)
 
     # -- connections ------------------------------------------------------------------------------
 
@@ -179,8 +200,9 @@ class PgBackgroundHook(PostgresHook):
         }
         if self.options:
             kwargs["options"] = self.options
+        self._declared_pool_mode = declared_pool_mode(conn.extra_dejson)
         for name, value in conn.extra_dejson.items():
-            if name not in self.ignored_extra_options:
+            if name not in self.ignored_extra_options and name != POOL_MODE_EXTRA:
                 kwargs[name] = value
         return {k: v for k, v in kwargs.items() if v not in (None, "")}
 
@@ -189,14 +211,23 @@ class PgBackgroundHook(PostgresHook):
             params = self.conn_kwargs(self.get_connection(getattr(self, self.conn_name_attr)))
             conn = psycopg.connect(autocommit=True, **params)
             try:
-                self._check_engine(conn.execute(self.q.version).fetchone())
-                if self._watches:  # the watch locks died with the previous connection
+                self._note_session(conn, conn.execute(self.q.version).fetchone())
+                if self._watches and not self.session_less:  # the watch locks died with the previous connection
                     conn.execute(self.q.watch, ([b for b, _ in self._watches], [c for _, c in self._watches]))
             except BaseException:
                 conn.close()
                 raise
             self._pg = conn
         return self._pg
+
+    def _note_session(self, conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], row: Any) -> None:
+        """Checks the engine's version and whether ``conn`` has a server session of its own."""
+        self._check_engine(row)
+        self.session_less = session_less(self._declared_pool_mode, conn.info.backend_pid, row[1])
+        if self.session_less:
+            # A statement prepared on one server connection is unknown on the next (PgBouncer before
+            # 1.21, or max_prepared_statements = 0); the engine's calls gain nothing from it.
+            conn.prepare_threshold = None
 
     def _check_engine(self, row: Any) -> None:
         installed = row[0] if row else None
@@ -208,6 +239,10 @@ class PgBackgroundHook(PostgresHook):
 
     def close(self) -> None:
         """Closes the hook's connection (it reopens on the next call) and ends its watches."""
+        if self._beat_at is not None and self._pg is not None and not self._pg.closed:
+            with suppress(Exception):  # else it expires by itself within its ttl
+                self._pg.execute(self.q.heartbeat_end, (self._waiter_id,))
+        self._beat_at = None
         self._watches.clear()
         self._drop()
 
@@ -456,13 +491,30 @@ class PgBackgroundHook(PostgresHook):
         (what ends a task's wait): a later try then runs a succeeded batch anew instead of taking it."""
         return self._value(self.q.take_outcome, (uuid_parent, claimed_by, rows, 5))
 
-    def watch(self, uuid_parent: str, claimed_by: str) -> None:
-        """Shows, until :meth:`close`, that ``claimed_by`` waits for the batch (a watch lock held by the
-        hook's connection, taken again after a reconnect)."""
-        if (uuid_parent, claimed_by) not in self._watches:
-            self._watches.add((uuid_parent, claimed_by))
-            if self._pg is not None and not self._pg.closed:
-                self._rows(self.q.watch, ([uuid_parent], [claimed_by]))
+    def watch(self, uuid_parent: str, claimed_by: str, *, every: float = HEARTBEAT_EVERY) -> None:
+        """Shows, until :meth:`close`, that ``claimed_by`` waits for the batch: a watch lock held by the
+        hook's connection (taken again after a reconnect), or, without a session of its own (behind a
+        pooler), a heartbeat. Call it at least every ``every`` seconds: a heartbeat lasts three times that."""
+        pair = (uuid_parent, claimed_by)
+        with self._cursor() as cur:  # connects first: whether there is a session decides how
+            if not self.session_less:
+                if pair not in self._watches:
+                    cur.execute(self.q.watch, ([uuid_parent], [claimed_by]))
+                self._watches.add(pair)
+                return
+            new = pair not in self._watches
+            self._watches.add(pair)
+            now = time.monotonic()
+            if not new and self._beat_at is not None and now < self._beat_at:
+                return
+            ttl = heartbeat_ttl(every)
+            watched = sorted(self._watches) if new or self._beat_at is None else []
+            cur.execute(self.q.heartbeat, (self._waiter_id, ttl, *_pairs(watched), [], []))
+            row = cur.fetchone()
+            if not (row and next(iter(row.values()))) and not watched:
+                # Its ttl ran out (an outage longer than it): name everything again.
+                cur.execute(self.q.heartbeat, (self._waiter_id, ttl, *_pairs(sorted(self._watches)), [], []))
+            self._beat_at = now + HEARTBEAT_EVERY
 
     def watched_by_others(self, uuid_parent: str, claimed_by: str | None) -> bool:
         """Whether a live session waits for the batch on behalf of another claim."""
@@ -502,7 +554,7 @@ class PgBackgroundHook(PostgresHook):
         conn = await psycopg.AsyncConnection.connect(autocommit=True, **kwargs)
         try:
             cur = await conn.execute(self.q.version)
-            self._check_engine(await cur.fetchone())
+            self._note_session(conn, await cur.fetchone())
         except BaseException:
             await conn.close()
             raise
@@ -599,9 +651,43 @@ class PgBackgroundHook(PostgresHook):
         """Ends :meth:`awatch` for these pairs."""
         await self._arows(conn, self.q.unwatch, (list(uuid_parents), list(claims)))
 
+    async def aheartbeat(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        waiter_id: str,
+        ttl: float,
+        watch: Sequence[tuple[str, str]] = (),
+        unwatch: Sequence[tuple[str, str]] = (),
+    ) -> bool:
+        """``waiter_id`` is alive for ``ttl`` seconds and waits for the (batch, claim) pairs of ``watch``, no
+        longer for those of ``unwatch`` (``pg_background_heartbeat``); False when it was not alive before."""
+        return bool(await self._avalue(conn, self.q.heartbeat, (waiter_id, ttl, *_pairs(watch), *_pairs(unwatch))))
+
+    async def aheartbeat_end(self, conn: psycopg.AsyncConnection[Any], waiter_id: str) -> None:
+        """``waiter_id`` waits for nothing any more."""
+        await self._arows(conn, self.q.heartbeat_end, (waiter_id,))
+
+    async def aholders(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        *,
+        claim: str,
+        uuid_parent: str | None = None,
+        origin: str | None = None,
+        except_waiter: str | None = None,
+    ) -> tuple[str | None, bool]:
+        """Who holds the batch (given, else the latest of ``origin``) and whether a waiter other than this
+        session and ``except_waiter`` waits for it on behalf of ``claim`` (None, False: no such batch)."""
+        rows = await self._arows(conn, self.q.holders, (claim, except_waiter, uuid_parent, uuid_parent, origin))
+        return (rows[0]["claimed_by"], bool(rows[0]["watched"])) if rows else (None, False)
+
     async def achannel(self, conn: psycopg.AsyncConnection[Any]) -> str:
         """The channel on which the engine announces the end of a batch."""
         return str(await self._avalue(conn, self.q.channel))
+
+
+def _pairs(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    return [b for b, _ in pairs], [c for _, c in pairs]
 
 
 def _submission(row: dict[str, Any]) -> Submission:

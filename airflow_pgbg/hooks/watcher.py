@@ -10,6 +10,11 @@ engine schema) share one watcher, which holds two connections however many batch
 * a listening connection on the engine's end-of-batch channel, so a batch that ends is polled, and
   its trigger fires, within milliseconds, with no wait held open in the database per trigger.
 
+Behind a pooler in transaction mode (see ``pooler.py``) there is no session to listen in or to hold a
+lock with: the watcher then holds one connection, polls every watched batch at least every second
+(``SESSIONLESS_POLL_INTERVAL``) instead of hearing the ends, and shows it is alive by a heartbeat row
+(``pg_background_heartbeat``) instead of watch locks.
+
 An outage (restart, failover, dropped connection, full connection table) closes both; the watcher
 reconnects with capped exponential backoff and jitter, and each waiter fails only once the outage
 has lasted longer than its own reconnect timeout. Cancelling one waiter never disturbs another.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import uuid
 import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -30,6 +36,7 @@ import psycopg
 from psycopg import sql
 
 from airflow_pgbg.hooks.outage import Backoff, EngineUnreachable, is_outage
+from airflow_pgbg.hooks.pooler import HEARTBEAT_EVERY, SESSIONLESS_POLL_INTERVAL, heartbeat_ttl
 from airflow_pgbg.status import BatchState
 
 if TYPE_CHECKING:
@@ -114,6 +121,12 @@ class BatchWatcher:
         self._batches: Counter[str] = Counter()  # waiters per batch
         self._fresh: set[str] = set()  # batches to poll at once (new waiters, notifications)
         self._watching: set[tuple[str, str]] = set()  # watch locks held by the current query connection
+        self._beating: set[tuple[str, str]] = set()  # watches recorded under the heartbeat of _waiter_id
+        self._waiter_id = str(uuid.uuid4())
+        self._beat_due: float | None = None  # loop time of the next heartbeat (None: none sent yet)
+        self.session_less = False
+        """The connection has no server session of its own (a pooler in transaction mode): no LISTEN, and
+        heartbeats instead of watch locks."""
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._listen: psycopg.AsyncConnection[Any] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -168,6 +181,11 @@ class BatchWatcher:
                 del self._batches[uuid_parent]
             self._wake.set()  # release its watch lock soon
 
+    @property
+    def waiter_id(self) -> str:
+        """The id of this watcher's heartbeat (see ``pg_background_heartbeat``)."""
+        return self._waiter_id
+
     def last_state(self, uuid_parent: str) -> BatchState | None:
         """The latest state polled for a batch that is being waited for."""
         return next((w.state for w in self._waiters.values() if w.uuid_parent == uuid_parent and w.state), None)
@@ -206,7 +224,10 @@ class BatchWatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         backoff = Backoff()
-        next_full = 0.0
+        # When everything was last polled. The next full poll is due an interval later, the interval of
+        # the waiters there are now: a waiter that joins a watcher that idled (a trigger that launched its
+        # batch through it first) is polled at its own interval, not at the idle watcher's.
+        last_full = -self.LINGER
         idle_since: float | None = None
         try:
             while True:
@@ -218,8 +239,10 @@ class BatchWatcher:
                         # Decided without awaiting, so a waiter arriving from now on starts a new loop.
                         self._stopping = True
                         return
+                started = loop.time()
+                full = started >= last_full + self._interval()
                 try:
-                    await self._round(full=loop.time() >= next_full)
+                    await self._round(full=full)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -234,22 +257,29 @@ class BatchWatcher:
                 backoff.reset()
                 for waiter in self._waiters.values():
                     waiter.outage_since = None
-                if loop.time() >= next_full:
-                    next_full = loop.time() + self._interval()
-                timeout = max(0.0, next_full - loop.time()) if self._waiters else self.LINGER
+                if full:
+                    last_full = started
+                timeout = max(0.0, last_full + self._interval() - loop.time()) if self._waiters else self.LINGER
                 await wait_at_most(self._wake.wait(), timeout)
                 self._wake.clear()
                 await asyncio.sleep(self.GATHER)
         finally:
             if self._task is asyncio.current_task():
                 self._stopping = True
+                if self._beat_due is not None and self._conn is not None and not self._conn.closed:
+                    # Else it expires by itself within its ttl.
+                    with contextlib.suppress(Exception):
+                        await wait_at_most(self.hook.aheartbeat_end(self._conn, self._waiter_id), 5.0)
                 resources = self._detach(self._conn)
                 if self._registry.get(loop, {}).get(self._key) is self:
                     del self._registry[loop][self._key]
                 await self._close(resources)
 
     def _interval(self) -> float:
-        return min((w.poll_interval for w in self._waiters.values()), default=self.LINGER)
+        interval = min((w.poll_interval for w in self._waiters.values()), default=self.LINGER)
+        if self.session_less and self._waiters:
+            return min(interval, SESSIONLESS_POLL_INTERVAL)  # ends come only by polling
+        return interval
 
     async def _round(self, *, full: bool) -> None:
         conn = await self._connected()
@@ -261,7 +291,9 @@ class BatchWatcher:
         due = batches if full else self._fresh & batches
         self._fresh.clear()
         async with self._query_lock:
-            if wanted != self._watching:
+            if self.session_less:
+                await self._beat(conn, wanted)
+            elif wanted != self._watching:
                 gone, new = self._watching - wanted, wanted - self._watching
                 if gone:
                     await self.hook.aunwatch(conn, [b for b, _ in gone], [c for _, c in gone])
@@ -302,6 +334,20 @@ class BatchWatcher:
             else:
                 waiter.state = state
 
+    async def _beat(self, conn: psycopg.AsyncConnection[Any], wanted: set[tuple[str, str]]) -> None:
+        """Keeps this watcher's heartbeat alive and its recorded watches equal to ``wanted``."""
+        now = asyncio.get_running_loop().time()
+        gone, new = self._beating - wanted, wanted - self._beating
+        if not gone and not new and (self._beat_due is None or now < self._beat_due):
+            return  # nothing changed, and nothing (or a live heartbeat) to keep alive
+        ttl = heartbeat_ttl(self._interval())
+        known = await self.hook.aheartbeat(conn, self._waiter_id, ttl, sorted(new), sorted(gone))
+        if not known and wanted - new:
+            # Its ttl ran out (an outage longer than it): what it watched was forgotten.
+            await self.hook.aheartbeat(conn, self._waiter_id, ttl, sorted(wanted))
+        self._beating = wanted
+        self._beat_due = now + HEARTBEAT_EVERY
+
     def _outage(self, exc: BaseException, delay: float) -> float:
         """Fails the waiters whose reconnect timeout has run out; returns how long to back off."""
         now = asyncio.get_running_loop().time()
@@ -326,6 +372,12 @@ class BatchWatcher:
             if self._conn is None or self._conn.closed:
                 self._watching = set()  # the locks died with the old connection
                 conn = await self.hook.aconnect(WATCHER_APPLICATION_NAME)
+                self.session_less = self.hook.session_less
+                if self.session_less:
+                    # Nothing to listen with: a LISTEN would stay on a server connection nobody reads.
+                    self._conn, self._listen, self._listen_error = conn, None, None
+                    self._fresh.update(w.uuid_parent for w in self._waiters.values())
+                    return conn
                 try:
                     channel = await self.hook.achannel(conn)
                     listen = await self.hook.aconnect(f"{WATCHER_APPLICATION_NAME}:listen")

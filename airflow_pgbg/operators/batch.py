@@ -366,8 +366,8 @@ class PgBackgroundBatchOperator(BaseOperator):
         uuid_parent, claim = self.uuid_parent, self.claim
 
         def poll() -> Any:
-            # The watch lock tells a newer try that this one is alive; it lives with the connection.
-            self.hook.watch(uuid_parent, claim)
+            # The watch lock (or, behind a pooler, the heartbeat) tells a newer try that this one is alive.
+            self.hook.watch(uuid_parent, claim, every=self.poll_interval)
             return self.hook.poll(uuid_parent, wait=self.poll_interval)
 
         try:

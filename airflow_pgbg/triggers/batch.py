@@ -35,6 +35,10 @@ T = TypeVar("T")
 # on_kill() returned (Airflow gives it 30 s), XCom pushes.
 _BACKGROUND: set[asyncio.Task[Any]] = set()
 
+MOVED_GRACE = 10.0
+"""Seconds a cancelled trigger whose task is still deferred waits for the sign that it moved to another
+triggerer (or that a newer try took the batch over) before it stops the batch after all."""
+
 
 class _TaskFails(Exception):
     """Ends the task as failed; the message goes to the task's log."""
@@ -383,14 +387,60 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         return stopped
 
     async def on_kill(self) -> None:
-        """A user marked the deferred task failed or success, or cleared it: stop the batch."""
+        """A user marked the deferred task failed or success, or cleared it: stop the batch.
+
+        Airflow 3.3.2 also calls it on a triggerer whose trigger was given to another triggerer (one
+        that missed its heartbeats for ``triggerer_health_check_threshold`` loses its triggers, and
+        cancels them "by user action" when it comes back): then the same try waits for the batch from
+        the other triggerer, and the batch must run on.
+        """
+        if await self._moved():
+            self.log.info(
+                "Batch %s is waited for by another triggerer now, or taken over by a newer try: not stopped here",
+                self.uuid_parent or "(being launched)",
+            )
+            return
         await self._stop_batch("the task was marked or cleared")
+
+    async def _moved(self) -> bool:
+        """Whether this trigger was cancelled because it moved, not by a person.
+
+        A mark leaves the task instance failed or success, a clear (until its new try defers) without a
+        state: the batch is stopped at once. While the task is still deferred, this is either a move (the
+        same try's trigger on the other triggerer soon watches the batch too) or a clear whose new try has
+        already deferred (it takes the batch over within seconds, stopping and queueing again what ran):
+        wait up to ``MOVED_GRACE`` for either sign; with neither, stop after all.
+        """
+        if self.claim is None or self.task_instance is None:
+            return False
+        hook = self._hook()
+        watcher = self._watcher()
+        claim, uuid_parent, origin = self.claim, self.uuid_parent, origin_of(self.task_instance)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MOVED_GRACE
+        while True:
+            if await self._ti_state() != "deferred":
+                return False
+            holder, watched_elsewhere = await self._call(
+                partial(
+                    hook.aholders,
+                    claim=claim,
+                    uuid_parent=uuid_parent,
+                    origin=None if uuid_parent else origin,
+                    except_waiter=watcher.waiter_id,
+                )
+            )
+            if watched_elsewhere or (holder is not None and holder != claim):
+                return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.5)
 
     async def cleanup(self) -> None:
         if TRIGGER_HAS_ON_KILL:
             return  # on_kill() handles user actions; a restart must not stop anything
         if await self._task_left_deferral():
-            await self.on_kill()
+            await self._stop_batch("the task was marked or cleared")
 
     async def _task_left_deferral(self) -> bool:
         """Airflow < 3.3: the task instance is no longer deferred, so a user acted on it."""

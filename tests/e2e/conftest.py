@@ -2,7 +2,8 @@
 
 The DAGs' role may use three servers: the main one, which also holds Airflow's metadata, the
 restartable one (tests.servers.FLEET) that a scenario restarts, and one like a managed service
-(tests.servers.MANAGED), without pg_background, where the engine runs on pg_cron.
+(tests.servers.MANAGED), without pg_background, where the engine runs on pg_cron; and the main one
+through PgBouncer in transaction mode (tests.servers.MAIN_TX).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import pytest
 
 from airflow_pgbg.hooks.install import install_engine_dsn
 from tests.conftest import REPO
-from tests.e2e.dags.e2e_dags import SCENARIOS
+from tests.e2e.dags.e2e_dags import POOLED_SCENARIOS, SCENARIOS
 from tests.e2e.deployment import ROLE, Deployment, role_uri, running_deployment, wait_for
-from tests.servers import FLEET, MANAGED
+from tests.servers import FLEET, MAIN_TX, MANAGED
 
 DAGS = Path(__file__).parent / "dags"
 EXAMPLES = REPO / "example_dags"
@@ -80,6 +81,11 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
         install_engine_dsn(managed_dsn)  # the launcher "auto" picks: pg_cron there
         _role_and_tables(managed_dsn, role_password)
         connections["pgbg_e2e_managed"] = role_uri(managed_dsn, ROLE, role_password)
+        # The main server through PgBouncer in transaction mode.
+        pooled_dsn = MAIN_TX.restart()  # the role was just created again
+        connections["pgbg_e2e_tx"] = role_uri(pooled_dsn, ROLE, role_password)
+    else:
+        connections["pgbg_e2e_tx"] = connections["pgbg_e2e"]  # its scenarios are skipped
     # The example DAGs run there too, as the demo role of `make demo`.
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute((REPO / "scripts" / "demo_setup.sql").read_text())
@@ -97,7 +103,7 @@ def deployment(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[D
         connections,
         meta_db=META_DB,
         dag_prefix="e",
-        expected_dags=len(SCENARIOS) * 2 + 5 + len(EXAMPLE_DAGS),
+        expected_dags=len(SCENARIOS) * 2 + len(POOLED_SCENARIOS) + 5 + len(EXAMPLE_DAGS),
         fleet_dsn=fleet_dsn,
         managed_dsn=managed_dsn,
         settings=_openlineage(home),

@@ -1,6 +1,7 @@
 """A real Airflow deployment on loopback: api-server, scheduler (LocalExecutor), dag-processor and
 triggerer as separate processes, metadata in a PostgreSQL database of their own, driven through the
-public REST API (the calls the UI makes). Used by the end-to-end suite and by ``make bench`` (W8).
+public REST API (the calls the UI makes). Used by the end-to-end suite, by ``make bench`` (W8) and,
+with CeleryExecutor and every service doubled, by the deployment tests (tests/deploy).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -62,6 +63,8 @@ class Deployment:
         """The server the engine queries below go to when not told (None: the main one); a scenario
         that runs on another launcher points it at that launcher's server."""
         self.procs: dict[str, subprocess.Popen] = {}
+        self.marks_table = "pgbg_e2e.marks"
+        """Where the DAGs' children write their numbers (see :meth:`marks`)."""
         self._client: httpx.Client | None = None
 
     # -- processes ------------------------------------------------------------------------------
@@ -140,9 +143,9 @@ class Deployment:
         r.raise_for_status()
 
     def worker_runs(self, dag_id: str) -> int:
-        """How many times the executor ran a task of the DAG in a worker process (the scheduler logs
+        """How many times the executor ran a task of the DAG in a worker process (the schedulers log
         every executor event; a task started and ended in the triggerer has none)."""
-        log = (self.home / "scheduler.log").read_text()
+        log = "".join(p.read_text() for p in sorted(self.home.glob("scheduler*.log")))
         return log.count(
             f"Received executor event with state success for task instance TaskInstanceKey(dag_id='{dag_id}'"
         )
@@ -187,7 +190,9 @@ class Deployment:
         return self.sql("SELECT pgbg.pg_background_watched(%s)", parent, dsn=dsn)[0][0]
 
     def marks(self, run_id: str, dsn: str | None = None) -> list[int]:
-        return [r[0] for r in self.sql("SELECT n FROM pgbg_e2e.marks WHERE run_id = %s ORDER BY n", run_id, dsn=dsn)]
+        return [
+            r[0] for r in self.sql(f"SELECT n FROM {self.marks_table} WHERE run_id = %s ORDER BY n", run_id, dsn=dsn)
+        ]
 
 
 @contextlib.contextmanager
@@ -203,17 +208,32 @@ def running_deployment(
     fleet_dsn: str | None = None,
     managed_dsn: str | None = None,
     settings: dict[str, str] | None = None,
+    services: Sequence[tuple[str, Sequence[str]]] = (
+        ("scheduler", ("scheduler",)),
+        ("dag-processor", ("dag-processor",)),
+        ("triggerer", ("triggerer",)),
+    ),
+    meta_through: str | None = None,
 ) -> Iterator[Deployment]:
-    """Starts the services with their metadata in ``meta_db`` on the server of ``admin_dsn`` (recreated),
-    the DAGs of ``dags``, the Airflow ``connections`` (id -> URI) and more ``settings`` (environment
-    variables); stops them on exit."""
+    """Starts the api-server and ``services`` ((name, airflow arguments), by default one scheduler,
+    dag-processor and triggerer) with their metadata in ``meta_db`` on the server of ``admin_dsn``
+    (recreated; the services reach it through the pooler of DSN ``meta_through`` if given, the
+    migration always directly), the DAGs of ``dags``, the Airflow ``connections`` (id -> URI) and more
+    ``settings`` (environment variables, e.g. the executor); stops them on exit."""
     params = conninfo_to_dict(admin_dsn)
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {meta_db} WITH (FORCE)")
         conn.execute(f"CREATE DATABASE {meta_db}")
-    host, port = params.get("host", "127.0.0.1"), params.get("port", "5432")
     meta_user = params.get("user", "postgres")
     meta_password = quote(params.get("password", ""), safe="")
+
+    def meta_url(dsn: str) -> str:
+        p = conninfo_to_dict(dsn)
+        return (
+            f"postgresql+psycopg://{meta_user}:{meta_password}@{p.get('host', '127.0.0.1')}:"
+            f"{p.get('port', '5432')}/{meta_db}"
+        )
+
     api_port = _free_port()
     url = f"http://127.0.0.1:{api_port}"
     (home / "passwords.json").write_text(json.dumps({"admin": secrets.token_urlsafe(12)}))
@@ -221,7 +241,7 @@ def running_deployment(
     env.update(
         {
             "AIRFLOW_HOME": str(home),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg://{meta_user}:{meta_password}@{host}:{port}/{meta_db}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta_url(meta_through or admin_dsn),
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "8",
             "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
@@ -247,11 +267,15 @@ def running_deployment(
     env.update({f"AIRFLOW_CONN_{conn_id.upper()}": uri for conn_id, uri in connections.items()})
     d = Deployment(home, env, url, admin_dsn, fleet_dsn, managed_dsn)
     try:
-        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+        # Directly: the migration holds a session advisory lock, which a pooler in transaction mode would
+        # leave on a server connection.
+        migrate_env = {**env, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta_url(admin_dsn)}
+        subprocess.run(
+            [sys.executable, "-m", "airflow", "db", "migrate"], env=migrate_env, check=True, capture_output=True
+        )
         d.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1")
-        d.start("scheduler", "scheduler")
-        d.start("dag-processor", "dag-processor")
-        d.start("triggerer", "triggerer")
+        for name, args in services:
+            d.start(name, *args)
 
         def healthy() -> bool:
             try:

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from airflow_pgbg.compat import CAN_START_FROM_TRIGGER, TRIGGER_HAS_ON_KILL
+from airflow_pgbg.links.batch import batch_page_path
 from tests.e2e.conftest import OPENLINEAGE_EVENTS, Deployment, wait_for
 from tests.servers import FLEET, MANAGED, Instance
 
@@ -35,6 +36,13 @@ class Launcher:
 
 PG_BACKGROUND = Launcher("pg_background", "", FLEET)
 PG_CRON = Launcher("pg_cron", "_cron", MANAGED)
+PGBOUNCER_TX = Launcher("pgbouncer_tx", "_tx", FLEET)
+"""pg_background on the main server, the DAGs' connection through PgBouncer in transaction mode."""
+
+# Scenarios that also run through PgBouncer in transaction mode (e2e_dags.POOLED_SCENARIOS).
+pooled_too = pytest.mark.parametrize(
+    "on", [PG_BACKGROUND, PG_CRON, PGBOUNCER_TX], indirect=True, ids=lambda launcher: launcher.name
+)
 
 
 @pytest.fixture(params=[PG_BACKGROUND, PG_CRON], ids=lambda launcher: launcher.name)
@@ -45,6 +53,8 @@ def on(request: pytest.FixtureRequest, deployment: Deployment) -> Iterator[Launc
         if deployment.managed_dsn is None:
             pytest.skip("needs the pg_cron server (tests.servers.MANAGED)")
         deployment.engine_dsn = deployment.managed_dsn
+    if launcher is PGBOUNCER_TX and deployment.fleet_dsn is None:
+        pytest.skip("needs the local servers and PgBouncer (tests.servers.MAIN_TX)")
     try:
         yield launcher
     finally:
@@ -78,6 +88,7 @@ def _stopped_within(d: Deployment, parent: str, since: float) -> float:
     return time.monotonic() - since
 
 
+@pooled_too
 def test_1_success_defers_without_holding_a_worker_slot(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     dag_id = on.dag("e2e_success")
@@ -92,8 +103,14 @@ def test_1_success_defers_without_holding_a_worker_slot(deployment: Deployment, 
     assert d.marks(run) == [1, 2, 3, 4, 5, 6]
     # 6 children of 2 s at 3 at a time: 4 s of work, plus scheduling and start-up.
     record("run wall time", time.monotonic() - started, 40)
+    # The console reads the batch over the task's own connection (through the pooler for _tx).
+    base, _, query = batch_page_path(dag_id, run, "batch").partition("?")
+    page = d.api.get(f"{d.url}{base}.json?{query}")
+    assert page.status_code == 200, page.text
+    assert page.json()["batch"]["uuid_parent"] == parent
 
 
+@pooled_too
 def test_2_mark_failed_while_deferred_stops_the_batch(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     dag_id = on.dag("e2e_mark_failed")
@@ -111,6 +128,7 @@ def test_2_mark_failed_while_deferred_stops_the_batch(deployment: Deployment, on
     assert d.marks(run) == []
 
 
+@pooled_too
 def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     dag_id = on.dag("e2e_clear")
@@ -134,9 +152,15 @@ def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Dep
     cleared = time.monotonic()
     d.clear(dag_id, run)
     # The first try's trigger is cancelled and stops the running children; the new try, started
-    # by Airflow before that cancellation, waits for the old trigger to go before resuming.
+    # by Airflow before that cancellation, waits for the old trigger to go before resuming. When the new
+    # try has deferred by the time the old trigger is cancelled (Airflow 3.3 does both in one loop), the
+    # old one leaves the batch to it, and its takeover cuts the running children short and queues them
+    # again.
     wait_for(
-        lambda: any(c["status"] == "stopped" or c["attempt"] > 1 for c in d.children(parent)),
+        lambda: any(
+            c["status"] == "stopped" or c["attempt"] > 1 or (c["seq"] in running_before and c["status"] == "queued")
+            for c in d.children(parent)
+        ),
         30,
         "the running children stopped",
         0.1,
@@ -156,6 +180,7 @@ def test_3_clear_while_deferred_resumes_only_unfinished_children(deployment: Dep
     assert sum(c["attempt"] == 2 for c in children) >= 1
 
 
+@pooled_too
 def test_4_triggerer_killed_and_restarted_leaves_the_batch_running(
     deployment: Deployment, on: Launcher, record
 ) -> None:
@@ -338,6 +363,7 @@ def _triggerer_down(d: Deployment) -> None:
     d.kill("triggerer", signal.SIGKILL)
 
 
+@pooled_too
 def test_8_mark_failed_before_the_trigger_runs_stops_the_batch(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     dag_id = on.dag("e2e_early_mark")

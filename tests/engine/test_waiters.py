@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -133,6 +134,81 @@ def test_a_watched_batch_waits_for_its_watcher_then_is_taken_over(user_dsn: str,
     )
     # A late kill of the first try does nothing now.
     assert user.execute("SELECT pgbg.pg_background_stop(%s, 'try 1 deferred')", (parent,)).fetchone()[0] == 0
+    user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
+
+
+def heartbeat(conn: psycopg.Connection, waiter: str, ttl: str, watch=(), unwatch=()) -> bool:
+    return conn.execute(
+        "SELECT pgbg.pg_background_heartbeat(%s, %s::interval, %s::uuid[], %s::text[], %s::uuid[], %s::text[])",
+        (waiter, ttl, [b for b, _ in watch], [c for _, c in watch], [b for b, _ in unwatch], [c for _, c in unwatch]),
+    ).fetchone()[0]
+
+
+def test_a_heartbeat_waiter_is_alive_until_its_ttl_runs_out(user: psycopg.Connection, make_role) -> None:
+    """What a waiter behind a pooler in transaction mode uses: no session, a row it keeps alive."""
+    origin = "dag/run/heartbeat/-1"
+    first = submit(user, ["select pg_sleep(30)"], origin, "try 1 deferred", requeue_on_takeover=True)
+    parent = str(first["uuid_parent"])
+    waiter = str(uuid.uuid4())
+
+    def watched(claim: str) -> bool:
+        return user.execute("SELECT pgbg.pg_background_watched(%s, %s)", (parent, claim)).fetchone()[0]
+
+    assert heartbeat(user, waiter, "2 s", watch=[(parent, "try 1 deferred")]) is False  # a new waiter
+    assert watched("try 2 deferred")
+    assert not watched("try 1 deferred")
+    assert submit(user, ["select pg_sleep(30)"], origin, "try 2 deferred")["action"] == "waiting"
+    # Kept alive by its beats, with nothing more to say.
+    for _ in range(3):
+        time.sleep(0.8)
+        assert heartbeat(user, waiter, "2 s") is True
+        assert watched("try 2 deferred")
+    # Another role sees none of it, and cannot beat for it.
+    other = psycopg.connect(make_role(), autocommit=True)
+    assert other.execute("SELECT count(*) FROM pgbg.waiter_watch").fetchone()[0] == 0
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        other.execute("SELECT pgbg.pg_background_heartbeat(%s, '1 h')", (waiter,))
+    assert user.execute("SELECT alive_until < now() + interval '1 minute' FROM pgbg.waiter").fetchone()[0]
+    other.close()
+    # Its process died: no beat comes, and a ttl later the batch is free for the next try.
+    time.sleep(2.2)
+    assert not watched("try 2 deferred")
+    assert submit(user, ["select pg_sleep(30)"], origin, "try 2 deferred")["action"] == "reconnected"
+    # Back after its ttl ran out: it has to name what it watches again.
+    assert heartbeat(user, waiter, "2 s") is False
+    assert not watched("try 3 deferred")
+    assert heartbeat(user, waiter, "2 s", watch=[(parent, "try 2 deferred")]) is True
+    assert watched("try 3 deferred")
+    assert heartbeat(user, waiter, "2 s", unwatch=[(parent, "try 2 deferred")]) is True
+    assert not watched("try 3 deferred")
+    heartbeat(user, waiter, "2 s", watch=[(parent, "try 2 deferred")])
+    assert user.execute("SELECT pgbg.pg_background_heartbeat_end(%s)", (waiter,)).fetchone()[0]
+    assert not watched("try 3 deferred")
+    assert user.execute("SELECT count(*) FROM pgbg.waiter_watch").fetchone()[0] == 0
+    user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
+
+
+def test_watched_by_finds_another_waiter_of_the_same_claim(user_dsn: str, user: psycopg.Connection) -> None:
+    """How a cancelled trigger tells that its try waits for the batch from elsewhere (it moved)."""
+    parent = launch(user, ["select pg_sleep(30)"])
+
+    def watched_by(conn: psycopg.Connection, claim: str, except_waiter: str | None = None) -> bool:
+        return conn.execute(
+            "SELECT pgbg.pg_background_watched_by(%s, %s, %s)", (parent, claim, except_waiter)
+        ).fetchone()[0]
+
+    user.execute("SELECT pgbg.pg_background_watch(%s::uuid[], %s::text[])", ([parent], ["try 1 deferred"]))
+    assert not watched_by(user, "try 1 deferred")  # its own lock is not another waiter
+    with psycopg.connect(user_dsn, autocommit=True) as other:
+        assert watched_by(other, "try 1 deferred")
+        assert not watched_by(other, "try 2 deferred")
+    user.execute("SELECT pgbg.pg_background_unwatch(%s::uuid[], %s::text[])", ([parent], ["try 1 deferred"]))
+    waiter = str(uuid.uuid4())
+    heartbeat(user, waiter, "30 s", watch=[(parent, "try 1 deferred")])
+    assert watched_by(user, "try 1 deferred")
+    assert not watched_by(user, "try 1 deferred", waiter)  # its own heartbeat
+    user.execute("SELECT pgbg.pg_background_heartbeat_end(%s)", (waiter,))
+    assert not watched_by(user, "try 1 deferred")
     user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
 
 

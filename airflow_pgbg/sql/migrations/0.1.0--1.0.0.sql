@@ -126,3 +126,34 @@ COMMENT ON COLUMN @schema@.batch.outcome_taken_by IS
     'The claim that took the batch''s outcome (pg_background_take_outcome()) as it ended its wait: a task '
     'that completed. A success nobody took is taken by the next claim instead of being run again.';
 COMMENT ON COLUMN @schema@.batch.outcome_taken_at IS 'When outcome_taken_by took it.';
+
+-- Waiters that show they are alive by a row they keep refreshing, where a session advisory lock
+-- (pg_background_watch) would mean nothing: behind a pooler in transaction mode, such a lock stays
+-- with a server connection that outlives its client, and holds for whoever uses it next.
+CREATE TABLE @schema@.waiter (
+    waiter_id uuid PRIMARY KEY,
+    role_name name NOT NULL DEFAULT current_user,
+    alive_until timestamptz NOT NULL
+);
+COMMENT ON TABLE @schema@.waiter IS
+    'One row per waiter that proves it is alive by heartbeats (pg_background_heartbeat): alive while '
+    'alive_until is in the future.';
+CREATE TABLE @schema@.waiter_watch (
+    waiter_id uuid NOT NULL REFERENCES @schema@.waiter ON DELETE CASCADE,
+    uuid_parent uuid NOT NULL REFERENCES @schema@.batch ON DELETE CASCADE,
+    claimed_by text NOT NULL,
+    role_name name NOT NULL DEFAULT current_user,
+    PRIMARY KEY (uuid_parent, claimed_by, waiter_id)
+);
+COMMENT ON TABLE @schema@.waiter_watch IS
+    'Which batches a heartbeat waiter waits for, on behalf of which claim (what pg_background_watched() '
+    'reads beside the watch locks).';
+CREATE INDEX ON @schema@.waiter_watch (waiter_id);
+ALTER TABLE @schema@.waiter ENABLE ROW LEVEL SECURITY;
+ALTER TABLE @schema@.waiter_watch ENABLE ROW LEVEL SECURITY;
+CREATE POLICY owner_or_admin ON @schema@.waiter
+    USING (role_name = current_user OR pg_has_role(current_user, 'pgbg_admin', 'MEMBER'))
+    WITH CHECK (role_name = current_user);
+CREATE POLICY owner_or_admin ON @schema@.waiter_watch
+    USING (role_name = current_user OR pg_has_role(current_user, 'pgbg_admin', 'MEMBER'))
+    WITH CHECK (role_name = current_user);

@@ -43,6 +43,8 @@ AS $fn$
                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                   AND l.classid = @schema@._watch_key(uuid_father)::oid
                   AND (p_except_claim IS NULL OR l.objid <> @schema@._claim_key(p_except_claim)::oid))
+        -- Waiters without a session of their own (behind a pooler) keep a heartbeat instead.
+        OR @schema@._heartbeat_watched(uuid_father, p_except_claim)
         -- Triggers of airflow_pgbg 0.1.0 named their connection instead.
         OR EXISTS (
                SELECT 1 FROM pg_stat_activity a
@@ -50,7 +52,8 @@ AS $fn$
                   AND a.application_name IS DISTINCT FROM 'pgbg-trigger:' || uuid_father || ':' || p_except_claim)
 $fn$;
 COMMENT ON FUNCTION @schema@.pg_background_watched(uuid, text) IS
-    'Whether a live session waits for the batch on behalf of a claim other than p_except_claim.';
+    'Whether a live session (a watch lock) or a live heartbeat waiter waits for the batch on behalf of a '
+    'claim other than p_except_claim.';
 
 CREATE FUNCTION @schema@.pg_background_poll_many(uuid_fathers uuid[])
 RETURNS SETOF @schema@.batches

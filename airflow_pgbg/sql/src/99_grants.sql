@@ -20,3 +20,5 @@ GRANT UPDATE (claimed_at, requeue_on_takeover, stop_requested_by, notes, outcome
     ON @schema@.batch TO pgbg_user;
 GRANT UPDATE (not_before, failures, errors, requeue_on_stop, stopped_by, interruptions)
     ON @schema@.log_background TO pgbg_user;
+GRANT SELECT, INSERT, DELETE, UPDATE (alive_until) ON @schema@.waiter TO pgbg_user;
+GRANT SELECT, INSERT, DELETE ON @schema@.waiter_watch TO pgbg_user;

@@ -125,6 +125,13 @@ for _name, (_children, _seconds, _conn, _options) in SCENARIOS.items():
     globals()[_name] = _dag(_name, _children, _seconds, _conn, **_options)
     globals()[f"{_name}_cron"] = _dag(f"{_name}_cron", _children, _seconds, "pgbg_e2e_managed", **_options)
 
+# The same scenarios with the suffix "_tx", through PgBouncer in transaction mode in front of the main
+# server (connection pgbg_e2e_tx): no session for LISTEN or watch locks there.
+POOLED_SCENARIOS = ("e2e_success", "e2e_mark_failed", "e2e_clear", "e2e_triggerer_restart", "e2e_early_mark")
+for _name in POOLED_SCENARIOS:
+    _children, _seconds, _conn, _options = SCENARIOS[_name]
+    globals()[f"{_name}_tx"] = _dag(f"{_name}_tx", _children, _seconds, "pgbg_e2e_tx", **_options)
+
 # Started in the triggerer (Airflow 3.3): a mark before the trigger runs means nothing is launched.
 early_mark_in_triggerer = _dag("e2e_early_mark_in_triggerer", 6, 30, max_parallel=2, deferrable=True)
 # Task callbacks of a deferrable batch task, on success and on failure (a child divides by zero).
