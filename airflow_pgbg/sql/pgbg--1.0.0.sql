@@ -266,9 +266,12 @@ ALTER TABLE @schema@.waiter_watch ENABLE ROW LEVEL SECURITY;
 CREATE POLICY owner_or_admin ON @schema@.waiter
     USING (role_name = current_user OR pg_has_role(current_user, 'pgbg_admin', 'MEMBER'))
     WITH CHECK (role_name = current_user);
+-- A foreign key is checked past row-level security: the check names the role's own batches.
 CREATE POLICY owner_or_admin ON @schema@.waiter_watch
     USING (role_name = current_user OR pg_has_role(current_user, 'pgbg_admin', 'MEMBER'))
-    WITH CHECK (role_name = current_user);
+    WITH CHECK (role_name = current_user
+                AND EXISTS (SELECT 1 FROM @schema@.batch b
+                             WHERE b.uuid_parent = waiter_watch.uuid_parent AND b.role_name = current_user));
 
 -- Row shapes returned by the engine's functions (not stored in tables).
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import psycopg
@@ -159,6 +160,27 @@ def test_nobody_can_put_counts_on_another_roles_batch(make_role: Callable[..., s
         assert carol.execute(
             "SELECT status::text, failed FROM pgbg.batches WHERE uuid_parent = %s", (parent,)
         ).fetchone() == ("done", 0)
+
+
+def test_nobody_can_make_another_roles_batch_look_waited_for(make_role: Callable[..., str]) -> None:
+    """A watch that kept a batch looking waited for would keep a newer try from taking it over."""
+    alice_dsn, bob_dsn = make_role(), make_role()
+    with psycopg.connect(alice_dsn, autocommit=True) as alice, psycopg.connect(bob_dsn, autocommit=True) as bob:
+        parent = launch(alice, ["select pg_sleep(30)"])
+        waiter = str(uuid.uuid4())
+        bob.execute("SELECT pgbg.pg_background_heartbeat(%s, '1 h')", (waiter,))
+        bob.execute(
+            "SELECT pgbg.pg_background_heartbeat(%s, '1 h', %s::uuid[], %s::text[])", (waiter, [parent], ["try 1"])
+        )
+        for role in (bob.info.user, alice.info.user):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                bob.execute(
+                    "INSERT INTO pgbg.waiter_watch (waiter_id, uuid_parent, claimed_by, role_name) "
+                    "VALUES (%s, %s, 'try 1', %s)",
+                    (waiter, parent, role),
+                )
+        assert not alice.execute("SELECT pgbg.pg_background_watched(%s, NULL)", (parent,)).fetchone()[0]
+        alice.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
 
 
 def _concurrency(rows: list[dict]) -> int:
