@@ -782,7 +782,10 @@ LANGUAGE sql STABLE
 -- of pgbg_user), and, for a role's own sessions, that it is a background worker. Anyone may hold any
 -- advisory lock or take any application_name.
 RETURN EXISTS (SELECT 1 FROM pg_stat_activity a
-                WHERE a.pid = p_pid AND a.application_name LIKE 'pgbg:%'
+                WHERE a.pid = p_pid
+                  -- A runner starting a child's own worker is named after the child for a moment (the worker
+                  -- inherits the name): it still holds its slots.
+                  AND (a.application_name LIKE 'pgbg:%' OR a.application_name LIKE 'pgbg-child:%')
                   AND pg_has_role(a.usesysid, 'pgbg_user', 'MEMBER')
                   AND (p_role IS NULL OR a.usename = p_role AND a.backend_type IN ('pg_background', 'pg_cron')));
 COMMENT ON FUNCTION @schema@._is_runner(int, name) IS
@@ -980,6 +983,7 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_ran boolean := false;
+    v_left boolean := false;
     v_woken boolean;
     v_linger interval;
 BEGIN
@@ -994,14 +998,14 @@ BEGIN
         END IF;
         COMMIT;
     END IF;
-    CALL @schema@._work(p_parent, p_starter, v_ran);
+    CALL @schema@._work(p_parent, p_starter, v_ran, v_left);
     COMMIT;
     v_linger := (SELECT s.linger FROM @schema@.settings s);
     LOOP
         -- A runner that has run stays for its role's next batch (see _linger()); one that found no slot
         -- leaves at once, or more would linger than ever ran. Ordered against a launch of the role, which
         -- counts the lingering runners it need not start (see _start_runners()).
-        EXIT WHEN NOT v_ran OR v_linger <= interval '0';
+        EXIT WHEN NOT v_ran OR v_left OR v_linger <= interval '0';
         PERFORM set_config('application_name', 'pgbg:lingering', false);
         CALL @schema@._linger(clock_timestamp() + v_linger, v_woken);
         IF NOT v_woken THEN
@@ -1011,7 +1015,7 @@ BEGIN
             COMMIT;
             EXIT WHEN NOT v_woken;
         END IF;
-        CALL @schema@._work_role(v_ran);
+        CALL @schema@._work_role(v_ran, v_left);
         COMMIT;
     END LOOP;
     PERFORM set_config('application_name', 'pgbg:exiting', false);
@@ -1413,6 +1417,7 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_ran boolean;
+    v_left boolean;
     v_settled boolean := false;
     v_idle_since timestamptz := clock_timestamp();
     v_linger interval := (SELECT s.cron_linger FROM @schema@.settings s);
@@ -1424,7 +1429,8 @@ BEGIN
     DELETE FROM cron.job_run_details WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
     COMMIT;
     LOOP
-        CALL @schema@._work_role(v_ran);
+        CALL @schema@._work_role(v_ran, v_left);
+        EXIT WHEN v_left;  -- cancelled from outside: this run ends (the job runs again next second)
         PERFORM set_config('application_name', 'pgbg:cron', false);
         IF v_ran THEN
             v_settled := false;
@@ -1916,13 +1922,14 @@ COMMENT ON PROCEDURE @schema@._linger(timestamptz, boolean) IS
     'A runner with nothing left stays until p_until for its role''s next batch; p_woken when one came with a '
     'batch slot free.';
 
-CREATE PROCEDURE @schema@._work_role(INOUT p_ran boolean DEFAULT false)
+CREATE PROCEDURE @schema@._work_role(INOUT p_ran boolean DEFAULT false, INOUT p_left boolean DEFAULT false)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     b record;
 BEGIN
     p_ran := false;
+    p_left := false;
     FOR b IN SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
               WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
                 AND EXISTS (SELECT 1 FROM @schema@.log_background x
@@ -1930,15 +1937,17 @@ BEGIN
               ORDER BY bt.created_at LIMIT 20
     LOOP
         -- It adopts other batches of the role from there, until none needs a runner.
-        CALL @schema@._work(b.uuid_parent, b.enqueue_xid, p_ran);
+        CALL @schema@._work(b.uuid_parent, b.enqueue_xid, p_ran, p_left);
         EXIT WHEN p_ran;
     END LOOP;
 END
 $fn$;
-COMMENT ON PROCEDURE @schema@._work_role(boolean) IS
-    'Runs the batches of the caller''s role that have queued children (_work()); p_ran: it got slots for one.';
+COMMENT ON PROCEDURE @schema@._work_role(boolean, boolean) IS
+    'Runs the batches of the caller''s role that have queued children (_work()); p_ran: it got slots for one; '
+    'p_left: it was cancelled or terminated from outside, and must go.';
 
-CREATE PROCEDURE @schema@._work(p_parent uuid, p_starter xid8, INOUT p_ran boolean DEFAULT false)
+CREATE PROCEDURE @schema@._work(p_parent uuid, p_starter xid8, INOUT p_ran boolean DEFAULT false,
+                                INOUT p_left boolean DEFAULT false)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
@@ -1955,6 +1964,7 @@ DECLARE
     v_t0 timestamptz;
 BEGIN
     p_ran := false;
+    p_left := false;
     IF r.global_slot IS NULL THEN
         RETURN;  -- its starter rolled back, or the caps are reached
     END IF;
@@ -1977,7 +1987,9 @@ BEGIN
             COMMIT;
             v_fail_fast := NULL;
         ELSIF v_leave THEN
+            -- pg_background turns a terminate into a cancel: a server shutting down waits for this process.
             COMMIT;
+            p_left := true;
             EXIT;
         ELSIF c.id IS NULL AND @schema@._retry_due(v_batch.uuid_parent) IS NOT NULL THEN
             COMMIT;  -- children waiting for an automatic retry keep this runner on the batch
@@ -2015,11 +2027,12 @@ BEGIN
     PERFORM pg_advisory_unlock_all();
 END
 $fn$;
-COMMENT ON PROCEDURE @schema@._work(uuid, xid8, boolean) IS
+COMMENT ON PROCEDURE @schema@._work(uuid, xid8, boolean, boolean) IS
     'The runner''s loop: holds one global and one batch slot and runs queued children until none is left '
     '(waiting for children due for a retry, adopting other batches of the role), recording each outcome in '
     'the transaction of its work together with the claim of the next child. p_starter: the transaction '
-    'that started the runner, awaited first. p_ran: it got its slots.';
+    'that started the runner, awaited first. p_ran: it got its slots. p_left: a cancel or terminate from '
+    'outside the engine cut its child short: the runner goes (its child is queued again).';
 
 -- Housekeeping: children of runners that died, and runners where slots are free. Every poll, monitor,
 -- wait, launch and retry does it, so polling is enough to drive a batch. Runners it starts begin once

@@ -323,6 +323,32 @@ def _diagnosis(server: Server, parent: str) -> str:
     return f"batch {parent}: {children}\ncounts: {counts}\nrows: {rows}\nsessions: {sessions}\njobs: {jobs}"
 
 
+def test_a_terminated_runner_goes_and_a_shutdown_does_not_wait_for_batches(server: Server, effects: str) -> None:
+    """pg_background turns a terminate into a cancel: a runner that ran on after one (rerunning the
+    child it cut short) kept the server's fast shutdown waiting for its whole batch."""
+    statements = [f"insert into {effects} select {i} from pg_sleep(1)" for i in range(10)]
+    parent = _launch(server, statements, max_parallel=1)
+    pid = poll_until(lambda: _runner_running(server, parent), 30, what="a child running")
+    server.kill(pid, "terminate")
+    with server.admin() as admin:
+        poll_until(
+            lambda: not admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0],
+            5,
+            what=f"the terminated runner {pid} to go",
+        )
+    # What is left runs on once something polls; then the server shuts down under it.
+    with server.user() as user:
+        user.execute("SELECT pgbg.pg_background_poll(%s)", (parent,))
+    poll_until(lambda: _runner_running(server, parent), 30, what="a child running again")
+    started = time.monotonic()
+    server.instance.stop()
+    took = time.monotonic() - started
+    server.instance.start()
+    assert took < 5, f"the shutdown waited {took:.1f} s for the batch's runner"  # its rest takes 8 s or more
+    assert _await(server, parent) == "done", _diagnosis(server, parent)
+    assert _effects(server, effects) == list(range(10))  # each child's work once, cut short ones run again
+
+
 def test_under_load_runners_die_every_second_and_nothing_is_lost_or_run_twice(server: Server, effects: str) -> None:
     """Batches of inline inserts launched continuously for half a minute, while a runner is terminated
     every second, runners are killed with SIGKILL twice (the server restarts after a crash each time) and

@@ -55,7 +55,10 @@ LANGUAGE sql STABLE
 -- of pgbg_user), and, for a role's own sessions, that it is a background worker. Anyone may hold any
 -- advisory lock or take any application_name.
 RETURN EXISTS (SELECT 1 FROM pg_stat_activity a
-                WHERE a.pid = p_pid AND a.application_name LIKE 'pgbg:%'
+                WHERE a.pid = p_pid
+                  -- A runner starting a child's own worker is named after the child for a moment (the worker
+                  -- inherits the name): it still holds its slots.
+                  AND (a.application_name LIKE 'pgbg:%' OR a.application_name LIKE 'pgbg-child:%')
                   AND pg_has_role(a.usesysid, 'pgbg_user', 'MEMBER')
                   AND (p_role IS NULL OR a.usename = p_role AND a.backend_type IN ('pg_background', 'pg_cron')));
 COMMENT ON FUNCTION @schema@._is_runner(int, name) IS

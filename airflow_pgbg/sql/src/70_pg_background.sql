@@ -140,6 +140,7 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_ran boolean := false;
+    v_left boolean := false;
     v_woken boolean;
     v_linger interval;
 BEGIN
@@ -154,14 +155,14 @@ BEGIN
         END IF;
         COMMIT;
     END IF;
-    CALL @schema@._work(p_parent, p_starter, v_ran);
+    CALL @schema@._work(p_parent, p_starter, v_ran, v_left);
     COMMIT;
     v_linger := (SELECT s.linger FROM @schema@.settings s);
     LOOP
         -- A runner that has run stays for its role's next batch (see _linger()); one that found no slot
         -- leaves at once, or more would linger than ever ran. Ordered against a launch of the role, which
         -- counts the lingering runners it need not start (see _start_runners()).
-        EXIT WHEN NOT v_ran OR v_linger <= interval '0';
+        EXIT WHEN NOT v_ran OR v_left OR v_linger <= interval '0';
         PERFORM set_config('application_name', 'pgbg:lingering', false);
         CALL @schema@._linger(clock_timestamp() + v_linger, v_woken);
         IF NOT v_woken THEN
@@ -171,7 +172,7 @@ BEGIN
             COMMIT;
             EXIT WHEN NOT v_woken;
         END IF;
-        CALL @schema@._work_role(v_ran);
+        CALL @schema@._work_role(v_ran, v_left);
         COMMIT;
     END LOOP;
     PERFORM set_config('application_name', 'pgbg:exiting', false);

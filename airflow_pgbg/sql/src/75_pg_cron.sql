@@ -374,6 +374,7 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_ran boolean;
+    v_left boolean;
     v_settled boolean := false;
     v_idle_since timestamptz := clock_timestamp();
     v_linger interval := (SELECT s.cron_linger FROM @schema@.settings s);
@@ -385,7 +386,8 @@ BEGIN
     DELETE FROM cron.job_run_details WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
     COMMIT;
     LOOP
-        CALL @schema@._work_role(v_ran);
+        CALL @schema@._work_role(v_ran, v_left);
+        EXIT WHEN v_left;  -- cancelled from outside: this run ends (the job runs again next second)
         PERFORM set_config('application_name', 'pgbg:cron', false);
         IF v_ran THEN
             v_settled := false;

@@ -436,13 +436,14 @@ COMMENT ON PROCEDURE @schema@._linger(timestamptz, boolean) IS
     'A runner with nothing left stays until p_until for its role''s next batch; p_woken when one came with a '
     'batch slot free.';
 
-CREATE PROCEDURE @schema@._work_role(INOUT p_ran boolean DEFAULT false)
+CREATE PROCEDURE @schema@._work_role(INOUT p_ran boolean DEFAULT false, INOUT p_left boolean DEFAULT false)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     b record;
 BEGIN
     p_ran := false;
+    p_left := false;
     FOR b IN SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
               WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
                 AND EXISTS (SELECT 1 FROM @schema@.log_background x
@@ -450,15 +451,17 @@ BEGIN
               ORDER BY bt.created_at LIMIT 20
     LOOP
         -- It adopts other batches of the role from there, until none needs a runner.
-        CALL @schema@._work(b.uuid_parent, b.enqueue_xid, p_ran);
+        CALL @schema@._work(b.uuid_parent, b.enqueue_xid, p_ran, p_left);
         EXIT WHEN p_ran;
     END LOOP;
 END
 $fn$;
-COMMENT ON PROCEDURE @schema@._work_role(boolean) IS
-    'Runs the batches of the caller''s role that have queued children (_work()); p_ran: it got slots for one.';
+COMMENT ON PROCEDURE @schema@._work_role(boolean, boolean) IS
+    'Runs the batches of the caller''s role that have queued children (_work()); p_ran: it got slots for one; '
+    'p_left: it was cancelled or terminated from outside, and must go.';
 
-CREATE PROCEDURE @schema@._work(p_parent uuid, p_starter xid8, INOUT p_ran boolean DEFAULT false)
+CREATE PROCEDURE @schema@._work(p_parent uuid, p_starter xid8, INOUT p_ran boolean DEFAULT false,
+                                INOUT p_left boolean DEFAULT false)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
@@ -475,6 +478,7 @@ DECLARE
     v_t0 timestamptz;
 BEGIN
     p_ran := false;
+    p_left := false;
     IF r.global_slot IS NULL THEN
         RETURN;  -- its starter rolled back, or the caps are reached
     END IF;
@@ -497,7 +501,9 @@ BEGIN
             COMMIT;
             v_fail_fast := NULL;
         ELSIF v_leave THEN
+            -- pg_background turns a terminate into a cancel: a server shutting down waits for this process.
             COMMIT;
+            p_left := true;
             EXIT;
         ELSIF c.id IS NULL AND @schema@._retry_due(v_batch.uuid_parent) IS NOT NULL THEN
             COMMIT;  -- children waiting for an automatic retry keep this runner on the batch
@@ -535,8 +541,9 @@ BEGIN
     PERFORM pg_advisory_unlock_all();
 END
 $fn$;
-COMMENT ON PROCEDURE @schema@._work(uuid, xid8, boolean) IS
+COMMENT ON PROCEDURE @schema@._work(uuid, xid8, boolean, boolean) IS
     'The runner''s loop: holds one global and one batch slot and runs queued children until none is left '
     '(waiting for children due for a retry, adopting other batches of the role), recording each outcome in '
     'the transaction of its work together with the claim of the next child. p_starter: the transaction '
-    'that started the runner, awaited first. p_ran: it got its slots.';
+    'that started the runner, awaited first. p_ran: it got its slots. p_left: a cancel or terminate from '
+    'outside the engine cut its child short: the runner goes (its child is queued again).';
