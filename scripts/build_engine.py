@@ -159,12 +159,15 @@ def problems() -> list[str]:
     found = []
     version = engine_version()
     frozen = SQL / f"pgbg--{version}.sql"
-    if f"pgbg--{version}.sql" in released() and frozen.exists():
-        if frozen.read_text(encoding="utf-8") != base_script(version):
-            found.append(
-                f"the sources changed since engine {version} was released: set ENGINE_VERSION to the next "
-                f"version, add migrations/{version}--<next>.sql, and run python scripts/build_engine.py"
-            )
+    if (
+        f"pgbg--{version}.sql" in released()
+        and frozen.exists()
+        and frozen.read_text(encoding="utf-8") != base_script(version)
+    ):
+        found.append(
+            f"the sources changed since engine {version} was released: set ENGINE_VERSION to the next "
+            f"version, add migrations/{version}--<next>.sql, and run python scripts/build_engine.py"
+        )
     for name, text in built_files().items():
         path = SQL / name
         if not path.exists() or path.read_text(encoding="utf-8") != text:
