@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from fleet import w5  # noqa: E402
 from lineage_bench import w10  # noqa: E402
+from report import with_history  # noqa: E402
 from worker_free import RUNS, w8, w8_tuning  # noqa: E402
 
 from airflow_pgbg.hooks.install import install_engine_dsn  # noqa: E402
@@ -469,7 +470,8 @@ def main() -> None:
     for key, value in r.items():
         print(f"{key:28} {value:.3f}" if isinstance(value, float) else f"{key:28} {value}")
     path = REPO / "bench" / "results.json"
-    path.write_text(json.dumps(r, indent=2, ensure_ascii=False) + "\n")
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(with_history(r, previous), indent=2, ensure_ascii=False) + "\n")
     print(f"written {path}")
 
 
