@@ -321,10 +321,14 @@ class Sources:
         return "; ".join(out)
 
     def before(self, row: Row) -> str:
-        """The row from the newest snapshot of an earlier engine, where one has it."""
-        for i, snapshot in enumerate(self.history):
-            if not snapshot.get("engine") or version(snapshot["engine"]) >= version(self.now.get("engine")):
-                continue
+        """The row from a snapshot of the latest earlier engine that has it (its newest)."""
+        earlier = [
+            (i, h)
+            for i, h in enumerate(self.history)
+            if h.get("engine") and version(h["engine"]) < version(self.now.get("engine"))
+        ]
+        earlier.sort(key=lambda ih: (version(ih[1]["engine"]), ih[1]["when"]), reverse=True)
+        for i, snapshot in earlier:
             text = _render(row.now, snapshot["figures"])
             if text is not None:
                 return f"{text} {self.mark(i)}"
@@ -356,6 +360,8 @@ def with_history(results: Figures, previous: Figures) -> Figures:
                 "figures": figures,
             },
         )
+    # Newest first: the "earlier engine" column and fallbacks take the first snapshot that fits.
+    history.sort(key=lambda h: h["when"], reverse=True)
     return {**results, "history": history}
 
 

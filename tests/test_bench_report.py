@@ -63,6 +63,11 @@ def test_the_previous_run_joins_history_when_the_engine_changes(report: ModuleTy
 
     assert [h.get("engine") for h in new["history"]] == ["1.0.0", None]
     assert new["history"][0]["figures"] == {"a": 2.0}
+    # Snapshots stay in date order; the earlier-engine column takes the latest engine before this one.
+    newer = report.with_history({"engine": "1.2.0", "when": "2026-11-05", "a": 0.9}, {**old, "engine": "1.1.5"})
+    assert [h.get("engine") for h in newer["history"]] == ["1.1.0", "1.1.5", None]
+    row = report.Row("W", [lambda f: f"{f['a']:.1f} s"])
+    assert report.Sources(newer).before(row) == "2.0 s ᵃ"
     # Another run of the same engine replaces the previous one instead of piling up.
     again = report.with_history({"engine": "1.1.0", "when": "2026-11-04", "a": 1.1}, new)
     assert again["history"] == new["history"]
