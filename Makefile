@@ -78,9 +78,11 @@ ci: lint test test-deploy dist-check matrix
 demo: venv
 	@bash scripts/demo.sh $(DAG)
 
-# Figures in bench/results.json (the engine against a thread pool and the seed's design).
+# Figures in bench/results.json (the engine against a thread pool and the seed's design), and the
+# README's Performance and tuning tables rendered from them (bench/report.py, also runnable alone).
 bench: venv
 	@PGBG_TEST_DSN=$$(bash scripts/db.sh | tail -n 1) $(PY) bench/bench.py
+	@$(PY) bench/report.py
 
 # The Airflow UI on the demo's home, with the batch view (after make demo).
 ui: venv

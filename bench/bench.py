@@ -14,6 +14,7 @@ share its global cap.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -35,7 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from fleet import w5  # noqa: E402
 from lineage_bench import w10  # noqa: E402
-from worker_free import w8  # noqa: E402
+from report import with_history  # noqa: E402
+from worker_free import RUNS, w8, w8_tuning  # noqa: E402
 
 from airflow_pgbg.hooks.install import install_engine_dsn  # noqa: E402
 
@@ -185,8 +187,9 @@ print("W4RESULT " + json.dumps({"cold": walls[0], "warm": walls[1]}))
 """
 
 
-def w4(dsn: str) -> tuple[float, float]:
-    """Task wall time (TI start to end) of a warm and of a cold dag.test run."""
+def w4(dsn: str, runs: int = RUNS) -> dict[str, object]:
+    """Task wall time (TI start to end) of a warm and of a cold dag.test run, each the median of
+    ``runs`` interpreters."""
     p = conninfo_to_dict(dsn)
     uri = f"postgresql://{p.get('user', 'postgres')}@{p.get('host', 'localhost')}:{p.get('port', 5432)}/{p['dbname']}"
     with tempfile.TemporaryDirectory(prefix="pgbg-bench-") as home:
@@ -202,14 +205,22 @@ def w4(dsn: str) -> tuple[float, float]:
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
         }
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
-        out = subprocess.run(
-            [sys.executable, "-c", W4_RUN, str(dags / "bench_w4.py")], env=env, capture_output=True, text=True
-        )
-        line = next((x for x in out.stdout.splitlines() if x.startswith("W4RESULT ")), None)
-        if line is None:
-            raise RuntimeError(f"W4 failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-        result = json.loads(line.removeprefix("W4RESULT "))
-        return result["warm"], result["cold"]
+        results = []
+        for _ in range(runs):
+            out = subprocess.run(
+                [sys.executable, "-c", W4_RUN, str(dags / "bench_w4.py")], env=env, capture_output=True, text=True
+            )
+            line = next((x for x in out.stdout.splitlines() if x.startswith("W4RESULT ")), None)
+            if line is None:
+                raise RuntimeError(f"W4 failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+            results.append(json.loads(line.removeprefix("W4RESULT ")))
+    warm, cold = [x["warm"] for x in results], [x["cold"] for x in results]
+    return {
+        "w4_task_wall": statistics.median(warm),
+        "w4_task_wall_runs": warm,
+        "w4_task_wall_cold": statistics.median(cold),
+        "w4_task_wall_cold_runs": cold,
+    }
 
 
 # -- W6, W7 (engine 0.2.0) -------------------------------------------------------------------------
@@ -370,6 +381,7 @@ def cron_launcher(runs: int = 3) -> dict[str, object]:
     lingering = first_starts(6, 0.2, linger * 0.8)
     parked = first_starts(6, linger + 1.5, linger + 3.0)
     return {
+        "pg_cron": pg_cron_version(dsn),
         "cron_w1_makespan": statistics.median(r[0] for r in w1),
         "cron_w1_from_first_start": statistics.median(r[1] for r in w1),
         "cron_w1_first_start": statistics.median(r[0] - r[1] for r in w1),
@@ -391,7 +403,12 @@ def fetch_linger(dsn: str) -> float:
 # -- main ------------------------------------------------------------------------------------------
 
 
-def machine(dsn: str) -> str:
+def pg_cron_version(dsn: str) -> str:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'").fetchone()[0]
+
+
+def machine(dsn: str, cron: str | None = None) -> str:
     with psycopg.connect(dsn) as conn:
         version = conn.execute("SHOW server_version").fetchone()[0]
         ext = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_background'").fetchone()[0]
@@ -399,7 +416,14 @@ def machine(dsn: str) -> str:
     return (
         f"{os.cpu_count()} cores, {mem_gb:.0f} GB, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, PostgreSQL {version} on loopback, pg_background {ext}"
+        + (f", pg_cron {cron}" if cron else "")
+        + f", openlineage-sql {importlib.metadata.version('openlineage-sql')}"
     )
+
+
+def engine_version(dsn: str) -> str:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT version FROM pgbg.meta").fetchone()[0]
 
 
 def main() -> None:
@@ -425,22 +449,30 @@ def main() -> None:
 
     r["w4_ideal"] = r["w1_ideal"]
     r["w4_poll_interval"] = 1.0
-    r["w4_task_wall"], r["w4_task_wall_cold"] = w4(dsn)
-    print("  W4 task_wall is the second dag.test run in one interpreter; the first (cold) one is w4_task_wall_cold")
+    r.update(w4(dsn))
+    print(
+        f"  W4 task_wall is the second dag.test run in one interpreter, the first (cold) one is w4_task_wall_cold; "
+        f"medians of {RUNS} interpreters: {r['w4_task_wall']:.2f} s, cold {r['w4_task_wall_cold']:.2f} s"
+    )
 
     r.update(w5())
     r.update(w6(dsn))
     r.update(w7(dsn))
     r.update(w8(dsn))
+    r.update(w8_tuning(dsn))
     r.update(cron_launcher())
     r.update(w10(dsn))
 
-    r["machine"] = machine(dsn)
+    r["engine"] = engine_version(dsn)
+    r["airflow"] = importlib.metadata.version("apache-airflow")
+    r["machine"] = machine(dsn, str(r.pop("pg_cron")))
     r["when"] = datetime.now(UTC).isoformat(timespec="seconds")
     for key, value in r.items():
         print(f"{key:28} {value:.3f}" if isinstance(value, float) else f"{key:28} {value}")
-    (REPO / "bench" / "results.json").write_text(json.dumps(r, indent=2) + "\n")
-    print(f"written {REPO / 'bench' / 'results.json'}")
+    path = REPO / "bench" / "results.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps(with_history(r, previous), indent=2, ensure_ascii=False) + "\n")
+    print(f"written {path}")
 
 
 if __name__ == "__main__":
