@@ -893,6 +893,11 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = coalesce(e.sqlstate, o.sqlstate, 'XX000'),
             MESSAGE = coalesce(e.message, o.error_message, 'statement failed in its worker'),
             DETAIL = coalesce(e.detail, ''), HINT = coalesce(e.hint, '');
+    ELSIF coalesce(o.command_tag, '') = '' THEN
+        -- Every statement that ran has a tag: a cancel that reached the worker before its statement began
+        -- ends it with neither tag nor error.
+        RAISE EXCEPTION USING ERRCODE = 'query_canceled',
+            MESSAGE = 'canceling statement due to user request (before it began in its worker)';
     END IF;
     RETURN jsonb_build_object(
         'command', CASE WHEN o.command_tag IN ('SELECT', 'UPDATE', 'DELETE', 'MERGE', 'COPY')
@@ -903,7 +908,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._top_level_result(int, bigint) IS
-    'Result document of a finished nested worker; re-raises its error with SQLSTATE, detail and hint.';
+    'Result document of a finished nested worker; re-raises its error with SQLSTATE, detail and hint, and a cancel that ended it before its statement began as one.';
 
 CREATE PROCEDURE @schema@._run_in_worker(p_sql text, p_child uuid, p_timeout interval,
                                          INOUT p_outcome @schema@.child_outcome)
@@ -1710,11 +1715,21 @@ COMMENT ON FUNCTION @schema@._run_inline(text, @schema@.settings) IS
     'Runs a child in the runner''s own transaction (its effects commit with its outcome, or roll back '
     'with its error) and returns how it ended.';
 
+CREATE FUNCTION @schema@._shape(p_sql text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+-- Literals out: one statement per tenant, per id or per day has one shape.
+RETURN regexp_replace(p_sql, $re$'(''|[^'])*'|\m[0-9]+(\.[0-9]+)?\M$re$, '?', 'g');
+COMMENT ON FUNCTION @schema@._shape(text) IS 'A statement without its string and number literals.';
+
 CREATE FUNCTION @schema@._burst(p_batch @schema@.batch, p_shard int, p_backend_start timestamptz, p_after int,
-                               p_settings @schema@.settings, OUT after int, OUT cut boolean, OUT failed uuid)
+                               p_settings @schema@.settings, p_like text, OUT after int, OUT cut boolean,
+                               OUT failed uuid)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
+    v_shape text := @schema@._shape(p_like);
+    v_lock_timeout text := current_setting('lock_timeout');
     x record;
     v_ids bigint[] := '{}';
     v_attempts int[] := '{}';
@@ -1729,10 +1744,13 @@ BEGIN
     -- its own, claimed by their row lock alone and settled together: one commit for them all (bounded to a
     -- few milliseconds, so that monitors stay current, and to 30 subtransactions, under the 64 that a
     -- snapshot can track). Nothing of them is committed before they all are: a runner that dies here
-    -- leaves them queued, as if none had run. The burst ends at a child of its own worker (claimed and
-    -- committed first, by the loop) or a long one.
+    -- leaves them queued, as if none had run. A child of a burst shows queued while it runs: only
+    -- statements of the shape of one that has just taken under a millisecond join it (literals aside),
+    -- none may wait for a lock, and the burst ends at a child of another shape, of its own worker, or one
+    -- that took a millisecond.
     after := p_after;
     cut := false;
+    PERFORM set_config('lock_timeout', '1ms', true);
     FOR x IN SELECT c.id, c.query, c.run_mode, c.seq, c.attempt FROM @schema@.log_background c
               WHERE c.uuid_parent = p_batch.uuid_parent AND c.status = 'queued' AND c.role_name = current_user
                 AND (c.not_before IS NULL OR c.not_before <= clock_timestamp()) AND c.seq > p_after
@@ -1740,12 +1758,14 @@ BEGIN
               LIMIT 30
                 FOR UPDATE SKIP LOCKED
     LOOP
-        EXIT WHEN x.run_mode <> 'inline' OR clock_timestamp() >= v_deadline;
+        EXIT WHEN x.run_mode <> 'inline' OR clock_timestamp() >= v_deadline OR @schema@._shape(x.query) <> v_shape;
         v_t0 := clock_timestamp();
         o := @schema@._run_inline(x.query, p_settings);
         IF o.sqlstate IN ('57014', '57P01', '57P02') THEN
             cut := true;  -- a stop or a terminate: it rolled back and stays queued, for the stop to find
             EXIT;
+        ELSIF o.sqlstate = '55P03' THEN
+            EXIT;  -- it would wait for a lock: it rolled back, and runs next on its own, with the role's timeout
         END IF;
         v_ids := v_ids || x.id;
         v_attempts := v_attempts || x.attempt;
@@ -1754,6 +1774,7 @@ BEGIN
         after := x.seq;
         EXIT WHEN clock_timestamp() - v_t0 >= interval '1 ms';
     END LOOP;
+    PERFORM set_config('lock_timeout', v_lock_timeout, true);
     IF cardinality(v_ids) = 0 THEN
         RETURN;
     END IF;
@@ -1766,9 +1787,9 @@ BEGIN
     failed := CASE WHEN p_batch.fail_fast THEN s.first_failed END;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._burst(@schema@.batch, int, timestamptz, int, @schema@.settings) IS
-    'Runs the next short inline children of the batch in the runner''s transaction and settles them in one '
-    'statement; after: the seq of the last it ran; cut: a stop or terminate cut it short; failed: the first '
+COMMENT ON FUNCTION @schema@._burst(@schema@.batch, int, timestamptz, int, @schema@.settings, text) IS
+    'Runs the next short inline children of the batch of p_like''s shape in the runner''s transaction and '
+    'settles them in one statement; after: the seq of the last it ran; cut: a stop or terminate cut it short; failed: the first '
     'that failed for good, when the batch fails fast.';
 
 CREATE FUNCTION @schema@._await_starter(p_starter xid8)
@@ -2018,7 +2039,7 @@ BEGIN
             ELSIF c.run_mode = 'inline' AND NOT v_leave AND clock_timestamp() - v_t0 < interval '1 ms' THEN
                 -- Short: the next ones in a burst, in this transaction.
                 SELECT b.after, b.cut, b.failed INTO v_after, v_leave, v_fail_fast
-                  FROM @schema@._burst(v_batch, r.global_slot, r.backend_start, v_after, v_settings) b;
+                  FROM @schema@._burst(v_batch, r.global_slot, r.backend_start, v_after, v_settings, c.query) b;
             END IF;
         END IF;
     END LOOP;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import psycopg
+import pytest
 
 from tests.helpers import launch, monitor, poll_until, statuses, stop, wait
 
@@ -81,6 +82,31 @@ def test_a_terminated_worker_turns_its_child_lost(admin: psycopg.Connection, use
     assert "terminated" in rows[0]["error"]
     assert wait(user, parent) == "lost"
     assert statuses(monitor(user, parent)) == ["lost", "done"]
+
+
+@pytest.mark.pg_background_only
+def test_a_worker_cancelled_before_its_statement_began_is_not_done(admin: psycopg.Connection) -> None:
+    # pg_background reports such a worker as ended without an error; a stop or a cancelled runner lands
+    # there when its cancel comes within a millisecond of the launch. Not every cancel does: many tries.
+    ext = admin.execute(
+        "SELECT extnamespace::regnamespace FROM pg_extension WHERE extname = 'pg_background'"
+    ).fetchone()[0]
+    admin.execute(
+        f"""
+        CREATE OR REPLACE FUNCTION pg_temp.cancel_at_once() RETURNS text LANGUAGE plpgsql AS $$
+        DECLARE h record;
+        BEGIN
+            SELECT * INTO h FROM pgbg._start_top_level('select pg_sleep(30)', gen_random_uuid(), NULL);
+            PERFORM {ext}.pg_background_cancel_v2(h.pid, h.cookie, 0);
+            PERFORM {ext}.pg_background_wait_v2(h.pid, h.cookie, 10000);
+            RETURN pgbg._top_level_result(h.pid, h.cookie)::text;
+        EXCEPTION WHEN query_canceled THEN
+            RETURN 'cancelled';
+        END $$
+        """
+    )
+    ended = [admin.execute("SELECT pg_temp.cancel_at_once()").fetchone()[0] for _ in range(150)]
+    assert ended == ["cancelled"] * 150
 
 
 def test_stop_never_signals_a_process_that_reused_the_pid(admin: psycopg.Connection, user: psycopg.Connection) -> None:

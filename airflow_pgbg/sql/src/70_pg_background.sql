@@ -50,6 +50,11 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = coalesce(e.sqlstate, o.sqlstate, 'XX000'),
             MESSAGE = coalesce(e.message, o.error_message, 'statement failed in its worker'),
             DETAIL = coalesce(e.detail, ''), HINT = coalesce(e.hint, '');
+    ELSIF coalesce(o.command_tag, '') = '' THEN
+        -- Every statement that ran has a tag: a cancel that reached the worker before its statement began
+        -- ends it with neither tag nor error.
+        RAISE EXCEPTION USING ERRCODE = 'query_canceled',
+            MESSAGE = 'canceling statement due to user request (before it began in its worker)';
     END IF;
     RETURN jsonb_build_object(
         'command', CASE WHEN o.command_tag IN ('SELECT', 'UPDATE', 'DELETE', 'MERGE', 'COPY')
@@ -60,7 +65,7 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._top_level_result(int, bigint) IS
-    'Result document of a finished nested worker; re-raises its error with SQLSTATE, detail and hint.';
+    'Result document of a finished nested worker; re-raises its error with SQLSTATE, detail and hint, and a cancel that ended it before its statement began as one.';
 
 CREATE PROCEDURE @schema@._run_in_worker(p_sql text, p_child uuid, p_timeout interval,
                                          INOUT p_outcome @schema@.child_outcome)
