@@ -367,19 +367,7 @@ def cron_launcher(runs: int = 3) -> dict[str, object]:
     # W1 and W2 launch right after the batch before, which the role's runners, still there for
     # settings.cron_linger, take at once. A batch launched after they parked waits for pg_cron to start
     # their jobs again: within its next loop, or up to 2 s if the last run has only just ended.
-    linger = fetch_linger(dsn)
-    pauses = random.Random(0)
-
-    def first_starts(samples: int, low: float, high: float) -> list[float]:
-        starts = []
-        for _ in range(samples):
-            time.sleep(pauses.uniform(low, high))
-            makespan, from_first_start = engine_run_detail(dsn, ["select 1"] * 4, 2)
-            starts.append(makespan - from_first_start)
-        return starts
-
-    lingering = first_starts(6, 0.2, linger * 0.8)
-    parked = first_starts(6, linger + 1.5, linger + 3.0)
+    linger = settings_interval(dsn, "cron_linger")
     return {
         "pg_cron": pg_cron_version(dsn),
         "cron_w1_makespan": statistics.median(r[0] for r in w1),
@@ -387,17 +375,38 @@ def cron_launcher(runs: int = 3) -> dict[str, object]:
         "cron_w1_first_start": statistics.median(r[0] - r[1] for r in w1),
         "cron_w2_children_per_s": statistics.median(5000 / r[0] for r in w2),
         "cron_w2_from_first_start_per_s": statistics.median(5000 / r[1] for r in w2),
-        "cron_linger_s": linger,
-        "cron_first_start_lingering_median": statistics.median(lingering),
-        "cron_first_start_lingering_max": max(lingering),
-        "cron_first_start_parked_median": statistics.median(parked),
-        "cron_first_start_parked_max": max(parked),
+        **first_starts(dsn, "cron_", linger, "parked"),
     }
 
 
-def fetch_linger(dsn: str) -> float:
+def first_starts(dsn: str, prefix: str, linger: float, gone: str, samples: int = 6) -> dict[str, float]:
+    """When the first child of a small batch starts, launched while the role's runners of the batch
+    before still linger, and once they have gone (pg_cron: parked, its jobs started again by pg_cron's
+    next loop; pg_background: new workers, which compile the engine's routines first)."""
+    pauses = random.Random(0)
+
+    def starts(low: float, high: float) -> list[float]:
+        out = []
+        for _ in range(samples):
+            time.sleep(pauses.uniform(low, high))
+            makespan, from_first_start = engine_run_detail(dsn, ["select 1"] * 4, 2)
+            out.append(makespan - from_first_start)
+        return out
+
+    lingering = starts(0.2, linger * 0.8)
+    after = starts(linger + 1.5, linger + 3.0)
+    return {
+        f"{prefix}linger_s": linger,
+        f"{prefix}first_start_lingering_median": statistics.median(lingering),
+        f"{prefix}first_start_lingering_max": max(lingering),
+        f"{prefix}first_start_{gone}_median": statistics.median(after),
+        f"{prefix}first_start_{gone}_max": max(after),
+    }
+
+
+def settings_interval(dsn: str, column: str) -> float:
     with psycopg.connect(dsn) as conn:
-        return float(conn.execute("SELECT extract(epoch FROM cron_linger) FROM pgbg.settings").fetchone()[0])
+        return float(conn.execute(f"SELECT extract(epoch FROM {column}) FROM pgbg.settings").fetchone()[0])
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -432,15 +441,23 @@ def main() -> None:
 
     w1 = ["select pg_sleep(0.02)"] * 400
     r["w1_ideal"] = 400 * 0.02 / 8
-    r["w1_makespan"] = engine_run(dsn, w1, 8)
-    r["w1_thread_pool"] = thread_pool_run(dsn, w1, 8)
+    # Back to back, as the pg_cron figures: the first run after the install starts its runners afresh
+    # (kept apart as the cold figure); the next ones find the runners of the one before still there.
+    runs = [engine_run(dsn, w1, 8) for _ in range(RUNS + 1)]
+    r["w1_makespan_cold"], r["w1_makespan_runs"] = runs[0], runs[1:]
+    r["w1_makespan"] = statistics.median(runs[1:])
+    r["w1_thread_pool_runs"] = [thread_pool_run(dsn, w1, 8) for _ in range(RUNS)]
+    r["w1_thread_pool"] = statistics.median(r["w1_thread_pool_runs"])
     subset = 80  # the seed style would need ~50 s for all 400; its rate is stable on a fifth
     r["w1_seed_style"] = seed_style_run(dsn, w1[:subset], 8) * len(w1) / subset
     print(f"  W1 seed_style measured on {subset} of {len(w1)} statements and scaled")
 
     w2 = ["select 1"] * 5000
-    r["w2_children_per_s"] = len(w2) / engine_run(dsn, w2, 2)
-    r["w2_thread_pool_per_s"] = len(w2) / thread_pool_run(dsn, w2, 2)
+    r["w2_children_per_s_runs"] = [len(w2) / engine_run(dsn, w2, 2) for _ in range(RUNS)]
+    r["w2_children_per_s"] = statistics.median(r["w2_children_per_s_runs"])
+    r["w2_thread_pool_per_s_runs"] = [len(w2) / thread_pool_run(dsn, w2, 2) for _ in range(RUNS)]
+    r["w2_thread_pool_per_s"] = statistics.median(r["w2_thread_pool_per_s_runs"])
+    r.update(first_starts(dsn, "", settings_interval(dsn, "linger"), "cold"))
     subset = 10  # about 2 statements per 1 s poll: the whole workload would take most of an hour
     r["w2_seed_style_per_s"] = subset / seed_style_run(dsn, w2[:subset], 2)
     print(f"  W2 seed_style measured on {subset} of {len(w2)} statements")
