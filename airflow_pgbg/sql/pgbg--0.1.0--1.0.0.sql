@@ -1990,6 +1990,10 @@ BEGIN
         RETURN;  -- its starter rolled back, or the caps are reached
     END IF;
     p_ran := true;
+    -- Plans cached for an earlier batch were made for the tables as they were then: a seq scan chosen on
+    -- a queue of 400 children would run once per child on one of 100,000 (a lingering runner took W2
+    -- at 600 children/s instead of 20,000).
+    DISCARD PLANS;
     COMMIT;
     LOOP
         -- One transaction per child: the outcome of the one before (and an inline one's work), its count,
@@ -2023,6 +2027,7 @@ BEGIN
             v_adopted := @schema@._adopt(v_batch, r.batch_slot);
             COMMIT;
             EXIT WHEN v_adopted.next IS NULL;
+            DISCARD PLANS;
             v_batch := v_adopted.next;
             r.batch_slot := v_adopted.p_slot;
             v_after := 0;
@@ -2831,7 +2836,8 @@ BEGIN
         END IF;
         v_status := @schema@.batch_status(p_parent);
         EXIT WHEN v_status IS NULL OR v_status NOT IN ('queued', 'running') OR clock_timestamp() >= p_deadline;
-        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM p_deadline - clock_timestamp()), 0.001)));
+        -- Without a deadline, the nap (greatest() skips a NULL: the wait polled every millisecond).
+        PERFORM pg_sleep(least(v_nap, greatest(coalesce(extract(epoch FROM p_deadline - clock_timestamp()), v_nap), 0.001)));
         v_nap := least(v_nap * 2, 0.2);
     END LOOP;
     RETURN v_status;
@@ -2931,7 +2937,7 @@ BEGIN
             status := NULL;
             RETURN;
         END IF;
-        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0.001)));
+        PERFORM pg_sleep(least(v_nap, greatest(coalesce(extract(epoch FROM v_deadline - clock_timestamp()), v_nap), 0.001)));
         COMMIT;
         v_nap := least(v_nap * 2, 0.2);
     END LOOP;

@@ -336,3 +336,16 @@ def test_a_synchronous_launch_refuses_a_batch_it_would_hold_back(user: psycopg.C
     with pytest.raises(psycopg.errors.FeatureNotSupported):
         launch(user, [f"create index concurrently on {scratch}.t (a)"], monitor=True)
     assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == before
+
+
+def test_a_wait_without_a_timeout_checks_ever_less_often(admin: psycopg.Connection) -> None:
+    # Its naps grow to 0.2 s. Without a deadline they stayed at 1 ms (greatest() skips a NULL): a thousand
+    # checks a second for as long as a batch ran.
+    parent = launch(admin, ["select pg_sleep(1.5)"])
+    with admin.transaction():
+        admin.execute("SET LOCAL track_functions = 'pl'")
+        assert admin.execute("SELECT pgbg.pg_background_wait(%s)", (parent,)).fetchone()[0] == "done"
+        checks = admin.execute(
+            "SELECT calls FROM pg_stat_xact_user_functions WHERE schemaname = 'pgbg' AND funcname = '_housekeep_apart'"
+        ).fetchone()[0]
+    assert checks <= 30

@@ -499,6 +499,10 @@ BEGIN
         RETURN;  -- its starter rolled back, or the caps are reached
     END IF;
     p_ran := true;
+    -- Plans cached for an earlier batch were made for the tables as they were then: a seq scan chosen on
+    -- a queue of 400 children would run once per child on one of 100,000 (a lingering runner took W2
+    -- at 600 children/s instead of 20,000).
+    DISCARD PLANS;
     COMMIT;
     LOOP
         -- One transaction per child: the outcome of the one before (and an inline one's work), its count,
@@ -532,6 +536,7 @@ BEGIN
             v_adopted := @schema@._adopt(v_batch, r.batch_slot);
             COMMIT;
             EXIT WHEN v_adopted.next IS NULL;
+            DISCARD PLANS;
             v_batch := v_adopted.next;
             r.batch_slot := v_adopted.p_slot;
             v_after := 0;

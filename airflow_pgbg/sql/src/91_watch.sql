@@ -92,7 +92,8 @@ BEGIN
         END IF;
         v_status := @schema@.batch_status(p_parent);
         EXIT WHEN v_status IS NULL OR v_status NOT IN ('queued', 'running') OR clock_timestamp() >= p_deadline;
-        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM p_deadline - clock_timestamp()), 0.001)));
+        -- Without a deadline, the nap (greatest() skips a NULL: the wait polled every millisecond).
+        PERFORM pg_sleep(least(v_nap, greatest(coalesce(extract(epoch FROM p_deadline - clock_timestamp()), v_nap), 0.001)));
         v_nap := least(v_nap * 2, 0.2);
     END LOOP;
     RETURN v_status;
@@ -192,7 +193,7 @@ BEGIN
             status := NULL;
             RETURN;
         END IF;
-        PERFORM pg_sleep(least(v_nap, greatest(extract(epoch FROM v_deadline - clock_timestamp()), 0.001)));
+        PERFORM pg_sleep(least(v_nap, greatest(coalesce(extract(epoch FROM v_deadline - clock_timestamp()), v_nap), 0.001)));
         COMMIT;
         v_nap := least(v_nap * 2, 0.2);
     END LOOP;
