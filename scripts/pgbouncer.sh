@@ -63,7 +63,8 @@ if [ ! -x "$ROOT/usr/sbin/pgbouncer" ]; then
 fi
 
 pid() { [ -f "$ROOT$PIDFILE" ] && cat "$ROOT$PIDFILE"; }
-running() { local p; p=$(pid) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
+# The pid file outlives a reboot, and its pid may since belong to another process.
+running() { local p; p=$(pid) && [ -n "$p" ] && [ "$(cat "/proc/$p/comm" 2>/dev/null)" = pgbouncer ]; }
 
 stop() {
     local p
@@ -82,6 +83,7 @@ case "$ACTION" in
 esac
 
 if ! running; then
+    rm -f "$ROOT$PIDFILE"  # stale: PgBouncer refuses to start while its pid is alive, whoever has it now
     in_root install -d -o postgres -g postgres "$DIR"
     # Every database of the server, as any role: the servers trust loopback, and so does the pooler,
     # which looks a role up with its auth_query (as postgres) rather than from a list kept in step.

@@ -33,7 +33,8 @@ fi
 
 mkdir -p "$DIR"
 PIDFILE=$DIR/redis-$PORT.pid
-running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+# The pid file outlives a reboot, and its pid may since belong to another process.
+running() { [ -f "$PIDFILE" ] && [ "$(cat "/proc/$(cat "$PIDFILE")/comm" 2>/dev/null)" = redis-server ]; }
 
 case "$ACTION" in
     stop)

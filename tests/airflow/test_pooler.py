@@ -143,7 +143,8 @@ def test_three_hundred_triggers_through_transaction_pooling(pooled: dict[str, st
 
     started = time.monotonic()
     assert "running" in statuses(monitor(user, parents[-1])) or "queued" in statuses(monitor(user, parents[-1]))
-    events = asyncio.run(all_of_them())
+    # Bounded: a pooler that is not there is an outage the watcher would wait out for ever.
+    events = asyncio.run(asyncio.wait_for(all_of_them(), 300))
     elapsed = time.monotonic() - started
     assert all(isinstance(e, TaskSuccessEvent) for e in events), [type(e).__name__ for e in events]
     assert {e.xcoms["return_value"]["status"] for e in events} == {"done"}
