@@ -2199,8 +2199,10 @@ RETURNS int
 LANGUAGE sql STABLE
 -- Runners still starting hold no slot yet, but are named after their batch already; one still starting
 -- others counts them too ('pgbg:<batch>+<n>', see _runner()).
-RETURN (SELECT coalesce(sum(1 + coalesce(least(substring(a.application_name FROM '\+([0-9]{1,4})$')::int,
-                                               1000), 0)), 0)::int
+-- (least() skips a NULL: a runner without a '+<n>' counted as 1,001, and one running batch kept every other
+-- batch of the database from getting runners of its own.)
+RETURN (SELECT coalesce(sum(1 + least(coalesce(substring(a.application_name FROM '\+([0-9]{1,4})$')::int, 0),
+                                      1000)), 0)::int
           FROM pg_stat_activity a
          WHERE CASE WHEN p_parent IS NULL
                     THEN a.application_name LIKE 'pgbg:%-%' AND pg_has_role(a.usesysid, 'pgbg_user', 'MEMBER')
