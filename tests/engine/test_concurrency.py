@@ -157,3 +157,48 @@ def test_no_free_worker_keeps_work_queued_until_one_frees(admin: psycopg.Connect
     # The next poll starts it.
     assert wait(user, parent) == "done"
     assert [r["result"]["preview"] for r in monitor(user, parent)] == [[{"answer": 42}]] * 3
+
+
+def test_housekeeping_settles_only_the_claim_it_judged_dead(
+    admin: psycopg.Connection, user: psycopg.Connection, user_dsn: str
+) -> None:
+    # Children of a dead runner; housekeeping takes its snapshot, a live runner claims one of them again,
+    # and only then does housekeeping lock that row: READ COMMITTED hands it the newest version, the live
+    # claim, which it must leave alone.
+    parent = launch(user, ["select 1"] * 300)
+    assert wait(user, parent) == "done"
+    admin.execute(
+        "UPDATE pgbg.log_background SET status = 'running', pid = 999999, attempt = 1 WHERE uuid_parent = %s",
+        (parent,),
+    )
+    with psycopg.connect(user_dsn, autocommit=True) as keeper, psycopg.connect(admin.info.dsn) as blocker:
+        keeper_pid = keeper.info.backend_pid
+        # Housekeeping counts each orphan it settles in a row of its own shard: this uncommitted one holds
+        # it at the first, with the rows it has not fetched yet unlocked.
+        blocker.execute(
+            "INSERT INTO pgbg.batch_progress (uuid_parent, shard, role_name, queued, running, done, failed, "
+            "stopped, lost) VALUES (%s, %s, %s, 0, 0, 0, 0, 0, 0)",
+            (parent, -keeper_pid, user.info.user),
+        )
+        housekeeping = threading.Thread(
+            target=lambda: keeper.execute("SELECT count(*) FROM pgbg.pg_background_monitor(%s)", (parent,))
+        )
+        housekeeping.start()
+        poll_until(
+            lambda: admin.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (keeper_pid,)
+            ).fetchone()[0]
+        )
+        # A live claim, as housekeeping sees one: this session's pid and backend_start.
+        claimed = admin.execute(
+            "UPDATE pgbg.log_background SET attempt = 2, pid = pg_backend_pid(), "
+            "backend_start = (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()) "
+            "WHERE id = (SELECT id FROM pgbg.log_background WHERE uuid_parent = %s AND pid = 999999 "
+            "ORDER BY seq DESC LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING id",
+            (parent,),
+        ).fetchone()[0]
+        blocker.rollback()
+        housekeeping.join(30)
+        row = admin.execute("SELECT status, attempt FROM pgbg.log_background WHERE id = %s", (claimed,)).fetchone()
+        admin.execute("UPDATE pgbg.log_background SET status = 'done' WHERE id = %s", (claimed,))
+    assert row == ("running", 2)

@@ -67,9 +67,12 @@ DECLARE
     v_status @schema@.child_status;
     v_touched uuid[] := '{}';
 BEGIN
-    -- Rows locked by someone else are left to that someone.
+    -- Rows locked by someone else are left to that someone. The claim judged is the claim locked: a row
+    -- claimed again since this statement's snapshot is locked in its newest version, which the recheck
+    -- of (id, attempt) drops; by id alone a live runner's new claim was settled as gone.
     FOR c IN SELECT x.* FROM @schema@.log_background x
-              WHERE x.id IN (SELECT o.id FROM @schema@._orphans(p_parents) o) AND x.status = 'running'
+              WHERE (x.id, x.attempt) IN (SELECT o.id, o.attempt FROM @schema@._orphans(p_parents) o)
+                AND x.status = 'running'
                 FOR UPDATE SKIP LOCKED
     LOOP
         v_orphan := @schema@._orphan_outcome(c);

@@ -1,0 +1,2 @@
+-- Migration of the tables of engine 1.0.0 to those of 1.0.1: none (the upgrade is the routines, built
+-- from src/).
