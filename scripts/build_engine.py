@@ -92,7 +92,8 @@ def base_script(version: str) -> str:
 
 
 def _drop_block(keep: list[str]) -> str:
-    kept = ", ".join(f"'{k}'" for k in keep) or "NULL"
+    # An empty list must still be an array: "x = ANY (ARRAY[NULL])" is NULL, which would keep every routine.
+    kept = ", ".join(f"'{k}'" for k in keep)
     return f"""-- Every routine, view and row type of the engine being upgraded goes, to be created anew below.
 -- Drops that others depend on are tried again once those have gone; an object outside the set
 -- that depends on one (a view of your own on {{schema}}.batches, say) stops the upgrade, naming it.

@@ -43,7 +43,7 @@ BEGIN
         SELECT CASE p.prokind WHEN 'p' THEN 'PROCEDURE ' ELSE 'FUNCTION ' END || p.oid::regprocedure::text
           FROM pg_proc p
          WHERE p.pronamespace = '@schema@'::regnamespace
-           AND NOT p.oid::regprocedure::text = ANY (ARRAY[NULL]::text[])
+           AND NOT p.oid::regprocedure::text = ANY (ARRAY['_launch_top_level(text,uuid,interval)', '_top_level_result(pg_background_handle)']::text[])
         UNION ALL
         SELECT CASE c.relkind WHEN 'v' THEN 'VIEW ' ELSE 'TYPE ' END || c.oid::regclass::text
           FROM pg_class c
@@ -68,8 +68,24 @@ BEGIN
 END
 $drop$;
 
--- Migration of the tables of engine 1.0.0 to those of 1.0.1: none (the upgrade is the routines, built
--- from src/).
+-- Migration of the tables of engine 1.0.0 to those of 1.0.1 (the routines are built from src/).
+--
+-- An upgrade from 0.1.0 passes through 1.0.0 in the same transaction: the routines its runners still
+-- call (see 0.1.0--1.0.0.sql) stay for them here too.
+-- keep: _launch_top_level(text,uuid,interval)
+-- keep: _top_level_result(pg_background_handle)
+
+-- The role's locks become rows only it can lock (1.0.0 took advisory locks that any session could hold).
+CREATE TABLE @schema@.role_lock (
+    role_name name NOT NULL DEFAULT current_user,
+    lock_key int NOT NULL,
+    PRIMARY KEY (role_name, lock_key)
+);
+COMMENT ON TABLE @schema@.role_lock IS
+    'A row per lock a role takes on its own work (see _lock_role()): key 0 orders its runners deciding to '
+    'leave against its launches and housekeeping; keys 1..1024 serialize its submits per origin (a hash).';
+ALTER TABLE @schema@.role_lock ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own ON @schema@.role_lock USING (role_name = current_user) WITH CHECK (role_name = current_user);
 
 -- Row shapes returned by the engine's functions (not stored in tables).
 
@@ -600,8 +616,29 @@ RETURNS int
 LANGUAGE sql STABLE
 RETURN hashtext('@schema@/role/' || current_user) & 2147483647;
 COMMENT ON FUNCTION @schema@._role_key() IS
-    'Advisory lock of the caller''s role under pg_cron: work is queued under it (shared) and a runner job '
-    'decides to unschedule itself under it (exclusive), so no batch is left with queued work and no job.';
+    'The role lock of engine 1.0.0 (an advisory lock, which any session could hold): its runners still '
+    'running after an upgrade call it as they leave. See _lock_role().';
+
+CREATE FUNCTION @schema@._lock_role(p_key int, p_exclusive boolean)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    LOOP
+        IF p_exclusive THEN
+            PERFORM FROM @schema@.role_lock l WHERE l.role_name = current_user AND l.lock_key = p_key FOR UPDATE;
+        ELSE
+            PERFORM FROM @schema@.role_lock l WHERE l.role_name = current_user AND l.lock_key = p_key FOR SHARE;
+        END IF;
+        EXIT WHEN FOUND;
+        -- The role's first use of this key; a concurrent first use inserts it too, and both lock it then.
+        INSERT INTO @schema@.role_lock (role_name, lock_key) VALUES (current_user, p_key) ON CONFLICT DO NOTHING;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._lock_role(int, boolean) IS
+    'Locks key p_key of the caller''s role until the end of the transaction (a row of role_lock, which '
+    'only that role can lock): shared or exclusive.';
 
 CREATE FUNCTION @schema@._global_lock_key()
 RETURNS int
@@ -854,7 +891,7 @@ BEGIN
         PERFORM set_config('application_name', 'pgbg:lingering', false);
         CALL @schema@._linger(clock_timestamp() + v_linger, v_woken);
         IF NOT v_woken THEN
-            PERFORM pg_advisory_xact_lock(@schema@._role_key());
+            PERFORM @schema@._lock_role(0, true);
             PERFORM set_config('application_name', 'pgbg:exiting', false);
             v_woken := @schema@._role_has_queued() AND @schema@._role_slots_free();
             COMMIT;
@@ -1204,7 +1241,7 @@ BEGIN
     -- '@reboot' runs it only when pg_cron starts (after a server restart, when it resumes the role's
     -- queued work), and the job keeps its id for a fast next start. A role has at most as many as its
     -- largest cap.
-    PERFORM pg_advisory_xact_lock(@schema@._role_key());
+    PERFORM @schema@._lock_role(0, true);
     p_parked := NOT (@schema@._role_has_queued() AND @schema@._role_slots_free());
     IF p_parked THEN
         PERFORM cron.schedule(j.jobname, '@reboot', j.command) FROM cron.job j WHERE j.jobid = v_job;
@@ -2068,7 +2105,7 @@ BEGIN
     -- pg_stat_activity is otherwise frozen for the rest of the transaction.
     PERFORM pg_stat_clear_snapshot();
     -- Ordered against a runner that is deciding to leave (pg_cron: _cron_park(); pg_background: _runner()).
-    PERFORM pg_advisory_xact_lock_shared(@schema@._role_key());
+    PERFORM @schema@._lock_role(0, false);
     PERFORM @schema@._settle_orphans(p_parents);
     IF @schema@._launcher() = 'pg_cron' THEN
         PERFORM @schema@._cron_schedule_runners();
@@ -2531,7 +2568,7 @@ BEGIN
     END IF;
     -- One submit per origin at a time: two processes running the same try (a triggerer restart, two
     -- triggerers) must not both launch.
-    PERFORM pg_advisory_xact_lock(hashtext('@schema@/origin/' || p_origin));
+    PERFORM @schema@._lock_role(1 + (hashtext(p_origin) & 1023), true);
 
     SELECT b.uuid_parent, b.claimed_by, b.claimed_at, b.requeue_on_takeover, b.outcome_taken_by INTO v_prev
       FROM @schema@.batch b
@@ -3388,3 +3425,5 @@ GRANT UPDATE (not_before, failures, errors, requeue_on_stop, stopped_by, interru
     ON @schema@.log_background TO pgbg_user;
 GRANT SELECT, INSERT, DELETE, UPDATE (alive_until) ON @schema@.waiter TO pgbg_user;
 GRANT SELECT, INSERT, DELETE ON @schema@.waiter_watch TO pgbg_user;
+-- A row lock needs UPDATE on a column; the policy keeps every row its role's own.
+GRANT SELECT, INSERT, UPDATE (lock_key) ON @schema@.role_lock TO pgbg_user;

@@ -220,3 +220,42 @@ def test_nobody_else_can_hold_a_batchs_slots_or_pose_as_its_runners(
         assert _concurrency(monitor(user, parent)) == 2  # its own cap, not less, not more
         # Housekeeping counts only the batch's own runners (none is left).
         assert user.execute("SELECT pgbg._runners_of(%s)", (parent,)).fetchone()[0] == 0
+
+
+def test_nobody_else_can_hold_a_roles_locks(user: psycopg.Connection, make_role: Callable[..., str]) -> None:
+    """What orders a role's launches and housekeeping against its runners leaving, and its submits of one
+    origin against each other, are rows only that role can lock. Sessions of other roles, with or
+    without the engine's grants, holding engine 1.0.0's advisory keys for them or going for the rows,
+    hold none of it back."""
+    outsider_dsn, other_dsn = make_role("pg_read_all_settings"), make_role()
+    role, origin = user.info.user, "dag_a/run_1/task_a/-1"
+    first = launch(user, ["select 1"])  # the role's lock rows exist from here on
+    assert wait(user, first) == "done"
+    with psycopg.connect(outsider_dsn, autocommit=True) as outsider, psycopg.connect(other_dsn) as other:
+        outsider.execute("SELECT pg_advisory_lock(hashtext('pgbg/role/' || %s) & 2147483647)", (role,))
+        outsider.execute("SELECT pg_advisory_lock(hashtext('pgbg/origin/' || %s))", (origin,))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            outsider.execute("SELECT * FROM pgbg.role_lock FOR UPDATE")
+        # Another role of pgbg_user sees none of them, and cannot make them.
+        assert other.execute("SELECT count(*) FROM pgbg.role_lock WHERE role_name = %s", (role,)).fetchone()[0] == 0
+        other.execute("SELECT * FROM pgbg.role_lock FOR UPDATE")  # held until the end of this test
+        with pytest.raises(psycopg.errors.InsufficientPrivilege), other.transaction():
+            other.execute("INSERT INTO pgbg.role_lock (role_name, lock_key) VALUES (%s, 0)", (role,))
+        # Blocked, any of these would give up here rather than hang.
+        user.execute("SET lock_timeout = '10 s'")
+        parent = user.execute(
+            "SELECT uuid_parent FROM pgbg.pg_background_submit(%s::text[], %s, 'try 1')", (["select 1"] * 4, origin)
+        ).fetchone()[0]
+        assert wait(user, parent) == "done"
+        # Its runners leave once they have lingered: nothing holds back their decision to.
+        poll_until(
+            lambda: user.execute(
+                "SELECT count(*) = 0 FROM pg_stat_activity WHERE usename = %s AND application_name LIKE 'pgbg:%%'",
+                (role,),
+            ).fetchone()[0],
+            60,
+        )
+        # The origin's lock again, for a try of other statements: a batch of its own.
+        assert user.execute(
+            "SELECT action FROM pgbg.pg_background_submit(%s::text[], %s, 'try 2')", (["select 2"], origin)
+        ).fetchone()[0] == "launched"

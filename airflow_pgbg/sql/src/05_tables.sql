@@ -243,3 +243,16 @@ CREATE POLICY owner_or_admin ON @schema@.waiter_watch
     WITH CHECK (role_name = current_user
                 AND EXISTS (SELECT 1 FROM @schema@.batch b
                              WHERE b.uuid_parent = waiter_watch.uuid_parent AND b.role_name = current_user));
+
+-- Locks a role takes on its own work are rows of its own: a session of another role can neither see nor
+-- lock them, where an advisory lock's key is anyone's to take (and pg_locks shows it to everyone).
+CREATE TABLE @schema@.role_lock (
+    role_name name NOT NULL DEFAULT current_user,
+    lock_key int NOT NULL,
+    PRIMARY KEY (role_name, lock_key)
+);
+COMMENT ON TABLE @schema@.role_lock IS
+    'A row per lock a role takes on its own work (see _lock_role()): key 0 orders its runners deciding to '
+    'leave against its launches and housekeeping; keys 1..1024 serialize its submits per origin (a hash).';
+ALTER TABLE @schema@.role_lock ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own ON @schema@.role_lock USING (role_name = current_user) WITH CHECK (role_name = current_user);

@@ -33,8 +33,29 @@ RETURNS int
 LANGUAGE sql STABLE
 RETURN hashtext('@schema@/role/' || current_user) & 2147483647;
 COMMENT ON FUNCTION @schema@._role_key() IS
-    'Advisory lock of the caller''s role under pg_cron: work is queued under it (shared) and a runner job '
-    'decides to unschedule itself under it (exclusive), so no batch is left with queued work and no job.';
+    'The role lock of engine 1.0.0 (an advisory lock, which any session could hold): its runners still '
+    'running after an upgrade call it as they leave. See _lock_role().';
+
+CREATE FUNCTION @schema@._lock_role(p_key int, p_exclusive boolean)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    LOOP
+        IF p_exclusive THEN
+            PERFORM FROM @schema@.role_lock l WHERE l.role_name = current_user AND l.lock_key = p_key FOR UPDATE;
+        ELSE
+            PERFORM FROM @schema@.role_lock l WHERE l.role_name = current_user AND l.lock_key = p_key FOR SHARE;
+        END IF;
+        EXIT WHEN FOUND;
+        -- The role's first use of this key; a concurrent first use inserts it too, and both lock it then.
+        INSERT INTO @schema@.role_lock (role_name, lock_key) VALUES (current_user, p_key) ON CONFLICT DO NOTHING;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._lock_role(int, boolean) IS
+    'Locks key p_key of the caller''s role until the end of the transaction (a row of role_lock, which '
+    'only that role can lock): shared or exclusive.';
 
 CREATE FUNCTION @schema@._global_lock_key()
 RETURNS int

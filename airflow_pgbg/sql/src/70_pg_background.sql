@@ -171,7 +171,7 @@ BEGIN
         PERFORM set_config('application_name', 'pgbg:lingering', false);
         CALL @schema@._linger(clock_timestamp() + v_linger, v_woken);
         IF NOT v_woken THEN
-            PERFORM pg_advisory_xact_lock(@schema@._role_key());
+            PERFORM @schema@._lock_role(0, true);
             PERFORM set_config('application_name', 'pgbg:exiting', false);
             v_woken := @schema@._role_has_queued() AND @schema@._role_slots_free();
             COMMIT;

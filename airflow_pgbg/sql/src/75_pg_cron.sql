@@ -316,7 +316,7 @@ BEGIN
     -- '@reboot' runs it only when pg_cron starts (after a server restart, when it resumes the role's
     -- queued work), and the job keeps its id for a fast next start. A role has at most as many as its
     -- largest cap.
-    PERFORM pg_advisory_xact_lock(@schema@._role_key());
+    PERFORM @schema@._lock_role(0, true);
     p_parked := NOT (@schema@._role_has_queued() AND @schema@._role_slots_free());
     IF p_parked THEN
         PERFORM cron.schedule(j.jobname, '@reboot', j.command) FROM cron.job j WHERE j.jobid = v_job;

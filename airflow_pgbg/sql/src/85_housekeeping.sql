@@ -166,7 +166,7 @@ BEGIN
     -- pg_stat_activity is otherwise frozen for the rest of the transaction.
     PERFORM pg_stat_clear_snapshot();
     -- Ordered against a runner that is deciding to leave (pg_cron: _cron_park(); pg_background: _runner()).
-    PERFORM pg_advisory_xact_lock_shared(@schema@._role_key());
+    PERFORM @schema@._lock_role(0, false);
     PERFORM @schema@._settle_orphans(p_parents);
     IF @schema@._launcher() = 'pg_cron' THEN
         PERFORM @schema@._cron_schedule_runners();

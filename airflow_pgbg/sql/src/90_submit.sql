@@ -281,7 +281,7 @@ BEGIN
     END IF;
     -- One submit per origin at a time: two processes running the same try (a triggerer restart, two
     -- triggerers) must not both launch.
-    PERFORM pg_advisory_xact_lock(hashtext('@schema@/origin/' || p_origin));
+    PERFORM @schema@._lock_role(1 + (hashtext(p_origin) & 1023), true);
 
     SELECT b.uuid_parent, b.claimed_by, b.claimed_at, b.requeue_on_takeover, b.outcome_taken_by INTO v_prev
       FROM @schema@.batch b

@@ -22,3 +22,5 @@ GRANT UPDATE (not_before, failures, errors, requeue_on_stop, stopped_by, interru
     ON @schema@.log_background TO pgbg_user;
 GRANT SELECT, INSERT, DELETE, UPDATE (alive_until) ON @schema@.waiter TO pgbg_user;
 GRANT SELECT, INSERT, DELETE ON @schema@.waiter_watch TO pgbg_user;
+-- A row lock needs UPDATE on a column; the policy keeps every row its role's own.
+GRANT SELECT, INSERT, UPDATE (lock_key) ON @schema@.role_lock TO pgbg_user;
