@@ -60,6 +60,10 @@ run_line() {  # label, log, command...
     local rc=$?
     local outcome="ok"; [ $rc -ne 0 ] && { outcome="FAILED"; FAILED=1; }
     RESULTS+=("$(printf '%-28s %-6s %-40s %4ss  (%s)' "$label" "$outcome" "$(summary_of "$log")" $((SECONDS - started)) "$log")")
+    # The log stays on the machine that ran it: what failed, and why, goes into the summary too.
+    if [ $rc -ne 0 ]; then
+        while IFS= read -r failure; do RESULTS+=("    $failure"); done < <(grep -E "^(FAILED|ERROR) " "$log" | cut -c1-300 | head -n 10)
+    fi
 }
 
 mkdir -p .matrix-logs
