@@ -256,6 +256,9 @@ def test_nobody_else_can_hold_a_roles_locks(user: psycopg.Connection, make_role:
             60,
         )
         # The origin's lock again, for a try of other statements: a batch of its own.
-        assert user.execute(
-            "SELECT action FROM pgbg.pg_background_submit(%s::text[], %s, 'try 2')", (["select 2"], origin)
-        ).fetchone()[0] == "launched"
+        assert (
+            user.execute(
+                "SELECT action FROM pgbg.pg_background_submit(%s::text[], %s, 'try 2')", (["select 2"], origin)
+            ).fetchone()[0]
+            == "launched"
+        )
