@@ -1258,6 +1258,8 @@ CREATE FUNCTION @schema@._cron_schedule_runners()
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
+DECLARE
+    v_wanted int;
 BEGIN
     -- A child's job whose runner is gone (its child settled) must not run again.
     PERFORM cron.unschedule(j.jobid) FROM cron.job j
@@ -1265,11 +1267,16 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM @schema@.log_background c
                         WHERE c.uuid_child::text = substr(j.jobname, 12) AND c.status = 'running');
     -- Runner jobs pick any batch of their role: as many as its batches can use, up to the cap.
-    PERFORM @schema@._cron_ensure_runners((
-        SELECT least(@schema@._global_cap(), coalesce(sum(least(n.queued + n.running, bt.max_parallel)), 0))::int
-          FROM @schema@.batch bt
-         CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
-         WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL AND n.queued > 0));
+    v_wanted := (SELECT least(@schema@._global_cap(), coalesce(sum(least(n.queued + n.running, bt.max_parallel)), 0))::int
+                   FROM @schema@.batch bt
+                  CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
+                  WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL AND n.queued > 0);
+    IF v_wanted > 0 THEN
+        -- The role's jobs are counted on: ordered against one deciding to park (see _cron_park()), which
+        -- then sees this work. Only then: a row lock makes a transaction write.
+        PERFORM @schema@._lock_role(0, false);
+        PERFORM @schema@._cron_ensure_runners(v_wanted);
+    END IF;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._cron_schedule_runners() IS
@@ -2073,14 +2080,22 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     b record;
-    v_free int := @schema@._global_cap() - @schema@._runners_of(NULL);
-    -- Runners of the role waiting for its next batch take this one within 20 ms (see _runner()).
-    v_lingering int := @schema@._lingerers();
+    v_free int;
+    v_lingering int;
     v_taken int;
     v_want int;
     v_started int;
 BEGIN
     FOR b IN SELECT * FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0 LOOP
+        IF v_lingering IS NULL THEN
+            -- Runners of the role waiting for its next batch take this one within 20 ms, and are counted
+            -- on: ordered against one deciding to leave (see _runner()), which then sees this work. Only
+            -- here: a row lock makes a transaction write, and a poll with nothing to start need not.
+            PERFORM @schema@._lock_role(0, false);
+            PERFORM pg_stat_clear_snapshot();
+            v_free := @schema@._global_cap() - @schema@._runners_of(NULL);
+            v_lingering := @schema@._lingerers();
+        END IF;
         EXIT WHEN v_free <= 0;
         v_want := least(b.wanted, v_free);
         v_taken := least(v_want, v_lingering);
@@ -2104,8 +2119,6 @@ AS $fn$
 BEGIN
     -- pg_stat_activity is otherwise frozen for the rest of the transaction.
     PERFORM pg_stat_clear_snapshot();
-    -- Ordered against a runner that is deciding to leave (pg_cron: _cron_park(); pg_background: _runner()).
-    PERFORM @schema@._lock_role(0, false);
     PERFORM @schema@._settle_orphans(p_parents);
     IF @schema@._launcher() = 'pg_cron' THEN
         PERFORM @schema@._cron_schedule_runners();

@@ -202,3 +202,10 @@ def test_housekeeping_settles_only_the_claim_it_judged_dead(
         row = admin.execute("SELECT status, attempt FROM pgbg.log_background WHERE id = %s", (claimed,)).fetchone()
         admin.execute("UPDATE pgbg.log_background SET status = 'done' WHERE id = %s", (claimed,))
     assert row == ("running", 2)
+    # The orphans it did settle run again; done before the role's sessions are ended and its rows go.
+    poll_until(
+        lambda: admin.execute(
+            "SELECT count(*) = 0 FROM pgbg.log_background WHERE uuid_parent = %s AND status <> 'done'", (parent,)
+        ).fetchone()[0],
+        60,
+    )

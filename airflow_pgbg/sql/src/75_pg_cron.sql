@@ -333,6 +333,8 @@ CREATE FUNCTION @schema@._cron_schedule_runners()
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
+DECLARE
+    v_wanted int;
 BEGIN
     -- A child's job whose runner is gone (its child settled) must not run again.
     PERFORM cron.unschedule(j.jobid) FROM cron.job j
@@ -340,11 +342,16 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM @schema@.log_background c
                         WHERE c.uuid_child::text = substr(j.jobname, 12) AND c.status = 'running');
     -- Runner jobs pick any batch of their role: as many as its batches can use, up to the cap.
-    PERFORM @schema@._cron_ensure_runners((
-        SELECT least(@schema@._global_cap(), coalesce(sum(least(n.queued + n.running, bt.max_parallel)), 0))::int
-          FROM @schema@.batch bt
-         CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
-         WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL AND n.queued > 0));
+    v_wanted := (SELECT least(@schema@._global_cap(), coalesce(sum(least(n.queued + n.running, bt.max_parallel)), 0))::int
+                   FROM @schema@.batch bt
+                  CROSS JOIN LATERAL @schema@._batch_counts(bt.uuid_parent, bt.counted) n
+                  WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL AND n.queued > 0);
+    IF v_wanted > 0 THEN
+        -- The role's jobs are counted on: ordered against one deciding to park (see _cron_park()), which
+        -- then sees this work. Only then: a row lock makes a transaction write.
+        PERFORM @schema@._lock_role(0, false);
+        PERFORM @schema@._cron_ensure_runners(v_wanted);
+    END IF;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._cron_schedule_runners() IS

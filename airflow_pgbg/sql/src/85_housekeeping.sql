@@ -134,14 +134,22 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     b record;
-    v_free int := @schema@._global_cap() - @schema@._runners_of(NULL);
-    -- Runners of the role waiting for its next batch take this one within 20 ms (see _runner()).
-    v_lingering int := @schema@._lingerers();
+    v_free int;
+    v_lingering int;
     v_taken int;
     v_want int;
     v_started int;
 BEGIN
     FOR b IN SELECT * FROM @schema@._runners_wanted(p_parents) w WHERE w.wanted > 0 LOOP
+        IF v_lingering IS NULL THEN
+            -- Runners of the role waiting for its next batch take this one within 20 ms, and are counted
+            -- on: ordered against one deciding to leave (see _runner()), which then sees this work. Only
+            -- here: a row lock makes a transaction write, and a poll with nothing to start need not.
+            PERFORM @schema@._lock_role(0, false);
+            PERFORM pg_stat_clear_snapshot();
+            v_free := @schema@._global_cap() - @schema@._runners_of(NULL);
+            v_lingering := @schema@._lingerers();
+        END IF;
         EXIT WHEN v_free <= 0;
         v_want := least(b.wanted, v_free);
         v_taken := least(v_want, v_lingering);
@@ -165,8 +173,6 @@ AS $fn$
 BEGIN
     -- pg_stat_activity is otherwise frozen for the rest of the transaction.
     PERFORM pg_stat_clear_snapshot();
-    -- Ordered against a runner that is deciding to leave (pg_cron: _cron_park(); pg_background: _runner()).
-    PERFORM @schema@._lock_role(0, false);
     PERFORM @schema@._settle_orphans(p_parents);
     IF @schema@._launcher() = 'pg_cron' THEN
         PERFORM @schema@._cron_schedule_runners();
