@@ -2,5 +2,5 @@
 
 __version__ = "0.2.1"
 
-ENGINE_VERSION = "1.0.1"
+ENGINE_VERSION = "1.1.0"
 """The engine version (``airflow_pgbg/sql``) this package's Python code needs and installs."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 
 def launch(
@@ -18,11 +19,12 @@ def launch(
     max_parallel: int | None = None,
     label: str | None = None,
     statement_timeout: str | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> str:
     row = conn.execute(
         "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => %s, p_max_parallel => %s, p_label => %s,"
-        " p_statement_timeout => %s::interval)",
-        (list(statements), monitor, max_parallel, label, statement_timeout),
+        " p_statement_timeout => %s::interval, p_settings => %s)",
+        (list(statements), monitor, max_parallel, label, statement_timeout, Jsonb(settings) if settings else None),
     ).fetchone()
     return str(row[0])
 

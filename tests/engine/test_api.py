@@ -273,7 +273,8 @@ def test_cron_top_level_statement_needs_the_default_search_path(
         rows = monitor(other, parent)
     assert statuses(rows) == ["done", "failed"]
     assert rows[1]["sqlstate"] == "0A000"
-    assert "runs as a job of its own with the role's default search_path" in rows[1]["error"]
+    assert "runs as a job of its own with the role's default settings" in rows[1]["error"]
+    assert f"search_path = {scratch}" in rows[1]["error"]
     # Schema-qualified, with the default search_path, it runs.
     user.execute("RESET search_path")
     parent = launch(user, [f"vacuum {scratch}.t"])

@@ -137,16 +137,29 @@ def _terminate_runners(admin: psycopg.Connection, parent: str) -> None:
 
 
 def test_a_lost_child_is_retried_only_when_the_batch_allows_it(
-    admin: psycopg.Connection, user: psycopg.Connection
+    admin: psycopg.Connection, user: psycopg.Connection, scratch: str
 ) -> None:
     def lose_one(retry_lost: bool) -> list[dict[str, Any]]:
         # With a statement timeout, the child runs in a worker (or job) of its own, where its work may
-        # have committed before its runner died: lost, unless the batch says it may run again.
+        # have committed before its runner died: lost, unless the batch says it may run again. Both die
+        # here, once the child's own process runs it (a pg_cron job left alone would finish it, and be
+        # recorded done, or not have begun yet, depending on the second it was due in). Its first
+        # attempt would take 30 s, a second one none.
+        marker = f"lost_{retry_lost}".lower()
+        user.execute(f"CREATE SEQUENCE {scratch}.{marker}")
+        statement = f"select pg_sleep(case when nextval('{scratch}.{marker}') = 1 then 30 else 0 end) as {marker}"
         parent = _launch(
-            user, ["select pg_sleep(1)"], retries=1, retry_delay="0 s", retry_lost=retry_lost, statement_timeout="1 min"
+            user, [statement], retries=1, retry_delay="0 s", retry_lost=retry_lost, statement_timeout="1 min"
         )
-        poll_until(lambda: statuses(monitor(user, parent)) == ["running"], 20)
+        running = (
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND query LIKE '%%nextval%%' "
+            "AND pid <> pg_backend_pid()"
+        )
+        # Killed once it sleeps: after it drew its number, so that a run pg_cron starts again does not sleep.
+        poll_until(lambda: admin.execute(f"SELECT is_called FROM {scratch}.{marker}").fetchone()[0], 30)
+        poll_until(lambda: admin.execute(running, (f"%{marker}%",)).fetchone() is not None, 30)
         _terminate_runners(admin, parent)
+        admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({running}) own", (f"%{marker}%",))
         wait(user, parent)
         return monitor(user, parent)
 

@@ -96,7 +96,7 @@ def test_a_worker_cancelled_before_its_statement_began_is_not_done(admin: psycop
         CREATE OR REPLACE FUNCTION pg_temp.cancel_at_once() RETURNS text LANGUAGE plpgsql AS $$
         DECLARE h record;
         BEGIN
-            SELECT * INTO h FROM pgbg._start_top_level('select pg_sleep(30)', gen_random_uuid(), NULL);
+            SELECT * INTO h FROM pgbg._start_top_level('select pg_sleep(30)', gen_random_uuid(), NULL, '{{}}');
             PERFORM {ext}.pg_background_cancel_v2(h.pid, h.cookie, 0);
             PERFORM {ext}.pg_background_wait_v2(h.pid, h.cookie, 10000);
             RETURN pgbg._top_level_result(h.pid, h.cookie)::text;

@@ -71,7 +71,8 @@ CREATE TABLE @schema@.batch (
     counted boolean NOT NULL DEFAULT true,
     notes text,
     outcome_taken_by text,
-    outcome_taken_at timestamptz
+    outcome_taken_at timestamptz,
+    session_settings jsonb NOT NULL DEFAULT '{}'
 );
 COMMENT ON TABLE @schema@.batch IS 'One row per batch (parent UUID): who submitted it and how it runs.';
 CREATE INDEX ON @schema@.batch (origin, created_at) WHERE origin IS NOT NULL;
@@ -81,7 +82,10 @@ COMMENT ON COLUMN @schema@.batch.claimed_by IS
     'Which waiter currently owns the batch (Airflow: the try); a stop conditioned on an older holder '
     'does nothing once a newer one has claimed it.';
 COMMENT ON COLUMN @schema@.batch.role_name IS 'Role the children run as (current_user at submission).';
-COMMENT ON COLUMN @schema@.batch.search_path IS 'The submitter''s search_path, restored in every runner.';
+COMMENT ON COLUMN @schema@.batch.search_path IS 'The batch''s search_path (also in session_settings).';
+COMMENT ON COLUMN @schema@.batch.session_settings IS
+    'Settings every child runs with on top of its role''s defaults, whoever runs it: the submitter''s '
+    'search_path unless the batch named one, the launch''s p_settings and the batch''s leading SET statements.';
 COMMENT ON COLUMN @schema@.batch.fail_fast IS 'The first failed child stops the rest of the batch.';
 COMMENT ON COLUMN @schema@.batch.statement_timeout IS
     'Per-child time limit. Such batches run every child in a nested worker, where statement_timeout applies.';

@@ -79,7 +79,7 @@ SELECT b.uuid_parent, b.label, b.origin, b.role_name, b.user_name, b.created_at,
        n.started_at,
        CASE WHEN n.queued + n.running = 0 THEN n.last_end END AS ended_at,
        b.claimed_by, b.claimed_at, b.retries, b.retry_delay, b.retry_backoff, b.retry_lost, b.stop_requested_by,
-       b.notes, b.outcome_taken_by, b.outcome_taken_at
+       b.notes, b.outcome_taken_by, b.outcome_taken_at, b.session_settings
   FROM @schema@.batch b
  CROSS JOIN LATERAL @schema@._batch_counts(b.uuid_parent, b.counted) n;
 COMMENT ON VIEW @schema@.batches IS

@@ -1,14 +1,15 @@
 -- The pg_background launcher: runners are pg_background workers, and a child that must run at top
 -- level runs in a nested worker of its own.
 
-CREATE FUNCTION @schema@._start_top_level(p_sql text, p_child uuid, p_timeout interval)
+CREATE FUNCTION @schema@._start_top_level(p_sql text, p_child uuid, p_timeout interval, p_settings jsonb)
 RETURNS TABLE (pid int, cookie bigint)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_app text := current_setting('application_name');
-    v_timeout text := current_setting('statement_timeout');
 BEGIN
+    -- The nested worker starts with this session's settings: the batch's, for the launch alone.
+    PERFORM @schema@._enter_batch_session(p_settings);
     -- statement_timeout is armed per top-level statement, so it works in the nested worker only.
     PERFORM set_config('statement_timeout', coalesce((extract(epoch FROM p_timeout) * 1000)::bigint::text, '0'), false);
     -- The nested worker inherits this session's settings: the name lets pg_background_stop() find it.
@@ -23,13 +24,14 @@ BEGIN
         END;
     END LOOP;
     PERFORM set_config('application_name', v_app, false);
-    PERFORM set_config('statement_timeout', v_timeout, false);
+    PERFORM @schema@._leave_batch_session();
     RETURN NEXT;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._start_top_level(text, uuid, interval) IS
-    'Starts one statement as the top-level statement of a nested pg_background worker, so VACUUM, '
-    'CONCURRENTLY and procedures that COMMIT work; waits for a free worker slot rather than failing.';
+COMMENT ON FUNCTION @schema@._start_top_level(text, uuid, interval, jsonb) IS
+    'Starts one statement as the top-level statement of a nested pg_background worker with the batch''s '
+    'settings, so VACUUM, CONCURRENTLY and procedures that COMMIT work; waits for a free worker slot rather '
+    'than failing.';
 
 CREATE FUNCTION @schema@._top_level_result(p_pid int, p_cookie bigint)
 RETURNS jsonb
@@ -67,7 +69,7 @@ $fn$;
 COMMENT ON FUNCTION @schema@._top_level_result(int, bigint) IS
     'Result document of a finished nested worker; re-raises its error with SQLSTATE, detail and hint, and a cancel that ended it before its statement began as one.';
 
-CREATE PROCEDURE @schema@._run_in_worker(p_sql text, p_child uuid, p_timeout interval,
+CREATE PROCEDURE @schema@._run_in_worker(p_sql text, p_child uuid, p_timeout interval, p_settings jsonb,
                                          INOUT p_outcome @schema@.child_outcome)
 LANGUAGE plpgsql
 AS $fn$
@@ -78,11 +80,16 @@ DECLARE
 BEGIN
     p_outcome := NULL;
     BEGIN
-        SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @schema@._start_top_level(p_sql, p_child, p_timeout) h;
-    EXCEPTION WHEN query_canceled THEN
-        p_outcome.sqlstate := '57014';  -- cut short before it started
-        p_outcome.message := 'canceling statement due to user request';
-        RETURN;
+        SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @schema@._start_top_level(p_sql, p_child, p_timeout, p_settings) h;
+    EXCEPTION
+        WHEN query_canceled THEN
+            p_outcome.sqlstate := '57014';  -- cut short before it started
+            p_outcome.message := 'canceling statement due to user request';
+            RETURN;
+        WHEN OTHERS THEN
+            -- A setting the role may no longer set (it rolled back with the block).
+            GET STACKED DIAGNOSTICS p_outcome.sqlstate = RETURNED_SQLSTATE, p_outcome.message = MESSAGE_TEXT;
+            RETURN;
     END;
     -- Wait in short statements with a COMMIT between them: CREATE INDEX CONCURRENTLY in the nested
     -- worker waits for every older snapshot, this runner's too.
@@ -105,8 +112,8 @@ BEGIN
     END;
 END
 $fn$;
-COMMENT ON PROCEDURE @schema@._run_in_worker(text, uuid, interval, @schema@.child_outcome) IS
-    'Runs a child at top level in a nested pg_background worker (with the batch''s statement timeout) and '
+COMMENT ON PROCEDURE @schema@._run_in_worker(text, uuid, interval, jsonb, @schema@.child_outcome) IS
+    'Runs a child at top level in a nested pg_background worker (with the batch''s settings and statement timeout) and '
     'returns how it ended; a cancel of the runner cancels the statement.';
 
 CREATE FUNCTION @schema@._launch_runner(p_parent uuid, p_starter xid8, p_spawn int)

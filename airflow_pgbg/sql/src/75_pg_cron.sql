@@ -52,7 +52,7 @@ $fn$;
 COMMENT ON FUNCTION @schema@._cron_child_start(text, uuid) IS
     'Schedules the job that runs one child at top level; its runner unschedules it once its run has ended.';
 
-CREATE FUNCTION @schema@._cron_exec(p_child uuid, p_search_path text, p_sql text)
+CREATE FUNCTION @schema@._cron_exec_child(p_child uuid, p_settings jsonb, p_sql text)
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
@@ -66,9 +66,9 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    -- The job's session has the role's default search_path: the batch's one for this transaction.
-    PERFORM set_config('search_path', p_search_path, true);
-    o := @schema@._run_inline(p_sql, (SELECT s FROM @schema@.settings s));
+    -- The job's session has the role's defaults: the batch's settings for its child.
+    o := @schema@._run_inline(p_sql, (SELECT s FROM @schema@.settings s), p_settings);
+    PERFORM @schema@._leave_batch_session();
     -- The outcome, with its real SQLSTATE and a preview of its rows, commits with its work.
     UPDATE @schema@.log_background
        SET result = o.result, sqlstate = o.sqlstate, error = o.message, error_detail = o.detail,
@@ -76,9 +76,9 @@ BEGIN
      WHERE uuid_child = p_child;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._cron_exec(uuid, text, text) IS
+COMMENT ON FUNCTION @schema@._cron_exec_child(uuid, jsonb, text) IS
     'What the pg_cron job of a child that needs no top level runs, as one statement (pg_cron reports a '
-    'command as succeeded after its first statement): the child''s statement with the batch''s search_path, '
+    'command as succeeded after its first statement): the child''s statement with the batch''s settings, '
     'its outcome recorded with its work, once per attempt.';
 
 CREATE FUNCTION @schema@._cron_recorded(p_child uuid)
@@ -90,36 +90,35 @@ RETURN (SELECT CASE WHEN c.result IS NOT NULL OR c.sqlstate IS NOT NULL
           FROM @schema@.log_background c WHERE c.uuid_child = p_child);
 COMMENT ON FUNCTION @schema@._cron_recorded(uuid) IS 'The outcome _cron_exec() recorded for a child, if it ran.';
 
-CREATE FUNCTION @schema@._cron_job_command(p_sql text, p_child uuid, p_search_path text)
+CREATE FUNCTION @schema@._cron_job_command(p_sql text, p_child uuid, p_settings jsonb)
 RETURNS text
-LANGUAGE sql STABLE
--- A pg_cron job starts a new session of the role, with the role's default search_path (the one RESET
--- restores here: runners are such sessions too). A statement that must be a top-level statement of its
--- own runs as it is, and can only with that path (anything before it would put it in a transaction
--- block); any other runs through _cron_exec(), with the batch's path.
+LANGUAGE sql VOLATILE
+-- A pg_cron job starts a new session of the role, with the role's defaults (those RESET restores here:
+-- runners are such sessions too). A statement that must be a top-level statement of its own runs as it
+-- is, and can only with those defaults (anything before it would put it in a transaction block); any
+-- other runs through _cron_exec_child(), with the batch's settings.
 RETURN CASE
     WHEN NOT @schema@._needs_own_worker(p_sql)
-        THEN format('SELECT @schema@._cron_exec(%L::uuid, %L, %L)', p_child, p_search_path, p_sql)
-    WHEN p_search_path = (SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE s.name = 'search_path') THEN p_sql
+        THEN format('SELECT @schema@._cron_exec_child(%L::uuid, %L::jsonb, %L)', p_child, p_settings, p_sql)
+    WHEN @schema@._non_default_settings(p_settings) IS NULL THEN p_sql
 END;
-COMMENT ON FUNCTION @schema@._cron_job_command(text, uuid, text) IS
-    'Command of the pg_cron job that runs a child with the batch''s search_path; NULL when that cannot be done.';
+COMMENT ON FUNCTION @schema@._cron_job_command(text, uuid, jsonb) IS
+    'Command of the pg_cron job that runs a child with the batch''s settings; NULL when that cannot be done.';
 
-CREATE FUNCTION @schema@._cron_refuse_search_path(p_sql text, p_search_path text)
+CREATE FUNCTION @schema@._cron_refuse_settings(p_sql text, p_settings jsonb)
 RETURNS void
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql
 AS $fn$
 BEGIN
-    RAISE EXCEPTION 'under pg_cron, % runs as a job of its own with the role''s default search_path (%), not the batch''s (%)',
-        split_part(@schema@._statement_head(p_sql), ' ', 1),
-        (SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE s.name = 'search_path'), p_search_path
+    RAISE EXCEPTION 'under pg_cron, % runs as a job of its own with the role''s default settings, not the batch''s (%)',
+        split_part(@schema@._statement_head(p_sql), ' ', 1), @schema@._non_default_settings(p_settings)
         USING ERRCODE = 'feature_not_supported',
-              DETAIL = 'It must be a top-level statement of its own, so the job cannot set search_path before it.',
-              HINT = 'Schema-qualify the names it uses and launch with the default search_path, or make the '
-                     'batch''s search_path the role''s default (ALTER ROLE ... SET search_path).';
+              DETAIL = 'It must be a top-level statement of its own, so the job cannot set anything before it.',
+              HINT = 'Schema-qualify the names it uses and launch without those settings, run it in a batch of its '
+                     'own without them, or make them the role''s defaults (ALTER ROLE ... SET).';
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._cron_refuse_search_path(text, text) IS
+COMMENT ON FUNCTION @schema@._cron_refuse_settings(text, jsonb) IS
     'Raises the error of a child _cron_job_command() cannot run: at launch, or in the runner for a child '
     'whose role''s default differs from the launching session''s.';
 
@@ -170,8 +169,9 @@ BEGIN
         WHEN v_message LIKE 'could not obtain lock%' THEN '55P03'
         WHEN v_message LIKE 'canceling statement due to statement timeout%' THEN '57014'
         WHEN v_message LIKE 'canceling statement due to user request%' OR v_message = 'job canceled' THEN '57014'
-        -- What pg_cron records of a run the server's restart cut short.
+        -- What pg_cron records of a run the server's restart cut short, and of one terminated from outside.
         WHEN v_message = 'server restarted' THEN '57P02'
+        WHEN v_message ~ '^terminating (background worker|connection) .*due to administrator command' THEN '57P01'
         WHEN v_message LIKE 'permission denied%' OR v_message LIKE 'must be owner of%'
           OR v_message LIKE 'must be superuser%' OR v_message LIKE 'must be a member of%' THEN '42501'
         WHEN v_message ~ '^(relation|table) ".*" does not exist' THEN '42P01'
@@ -195,12 +195,12 @@ COMMENT ON FUNCTION @schema@._cron_child_result(bigint, @schema@.cron_run, boole
     'Result document of a child run by a job of its own, or its error re-raised (pg_cron records the '
     'text without the SQLSTATE: common ones are named by their message, XX000 otherwise); forgets the run.';
 
-CREATE PROCEDURE @schema@._run_in_cron_job(p_sql text, p_child uuid, p_search_path text, p_timeout interval,
+CREATE PROCEDURE @schema@._run_in_cron_job(p_sql text, p_child uuid, p_settings jsonb, p_timeout interval,
                                            INOUT p_outcome @schema@.child_outcome)
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
-    v_command text := @schema@._cron_job_command(p_sql, p_child, p_search_path);
+    v_command text := @schema@._cron_job_command(p_sql, p_child, p_settings);
     v_job bigint;
     v_run @schema@.cron_run;
     v_defused boolean := false;
@@ -216,7 +216,7 @@ BEGIN
     p_outcome := NULL;
     BEGIN
         IF v_command IS NULL THEN
-            PERFORM @schema@._cron_refuse_search_path(p_sql, p_search_path);
+            PERFORM @schema@._cron_refuse_settings(p_sql, p_settings);
         END IF;
         v_job := @schema@._cron_child_start(v_command, p_child);
     EXCEPTION WHEN query_canceled OR OTHERS THEN
@@ -279,9 +279,9 @@ BEGIN
     END IF;
 END
 $fn$;
-COMMENT ON PROCEDURE @schema@._run_in_cron_job(text, uuid, text, interval, @schema@.child_outcome) IS
-    'Runs a child at top level as the command of a pg_cron job of its own (with the batch''s search_path where '
-    'the command can set it, and the batch''s statement timeout) and returns how it ended.';
+COMMENT ON PROCEDURE @schema@._run_in_cron_job(text, uuid, jsonb, interval, @schema@.child_outcome) IS
+    'Runs a child at top level as the command of a pg_cron job of its own (with the batch''s settings where '
+    'the command can set them, and the batch''s statement timeout) and returns how it ended.';
 
 CREATE FUNCTION @schema@._cron_own_job()
 RETURNS bigint

@@ -200,13 +200,17 @@ COMMENT ON FUNCTION @schema@._settle(bigint, int, @schema@.child_outcome, boolea
     '_settle_many() of one child claimed as running (attempt p_attempt): its status, NULL when that claim no '
     'longer holds, and whether its runner should leave.';
 
-CREATE FUNCTION @schema@._run_inline(p_sql text, p_settings @schema@.settings)
+CREATE FUNCTION @schema@._run_inline(p_sql text, p_settings @schema@.settings, p_session jsonb DEFAULT NULL)
 RETURNS @schema@.child_outcome
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     o @schema@.child_outcome;
 BEGIN
+    -- Here, so that a setting the role may no longer set fails the child, not its runner.
+    IF p_session IS NOT NULL THEN
+        PERFORM @schema@._enter_batch_session(p_session);
+    END IF;
     o.result := @schema@._execute_inline(p_sql, p_settings.preview_rows, p_settings.preview_bytes);
     -- A child that wrote nothing has nothing to make durable but its log row, which a crash would
     -- only put back in the queue: its commit need not wait for a WAL flush.
@@ -220,9 +224,10 @@ EXCEPTION WHEN query_canceled OR OTHERS THEN
     RETURN o;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._run_inline(text, @schema@.settings) IS
+COMMENT ON FUNCTION @schema@._run_inline(text, @schema@.settings, jsonb) IS
     'Runs a child in the runner''s own transaction (its effects commit with its outcome, or roll back '
-    'with its error) and returns how it ended.';
+    'with its error) with the batch''s settings (p_session; _leave_batch_session() undoes them), and '
+    'returns how it ended.';
 
 CREATE FUNCTION @schema@._shape(p_sql text)
 RETURNS text
@@ -238,7 +243,8 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_shape text := @schema@._shape(p_like);
-    v_lock_timeout text := current_setting('lock_timeout');
+    -- None may wait for a lock, whatever the batch's lock_timeout.
+    v_session jsonb := p_batch.session_settings || '{"lock_timeout": "1ms"}';
     x record;
     v_ids bigint[] := '{}';
     v_attempts int[] := '{}';
@@ -259,7 +265,6 @@ BEGIN
     -- that took a millisecond.
     after := p_after;
     cut := false;
-    PERFORM set_config('lock_timeout', '1ms', true);
     FOR x IN SELECT c.id, c.query, c.run_mode, c.seq, c.attempt FROM @schema@.log_background c
               WHERE c.uuid_parent = p_batch.uuid_parent AND c.status = 'queued' AND c.role_name = current_user
                 AND (c.not_before IS NULL OR c.not_before <= clock_timestamp()) AND c.seq > p_after
@@ -269,7 +274,8 @@ BEGIN
     LOOP
         EXIT WHEN x.run_mode <> 'inline' OR clock_timestamp() >= v_deadline OR @schema@._shape(x.query) <> v_shape;
         v_t0 := clock_timestamp();
-        o := @schema@._run_inline(x.query, p_settings);
+        o := @schema@._run_inline(x.query, p_settings, v_session);
+        PERFORM @schema@._leave_batch_session();
         IF o.sqlstate IN ('57014', '57P01', '57P02') THEN
             cut := true;  -- a stop or a terminate: it rolled back and stays queued, for the stop to find
             EXIT;
@@ -283,7 +289,6 @@ BEGIN
         after := x.seq;
         EXIT WHEN clock_timestamp() - v_t0 >= interval '1 ms';
     END LOOP;
-    PERFORM set_config('lock_timeout', v_lock_timeout, true);
     IF cardinality(v_ids) = 0 THEN
         RETURN;
     END IF;
@@ -364,7 +369,6 @@ BEGIN
             PERFORM pg_advisory_unlock(@schema@._batch_lock_key(p_batch.uuid_parent), p_slot);
             p_slot := v_slot;
             PERFORM set_config('application_name', 'pgbg:' || next.uuid_parent, false);
-            PERFORM set_config('search_path', next.search_path, false);
             RETURN;
         END IF;
     END LOOP;
@@ -383,6 +387,8 @@ DECLARE
     v_slots record;
 BEGIN
     PERFORM set_config('application_name', 'pgbg:' || p_parent, false);
+    -- A pg_background worker starts with its starter's settings: the role's defaults instead.
+    PERFORM @schema@._leave_batch_session();
     PERFORM @schema@._await_starter(p_starter);
     SELECT * INTO batch FROM @schema@.batch b WHERE b.uuid_parent = p_parent AND b.role_name = current_user;
     IF FOUND THEN  -- else its starter rolled back
@@ -390,7 +396,6 @@ BEGIN
         global_slot := v_slots.global_slot;
         batch_slot := v_slots.batch_slot;
         SELECT a.backend_start INTO backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
-        PERFORM set_config('search_path', batch.search_path, false);
     END IF;
 END
 $fn$;
@@ -403,16 +408,18 @@ LANGUAGE plpgsql
 AS $fn$
 BEGIN
     IF p_mode = 'inline' THEN
-        p_outcome := @schema@._run_inline(p_query, p_settings);
+        p_outcome := @schema@._run_inline(p_query, p_settings, p_batch.session_settings);
+        PERFORM @schema@._leave_batch_session();
     ELSIF p_settings.launcher = 'pg_cron' THEN
-        CALL @schema@._run_in_cron_job(p_query, p_child, p_batch.search_path, p_batch.statement_timeout, p_outcome);
+        CALL @schema@._run_in_cron_job(p_query, p_child, p_batch.session_settings, p_batch.statement_timeout, p_outcome);
     ELSE
-        CALL @schema@._run_in_worker(p_query, p_child, p_batch.statement_timeout, p_outcome);
+        CALL @schema@._run_in_worker(p_query, p_child, p_batch.statement_timeout, p_batch.session_settings, p_outcome);
     END IF;
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._run(text, uuid, text, @schema@.batch, @schema@.settings, @schema@.child_outcome) IS
-    'Runs one claimed child where its run mode and the launcher say, and returns how it ended.';
+    'Runs one claimed child where its run mode and the launcher say, with its batch''s settings, and returns '
+    'how it ended.';
 
 CREATE FUNCTION @schema@._role_has_queued()
 RETURNS boolean

@@ -59,7 +59,7 @@ COMMENT ON FUNCTION @schema@._validate_batch(text[], int, interval) IS
     'Rejects a bad batch before anything is recorded or started; returns the trimmed statements.';
 
 CREATE FUNCTION @schema@._enqueue(p_parent uuid, p_querys text[], p_max_parallel int, p_label text,
-                                 p_user_name name, p_ip_client inet, p_search_path text,
+                                 p_user_name name, p_ip_client inet, p_settings jsonb,
                                  p_fail_fast boolean, p_statement_timeout interval, p_origin text,
                                  p_retries int, p_retry_delay interval, p_retry_backoff float8,
                                  p_retry_lost boolean, p_claimed_by text, p_requeue_on_takeover boolean)
@@ -75,18 +75,18 @@ BEGIN
     END IF;
     IF @schema@._launcher() = 'pg_cron' THEN
         -- Early, for the common case; the runner checks again against its own session's default.
-        PERFORM @schema@._cron_refuse_search_path(q, p_search_path)
+        PERFORM @schema@._cron_refuse_settings(q, p_settings)
            FROM unnest(p_querys) q
-          WHERE @schema@._cron_job_command(q, NULL, p_search_path) IS NULL
+          WHERE @schema@._cron_job_command(q, NULL, p_settings) IS NULL
           LIMIT 1;
     END IF;
     INSERT INTO @schema@.batch (uuid_parent, label, user_name, ip_client, max_parallel, search_path,
                                 fail_fast, statement_timeout, origin, retries, retry_delay, retry_backoff,
-                                retry_lost, claimed_by, claimed_at, requeue_on_takeover)
-    VALUES (p_parent, p_label, p_user_name, p_ip_client, p_max_parallel, p_search_path,
+                                retry_lost, claimed_by, claimed_at, requeue_on_takeover, session_settings)
+    VALUES (p_parent, p_label, p_user_name, p_ip_client, p_max_parallel, p_settings ->> 'search_path',
             p_fail_fast, p_statement_timeout, p_origin, p_retries, coalesce(p_retry_delay, interval '1 second'),
             p_retry_backoff, p_retry_lost, p_claimed_by, CASE WHEN p_claimed_by IS NOT NULL THEN clock_timestamp() END,
-            coalesce(p_requeue_on_takeover, false));
+            coalesce(p_requeue_on_takeover, false), p_settings);
     IF p_max_parallel > @schema@._global_cap() THEN
         -- Not an error: the batch runs, at most the global cap at a time. It says so.
         UPDATE @schema@.batch
@@ -107,7 +107,7 @@ BEGIN
     RETURN cardinality(p_querys);
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._enqueue(uuid, text[], int, text, name, inet, text, boolean, interval, text, int,
+COMMENT ON FUNCTION @schema@._enqueue(uuid, text[], int, text, name, inet, jsonb, boolean, interval, text, int,
                                       interval, float8, boolean, text, boolean) IS
     'Records a validated batch and starts its first runners, which wait for this transaction to commit.';
 
@@ -122,15 +122,18 @@ CREATE FUNCTION @schema@.pg_background_launch_num(
     p_retries int DEFAULT 0,
     p_retry_delay interval DEFAULT interval '1 second',
     p_retry_backoff float8 DEFAULT 2,
-    p_retry_lost boolean DEFAULT false)
+    p_retry_lost boolean DEFAULT false,
+    p_settings jsonb DEFAULT NULL)
 RETURNS uuid
 LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_parent uuid := gen_random_uuid();
-    v_querys text[] := @schema@._validate_batch(p_querys, p_max_parallel, p_statement_timeout);
+    v_batch record := @schema@._batch_settings(@schema@._validate_batch(p_querys, p_max_parallel, p_statement_timeout),
+                                               p_settings, p_statement_timeout);
+    v_querys text[] := v_batch.querys;
+    v_statement_timeout interval := v_batch.statement_timeout;
     v_max_parallel int := coalesce(p_max_parallel, @schema@._global_cap());
-    v_search_path text := current_setting('search_path');
     v_pid int;
     v_cookie bigint;
     v_deadline timestamptz := clock_timestamp() + interval '60 seconds';
@@ -140,8 +143,8 @@ BEGIN
         -- Queued in the caller's transaction: the batch starts when it commits, and never if it
         -- rolls back.
         PERFORM @schema@._enqueue(v_parent, v_querys, v_max_parallel, p_label,
-                                  session_user, inet_client_addr(), v_search_path,
-                                  p_fail_fast, p_statement_timeout, p_origin,
+                                  session_user, inet_client_addr(), v_batch.settings,
+                                  p_fail_fast, v_statement_timeout, p_origin,
                                   p_retries, p_retry_delay, p_retry_backoff, coalesce(p_retry_lost, false), NULL, false);
         RETURN v_parent;
     END IF;
@@ -167,10 +170,10 @@ BEGIN
     LOOP
         BEGIN
             SELECT h.pid, h.cookie INTO v_pid, v_cookie FROM @pgbg_ext@.pg_background_launch_v2(format(
-                'SELECT @schema@._enqueue(%L::uuid, %L::text[], %s, %L, %L, %L::inet, %L, %L, %L::interval, %L, '
+                'SELECT @schema@._enqueue(%L::uuid, %L::text[], %s, %L, %L, %L::inet, %L::jsonb, %L, %L::interval, %L, '
                 '%s, %L::interval, %s, %L, NULL, false)',
-                v_parent, v_querys, v_max_parallel, p_label, session_user, inet_client_addr(), v_search_path,
-                p_fail_fast, p_statement_timeout, p_origin, p_retries, p_retry_delay, p_retry_backoff,
+                v_parent, v_querys, v_max_parallel, p_label, session_user, inet_client_addr(), v_batch.settings,
+                p_fail_fast, v_statement_timeout, p_origin, p_retries, p_retry_delay, p_retry_backoff,
                 coalesce(p_retry_lost, false))) h;
             EXIT;
         EXCEPTION WHEN insufficient_resources OR configuration_limit_exceeded THEN
@@ -189,13 +192,15 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION @schema@.pg_background_launch_num(text[], boolean, int, text, boolean, interval, text, int,
-                                                      interval, float8, boolean) IS
+                                                      interval, float8, boolean, jsonb) IS
     'Runs each statement of the array as a child of a new batch and returns its parent UUID. '
     'p_max_parallel caps the batch (NULL: the global cap); p_monitor => true returns when the batch has '
     'ended, false at once; p_fail_fast stops the rest after the first final failure; p_statement_timeout '
     'limits each child; p_origin records who asked (Airflow: the task instance); p_retries retries a '
     'child''s transient failures after p_retry_delay, growing by p_retry_backoff, and p_retry_lost also '
-    'children lost with their worker. Bad input raises before anything is recorded.';
+    'children lost with their worker; p_settings (a JSON object: work_mem, lock_timeout, search_path, ...) '
+    'are set for every child, as are SET statements at the start of the batch (the submitter''s search_path '
+    'unless one is given). Bad input raises before anything is recorded.';
 
 CREATE FUNCTION @schema@.pg_background_launch_num(
     p_querys text,
@@ -209,14 +214,15 @@ CREATE FUNCTION @schema@.pg_background_launch_num(
     p_retries int DEFAULT 0,
     p_retry_delay interval DEFAULT interval '1 second',
     p_retry_backoff float8 DEFAULT 2,
-    p_retry_lost boolean DEFAULT false)
+    p_retry_lost boolean DEFAULT false,
+    p_settings jsonb DEFAULT NULL)
 RETURNS uuid
 LANGUAGE sql
 RETURN @schema@.pg_background_launch_num(
     @schema@.split_statements(p_querys, p_delimiter), p_monitor, p_max_parallel, p_label,
-    p_fail_fast, p_statement_timeout, p_origin, p_retries, p_retry_delay, p_retry_backoff, p_retry_lost);
+    p_fail_fast, p_statement_timeout, p_origin, p_retries, p_retry_delay, p_retry_backoff, p_retry_lost, p_settings);
 COMMENT ON FUNCTION @schema@.pg_background_launch_num(text, text, boolean, int, text, boolean, interval, text, int,
-                                                      interval, float8, boolean) IS
+                                                      interval, float8, boolean, jsonb) IS
     'The seed''s form: splits p_querys on p_delimiter outside quotes, dollar quotes and comments, then '
     'as the array form.';
 
@@ -263,13 +269,16 @@ CREATE FUNCTION @schema@.pg_background_submit(
     p_retries int DEFAULT 0,
     p_retry_delay interval DEFAULT interval '1 second',
     p_retry_backoff float8 DEFAULT 2,
-    p_retry_lost boolean DEFAULT false)
+    p_retry_lost boolean DEFAULT false,
+    p_settings jsonb DEFAULT NULL)
 RETURNS TABLE (uuid_parent uuid, action text, claimed_at timestamptz, previous_holder text)
 LANGUAGE plpgsql
 AS $fn$
 #variable_conflict use_column
 DECLARE
-    v_querys text[] := @schema@._validate_batch(p_querys, p_max_parallel, p_statement_timeout);
+    v_batch record := @schema@._batch_settings(@schema@._validate_batch(p_querys, p_max_parallel, p_statement_timeout),
+                                               p_settings, p_statement_timeout);
+    v_querys text[] := v_batch.querys;
     v_prev record;
     v_parent uuid;
     v_status @schema@.child_status;
@@ -319,14 +328,14 @@ BEGIN
 
     v_parent := gen_random_uuid();
     PERFORM @schema@._enqueue(v_parent, v_querys, coalesce(p_max_parallel, @schema@._global_cap()), p_label,
-                              session_user, inet_client_addr(), current_setting('search_path'),
-                              p_fail_fast, p_statement_timeout, p_origin, p_retries, p_retry_delay, p_retry_backoff,
+                              session_user, inet_client_addr(), v_batch.settings,
+                              p_fail_fast, v_batch.statement_timeout, p_origin, p_retries, p_retry_delay, p_retry_backoff,
                               coalesce(p_retry_lost, false), p_claimed_by, p_requeue_on_takeover);
     RETURN QUERY SELECT v_parent, 'launched'::text, clock_timestamp(), NULL::text;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@.pg_background_submit(text[], text, text, boolean, boolean, int, text, boolean, interval,
-                                                  int, interval, float8, boolean) IS
+                                                  int, interval, float8, boolean, jsonb) IS
     'Idempotent submit for a waiter identified by p_origin (what asks, e.g. an Airflow task instance) and '
     'p_claimed_by (which attempt, e.g. its try). Returns the batch and what happened: attached (this claim '
     'already holds the latest batch of p_origin), waiting (that batch has not succeeded and another claim''s '

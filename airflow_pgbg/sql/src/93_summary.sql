@@ -22,6 +22,7 @@ AS $fn$
         'counts', jsonb_build_object('queued', b.queued, 'running', b.running, 'done', b.done,
                                      'failed', b.failed, 'stopped', b.stopped, 'lost', b.lost),
         'wall_seconds', extract(epoch FROM b.ended_at - b.started_at)::float8,
+        'settings', b.session_settings,
         'retried', (SELECT count(*) FROM @schema@.log_background c
                      WHERE c.uuid_parent = b.uuid_parent AND c.errors IS NOT NULL),
         'rows_included', least(p_rows, b.children),
