@@ -1,10 +1,20 @@
-"""Splitting SQL text into statements by PostgreSQL's grammar (sqlparse), for the operator."""
+"""Splitting SQL text into statements by PostgreSQL's grammar (sqlparse), for the operator and the
+trigger: one way from a task's ``sql`` to the statements of its batch, wherever it launches."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import sqlparse
 from sqlparse import tokens as T
 from sqlparse.lexer import Lexer
+
+from airflow_pgbg.status import DEFAULT_DELIMITER
+
+_LONG_SCRIPT = 10_000
+"""Characters past which a script is split in a thread: sqlparse takes seconds on long ones."""
 
 
 def _is_noise(ttype: T._TokenType, value: str) -> bool:
@@ -40,3 +50,39 @@ def split_statements(sql: str) -> list[str]:
         )
         statements.append(kept.strip())
     return statements
+
+
+def sql_parts(sql: Any) -> list[str]:
+    """The texts of a task's ``sql`` (a string or a list of them); ValueError when there is none."""
+    parts = [sql] if isinstance(sql, str) else list(sql or [])
+    if not parts or not all(isinstance(p, str) for p in parts) or not any(p.strip() for p in parts):
+        raise ValueError("sql is empty: no SQL statement to run")
+    return parts
+
+
+def _some(statements: list[str]) -> list[str]:
+    if not statements:
+        raise ValueError("no SQL statement to run (only blanks or comments)")
+    return statements
+
+
+def split_sql(sql: Any, delimiter: str, split_other: Callable[[str, str], list[str]]) -> list[str]:
+    """The statements of a task's ``sql``: split by PostgreSQL's grammar for ``;``, else by
+    ``split_other(text, delimiter)`` (the engine's scanner). ValueError when there is none."""
+    out: list[str] = []
+    for part in sql_parts(sql):
+        out.extend(split_statements(part) if delimiter == DEFAULT_DELIMITER else split_other(part, delimiter))
+    return _some(out)
+
+
+async def asplit_sql(sql: Any, delimiter: str, split_other: Callable[[str, str], Awaitable[list[str]]]) -> list[str]:
+    """:func:`split_sql` on an event loop that serves other work: long scripts are parsed in a thread."""
+    out: list[str] = []
+    for part in sql_parts(sql):
+        if delimiter != DEFAULT_DELIMITER:
+            out.extend(await split_other(part, delimiter))
+        elif len(part) > _LONG_SCRIPT:
+            out.extend(await asyncio.to_thread(split_statements, part))
+        else:
+            out.extend(split_statements(part))
+    return _some(out)

@@ -79,6 +79,8 @@ class BatchState:
     max_parallel: int | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
+    settings: dict[str, str] | None = None
+    """What every child runs with on top of its role's defaults (engine 1.1)."""
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> BatchState:
@@ -92,6 +94,7 @@ class BatchState:
             max_parallel=row.get("max_parallel"),
             started_at=row.get("started_at"),
             ended_at=row.get("ended_at"),
+            settings=row.get("session_settings"),
         )
 
     @property

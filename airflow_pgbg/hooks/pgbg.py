@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from copy import deepcopy
 from dataclasses import dataclass
@@ -21,9 +21,11 @@ from airflow_pgbg import ENGINE_VERSION
 from airflow_pgbg.hooks.install import install_engine, validate_schema, version_key
 from airflow_pgbg.hooks.outage import Backoff, EngineUnreachable, is_outage
 from airflow_pgbg.hooks.pooler import HEARTBEAT_EVERY, POOL_MODE_EXTRA, declared_pool_mode, heartbeat_ttl, session_less
+from airflow_pgbg.options import BatchOptions, SettingValue
 from airflow_pgbg.status import DEFAULT_SCHEMA, MONITOR_COLUMNS, BatchState
 
 T = TypeVar("T")
+Params = Sequence[Any] | Mapping[str, Any]
 
 
 def seconds(value: timedelta | float | None) -> float | None:
@@ -49,32 +51,6 @@ class Submission:
     previous_holder: str | None
 
 
-@dataclass(frozen=True)
-class BatchOptions:
-    """How a batch runs: the engine's launch options, shared by the operator and the trigger."""
-
-    max_parallel: int | None = None
-    label: str | None = None
-    fail_fast: bool = False
-    statement_timeout: float | None = None
-    retries: int = 0
-    retry_delay: float = 1.0
-    retry_backoff: float = 2.0
-    retry_lost: bool = False
-
-    def params(self) -> tuple[Any, ...]:
-        return (
-            self.max_parallel,
-            self.label,
-            self.fail_fast,
-            self.statement_timeout,
-            self.retries,
-            self.retry_delay,
-            self.retry_backoff,
-            self.retry_lost,
-        )
-
-
 class EngineSql:
     """The engine's statements, composed once for a schema (an identifier, never pasted text)."""
 
@@ -85,20 +61,17 @@ class EngineSql:
         def q(text: str) -> sql.Composed:
             return sql.SQL(text).format(s=s)
 
-        options = (
-            "p_max_parallel => %s, p_label => %s, p_fail_fast => %s, "
-            "p_statement_timeout => make_interval(secs => %s), p_retries => %s, "
-            "p_retry_delay => make_interval(secs => %s), p_retry_backoff => %s, p_retry_lost => %s"
-        )
         # The server's pid too: a pooler answers the client with a backend pid of its own (see pooler.py).
         self.version = q("SELECT (SELECT version FROM {s}.meta), pg_backend_pid()")
-        self.launch = q(
-            "SELECT {s}.pg_background_launch_num(%s::text[], p_monitor => false, p_origin => %s, " + options + ")"
-        )
-        self.submit = q(
-            "SELECT * FROM {s}.pg_background_submit(%s::text[], %s, %s, p_requeue_on_takeover => %s, "
-            "p_takeover => %s, " + options + ")"
-        )
+        # Named placeholders: the options' own (BatchOptions.sql_arguments()) and these.
+        self.launch = sql.SQL(
+            "SELECT {s}.pg_background_launch_num(%(statements)s::text[], p_monitor => false, p_origin => %(origin)s, "
+            "{options})"
+        ).format(s=s, options=BatchOptions.sql_arguments())
+        self.submit = sql.SQL(
+            "SELECT * FROM {s}.pg_background_submit(%(statements)s::text[], %(origin)s, %(claimed_by)s, "
+            "p_requeue_on_takeover => %(requeue_on_takeover)s, p_takeover => %(takeover)s, {options})"
+        ).format(s=s, options=BatchOptions.sql_arguments())
         self.split = q("SELECT {s}.split_statements(%s, %s)")
         self.poll = q("SELECT * FROM {s}.pg_background_poll(%s::uuid, make_interval(secs => %s))")
         self.poll_many = q("SELECT * FROM {s}.pg_background_poll_many(%s::uuid[])")
@@ -262,12 +235,12 @@ class PgBackgroundHook(PostgresHook):
                 self._drop()  # a broken connection is not reused
             raise
 
-    def _rows(self, query: sql.Composed, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    def _rows(self, query: sql.Composed, params: Params = ()) -> list[dict[str, Any]]:
         with self._cursor() as cur:
-            cur.execute(query, tuple(params))
+            cur.execute(query, _bound(params))
             return cur.fetchall() if cur.description is not None else []
 
-    def _value(self, query: sql.Composed, params: Sequence[Any] = ()) -> Any:
+    def _value(self, query: sql.Composed, params: Params = ()) -> Any:
         rows = self._rows(query, params)
         return next(iter(rows[0].values())) if rows else None
 
@@ -316,19 +289,24 @@ class PgBackgroundHook(PostgresHook):
         retry_delay: timedelta | float = 1.0,
         retry_backoff: float = 2.0,
         retry_lost: bool = False,
+        settings: Mapping[str, SettingValue] | None = None,
     ) -> str:
-        """Queues ``statements`` as one batch and returns its parent UUID at once."""
+        """Queues ``statements`` as one batch and returns its parent UUID at once (see
+        :class:`~airflow_pgbg.options.BatchOptions` for the options)."""
         options = BatchOptions(
-            max_parallel,
-            label,
-            fail_fast,
-            seconds(statement_timeout),
-            retries,
-            seconds(retry_delay) or 0.0,
-            retry_backoff,
-            retry_lost,
+            max_parallel=max_parallel,
+            label=label,
+            fail_fast=fail_fast,
+            statement_timeout=seconds(statement_timeout),
+            retries=retries,
+            retry_delay=seconds(retry_delay) or 0.0,
+            retry_backoff=retry_backoff,
+            retry_lost=retry_lost,
+            settings=settings,
         )
-        return str(self._value(self.q.launch, (list(statements), origin, *options.params())))
+        return str(
+            self._value(self.q.launch, {"statements": list(statements), "origin": origin, **options.sql_params()})
+        )
 
     def submit(
         self,
@@ -342,7 +320,7 @@ class PgBackgroundHook(PostgresHook):
     ) -> Submission:
         """Launches the batch of ``origin``, or resumes or attaches to it (``pg_background_submit``)."""
         rows = self._rows(
-            self.q.submit, (list(statements), origin, claimed_by, requeue_on_takeover, takeover, *options.params())
+            self.q.submit, _submit_params(statements, origin, claimed_by, options, requeue_on_takeover, takeover)
         )
         return _submission(rows[0])
 
@@ -561,13 +539,13 @@ class PgBackgroundHook(PostgresHook):
         return conn
 
     async def _arows(
-        self, conn: psycopg.AsyncConnection[Any], query: sql.Composed, params: Sequence[Any] = ()
+        self, conn: psycopg.AsyncConnection[Any], query: sql.Composed, params: Params = ()
     ) -> list[dict[str, Any]]:
         async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(query, tuple(params))
+            await cur.execute(query, _bound(params))
             return await cur.fetchall() if cur.description is not None else []
 
-    async def _avalue(self, conn: psycopg.AsyncConnection[Any], query: sql.Composed, params: Sequence[Any] = ()) -> Any:
+    async def _avalue(self, conn: psycopg.AsyncConnection[Any], query: sql.Composed, params: Params = ()) -> Any:
         rows = await self._arows(conn, query, params)
         return next(iter(rows[0].values())) if rows else None
 
@@ -584,9 +562,7 @@ class PgBackgroundHook(PostgresHook):
     ) -> Submission:
         """:meth:`submit` on an async connection."""
         rows = await self._arows(
-            conn,
-            self.q.submit,
-            (list(statements), origin, claimed_by, requeue_on_takeover, takeover, *options.params()),
+            conn, self.q.submit, _submit_params(statements, origin, claimed_by, options, requeue_on_takeover, takeover)
         )
         return _submission(rows[0])
 
@@ -688,6 +664,28 @@ class PgBackgroundHook(PostgresHook):
 
 def _pairs(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
     return [b for b, _ in pairs], [c for _, c in pairs]
+
+
+def _bound(params: Params) -> tuple[Any, ...] | Mapping[str, Any]:
+    return params if isinstance(params, Mapping) else tuple(params)
+
+
+def _submit_params(
+    statements: Sequence[str],
+    origin: str,
+    claimed_by: str,
+    options: BatchOptions,
+    requeue_on_takeover: bool,
+    takeover: bool,
+) -> dict[str, Any]:
+    return {
+        "statements": list(statements),
+        "origin": origin,
+        "claimed_by": claimed_by,
+        "requeue_on_takeover": requeue_on_takeover,
+        "takeover": takeover,
+        **options.sql_params(),
+    }
 
 
 def _submission(row: dict[str, Any]) -> Submission:

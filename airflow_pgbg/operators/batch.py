@@ -20,7 +20,7 @@ from airflow_pgbg.compat import (
 )
 from airflow_pgbg.hooks.install import validate_schema
 from airflow_pgbg.hooks.outage import DEFAULT_RECONNECT_TIMEOUT, EngineUnreachable
-from airflow_pgbg.hooks.pgbg import BatchOptions, PgBackgroundHook, seconds
+from airflow_pgbg.hooks.pgbg import PgBackgroundHook, seconds
 from airflow_pgbg.identity import (
     BATCH_LOCATION_FIELDS,
     EARLIER_TRIGGER_GRACE,
@@ -30,8 +30,9 @@ from airflow_pgbg.identity import (
     try_claim,
 )
 from airflow_pgbg.links.batch import PgBackgroundBatchLink
+from airflow_pgbg.options import BatchOptions, SettingValue
 from airflow_pgbg.outcome import failure_message, succeeded, summary_line
-from airflow_pgbg.splitting import split_statements
+from airflow_pgbg.splitting import split_sql
 from airflow_pgbg.status import DEFAULT_DELIMITER, DEFAULT_SCHEMA, ChildStatus
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
 
@@ -85,12 +86,16 @@ class PgBackgroundBatchOperator(BaseOperator):
         worker); only for statements that are safe to run again.
     :param reconnect_timeout: how long an outage of the database (restart, failover, dropped
         connection, too many connections) is waited out before the task fails (default 15 minutes).
+    :param session_settings: PostgreSQL settings every statement runs with, on top of the role's
+        defaults (templated), e.g. ``{"maintenance_work_mem": "2GB", "lock_timeout": "5s"}``; ``SET``
+        statements at the start of ``sql`` become settings too. ``statement_timeout`` among them is the
+        batch's ``statement_timeout``. The database refuses, at launch, settings the role may not set.
     :param batch_label: free text recorded with the batch (its label in the engine).
     :param engine_schema: schema the engine is installed in.
     :param max_result_rows: child rows included in the returned summary (XCom stays small).
     """
 
-    template_fields: Sequence[str] = ("sql", "batch_label")
+    template_fields: Sequence[str] = ("sql", "batch_label", "session_settings")
     template_ext: Sequence[str] = (".sql",)
     template_fields_renderers = {"sql": "sql"}  # noqa: RUF012 - Airflow's own convention
     ui_color = "#d6e4f0"
@@ -114,6 +119,7 @@ class PgBackgroundBatchOperator(BaseOperator):
         statement_retry_backoff: float = 2.0,
         retry_lost: bool = False,
         reconnect_timeout: timedelta | float = DEFAULT_RECONNECT_TIMEOUT,
+        session_settings: dict[str, SettingValue] | None = None,
         batch_label: str | None = None,
         engine_schema: str = DEFAULT_SCHEMA,
         max_result_rows: int = 20,
@@ -131,21 +137,9 @@ class PgBackgroundBatchOperator(BaseOperator):
             raise TypeError(f"{tid}: sql must be a string or a list of strings, not {type(sql).__name__}")
         if not isinstance(delimiter, str) or not delimiter:
             raise ValueError(f"{tid}: delimiter must be a non-empty string")
-        if max_parallel is not None and (
-            isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel <= 0
-        ):
-            raise ValueError(f"{tid}: max_parallel must be a positive integer, got {max_parallel!r}")
         poll = _positive_seconds(tid, "poll_interval", poll_interval)
         if isinstance(poll_interval, timedelta) or poll is None:
             raise ValueError(f"{tid}: poll_interval must be a positive number of seconds")
-        if isinstance(statement_retries, bool) or not isinstance(statement_retries, int) or statement_retries < 0:
-            raise ValueError(f"{tid}: statement_retries must be an integer >= 0, got {statement_retries!r}")
-        if (
-            isinstance(statement_retry_backoff, bool)
-            or not isinstance(statement_retry_backoff, (int, float))
-            or statement_retry_backoff < 1
-        ):
-            raise ValueError(f"{tid}: statement_retry_backoff must be a number >= 1, got {statement_retry_backoff!r}")
         if not isinstance(max_result_rows, int) or max_result_rows < 0:
             raise ValueError(f"{tid}: max_result_rows must be >= 0")
         try:
@@ -165,10 +159,15 @@ class PgBackgroundBatchOperator(BaseOperator):
         self.statement_retry_delay = _positive_seconds(
             tid, "statement_retry_delay", statement_retry_delay, allow_zero=True
         )
-        self.statement_retry_backoff = float(statement_retry_backoff)
+        self.statement_retry_backoff = statement_retry_backoff
         self.retry_lost = retry_lost
         self.reconnect_timeout = _positive_seconds(tid, "reconnect_timeout", reconnect_timeout)
+        self.session_settings = session_settings
         self.batch_label = batch_label
+        try:
+            self.options  # noqa: B018 - validated now, when the DAG is parsed (templates render later)
+        except ValueError as exc:
+            raise ValueError(f"{tid}: {exc}") from None
         self.engine_schema = engine_schema
         self.max_result_rows = max_result_rows
         self.uuid_parent: str | None = None
@@ -212,7 +211,8 @@ class PgBackgroundBatchOperator(BaseOperator):
             "sql": self.sql,
             "delimiter": self.delimiter,
             "batch_label": self.batch_label,
-            **self._option_kwargs(),
+            "session_settings": self.session_settings,
+            "options": self.options.to_json(),
             "execution_timeout": self.execution_timeout.total_seconds() if self.execution_timeout else None,
             "max_result_rows": self.max_result_rows,
             "resume_on_success": self._resume_on_success(),
@@ -224,17 +224,6 @@ class PgBackgroundBatchOperator(BaseOperator):
         trigger ended (3.3.2: "Task callback requested but is not a failure callback"); so does the
         OpenLineage listener."""
         return bool(self.on_success_callback) or self._reported_lineage
-
-    def _option_kwargs(self) -> dict[str, Any]:
-        return {
-            "max_parallel": self.max_parallel,
-            "fail_fast": self.fail_fast,
-            "statement_timeout": self.statement_timeout,
-            "retries": self.statement_retries,
-            "retry_delay": self.statement_retry_delay,
-            "retry_backoff": self.statement_retry_backoff,
-            "retry_lost": self.retry_lost,
-        }
 
     def resolve_template_files(self) -> None:
         # The DAG processor reads .sql files into ``sql`` here; the triggerer renders what the trigger
@@ -252,30 +241,25 @@ class PgBackgroundBatchOperator(BaseOperator):
 
     @property
     def options(self) -> BatchOptions:
-        o = self._option_kwargs()
+        """The batch's options from this task's arguments (rendered, once the task runs)."""
         return BatchOptions(
-            o["max_parallel"],
-            self.batch_label,
-            o["fail_fast"],
-            o["statement_timeout"],
-            o["retries"],
-            o["retry_delay"],
-            o["retry_backoff"],
-            o["retry_lost"],
+            max_parallel=self.max_parallel,
+            label=self.batch_label,
+            fail_fast=self.fail_fast,
+            statement_timeout=self.statement_timeout,
+            retries=self.statement_retries,
+            retry_delay=self.statement_retry_delay if self.statement_retry_delay is not None else 1.0,
+            retry_backoff=self.statement_retry_backoff,
+            retry_lost=self.retry_lost,
+            settings=self.session_settings,
         )
 
     def statements(self, hook: PgBackgroundHook | None = None) -> list[str]:
         """The rendered ``sql`` split into statements (by ``hook`` if given, when the delimiter is not ``;``)."""
-        parts = [self.sql] if isinstance(self.sql, str) else list(self.sql)
-        out: list[str] = []
-        for part in parts:
-            if self.delimiter == DEFAULT_DELIMITER:
-                out.extend(split_statements(part))
-            else:
-                out.extend((hook or self.hook).split(part, self.delimiter))
-        if not out:
-            raise AirflowException(f"{self.task_id}: no SQL statement to run (only blanks or comments)")
-        return out
+        try:
+            return split_sql(self.sql, self.delimiter, (hook or self.hook).split)
+        except ValueError as exc:
+            raise AirflowException(f"{self.task_id}: {exc}") from None
 
     def _through_outages(self, call: Any) -> Any:
         return self.hook.through_outages(

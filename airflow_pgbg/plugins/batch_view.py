@@ -162,6 +162,7 @@ def _batch(hook: PgBackgroundHook, uuid_parent: str) -> dict[str, Any]:
         "children": state.children,
         "counts": state.counts_json(),
         "max_parallel": state.max_parallel,
+        "settings": state.settings or {},
         "notes": hook.batch_notes(state.uuid_parent),
         "started_at": state.started_at,
         "ended_at": state.ended_at,

@@ -212,6 +212,7 @@ _PAGE = _env.from_string(
  · <a href="{{ json_url }}">JSON</a> · <a href="{{ csv_url }}">CSV (all children)</a></p>
 <p>Status <span id="batch-status" class="status" style="background: {{ colours[batch.status] }}">{{ batch.status }}</span>
  · {{ batch.children }} children · cap {{ batch.max_parallel }} · elapsed <span id="elapsed">{{ elapsed }}</span>{% if active %} · <span class="muted">updating live</span>{% endif %}</p>
+{% if batch.settings %}<p class="muted" id="batch-settings">settings {% for name, value in batch.settings|dictsort %}<code>{{ name }} = {{ value }}</code>{% if not loop.last %} · {% endif %}{% endfor %}</p>{% endif %}
 {% if batch.notes %}<p class="muted" id="batch-notes">{{ batch.notes }}</p>{% endif %}
 {% if actions %}<p id="actions"><button type="button" data-action="stop-batch">Stop the batch</button>
  <button type="button" data-action="requeue">Re-queue failed, stopped and lost</button> <span id="action-message" class="muted"></span></p>{% endif %}

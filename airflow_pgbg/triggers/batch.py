@@ -22,11 +22,12 @@ from airflow.triggers.base import BaseTrigger, TaskFailedEvent, TaskSuccessEvent
 
 from airflow_pgbg.compat import TASK_FAILED_EVENT_RETRIES, TRIGGER_HAS_ON_KILL
 from airflow_pgbg.hooks.outage import DEFAULT_RECONNECT_TIMEOUT, describe
-from airflow_pgbg.hooks.pgbg import BatchOptions, PgBackgroundHook
+from airflow_pgbg.hooks.pgbg import PgBackgroundHook
 from airflow_pgbg.hooks.watcher import BatchEnd, BatchWatcher, wait_at_most
 from airflow_pgbg.identity import EARLIER_TRIGGER_GRACE, XCOM_BATCH_KEY, batch_ref, origin_of, try_claim
+from airflow_pgbg.options import BatchOptions, SettingValue
 from airflow_pgbg.outcome import failure_message, succeeded, summary_line
-from airflow_pgbg.splitting import split_statements
+from airflow_pgbg.splitting import asplit_sql
 from airflow_pgbg.status import DEFAULT_DELIMITER, DEFAULT_SCHEMA
 
 T = TypeVar("T")
@@ -38,6 +39,24 @@ _BACKGROUND: set[asyncio.Task[Any]] = set()
 MOVED_GRACE = 10.0
 """Seconds a cancelled trigger whose task is still deferred waits for the sign that it moved to another
 triggerer (or that a newer try took the batch over) before it stops the batch after all."""
+
+
+_LEGACY_OPTIONS = frozenset(
+    {"max_parallel", "fail_fast", "statement_timeout", "retries", "retry_delay", "retry_backoff", "retry_lost"}
+)
+"""The options a trigger of airflow-provider-pgbg 0.2 was serialized with, one argument each (named as the
+fields of BatchOptions)."""
+
+
+def _options_json(options: dict[str, Any] | None, legacy: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(legacy) - _LEGACY_OPTIONS
+    if unknown:
+        raise TypeError(f"PgBackgroundBatchTrigger got unexpected arguments: {', '.join(sorted(unknown))}")
+    merged = {**(options or {}), **legacy}
+    # Rendered by the triggerer from arguments of their own.
+    merged.pop("label", None)
+    merged.pop("settings", None)
+    return merged
 
 
 class _TaskFails(Exception):
@@ -58,6 +77,11 @@ class PgBackgroundBatchTrigger(BaseTrigger):
     :param claim: the try's claim on the batch; a kill stops the batch only while it still holds.
     :param reconnect_timeout: seconds an outage of the database is waited out before the task fails.
     :param sql: the statements to launch (with the options below) when ``uuid_parent`` is None.
+    :param delimiter: how ``sql`` is split (as the operator's).
+    :param batch_label: the batch's label, rendered here as ``sql`` is.
+    :param session_settings: the batch's settings, rendered here as ``sql`` is.
+    :param options: the other launch options (``BatchOptions.to_json()``); a trigger serialized by
+        airflow-provider-pgbg 0.2 gives them as arguments of their own instead.
     :param execution_timeout: seconds from the launch to stop the batch at, when launching.
     :param max_result_rows: children included in the summary the task returns.
     :param resume_on_success: end a successful task on a worker (``execute_complete``) instead of in
@@ -81,17 +105,13 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         sql: str | list[str] | None = None,
         delimiter: str = DEFAULT_DELIMITER,
         batch_label: str | None = None,
-        max_parallel: int | None = None,
-        fail_fast: bool = False,
-        statement_timeout: float | None = None,
-        retries: int = 0,
-        retry_delay: float = 1.0,
-        retry_backoff: float = 2.0,
-        retry_lost: bool = False,
+        session_settings: dict[str, SettingValue] | None = None,
+        options: dict[str, Any] | None = None,
         execution_timeout: float | None = None,
         max_result_rows: int = 20,
         resume_on_success: bool = False,
         resume_on_failure: bool = False,
+        **legacy_options: Any,
     ) -> None:
         super().__init__()
         if uuid_parent is None and sql is None:
@@ -106,14 +126,11 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         self.reconnect_timeout = reconnect_timeout
         self.sql = sql
         self.delimiter = delimiter
+        # Rendered by the triggerer (template fields of the operator), so not among the options.
         self.batch_label = batch_label
-        self.max_parallel = max_parallel
-        self.fail_fast = fail_fast
-        self.statement_timeout = statement_timeout
-        self.retries = retries
-        self.retry_delay = retry_delay
-        self.retry_backoff = retry_backoff
-        self.retry_lost = retry_lost
+        self.session_settings = session_settings
+        # A trigger serialized by airflow-provider-pgbg 0.2 names its options one by one.
+        self.options = _options_json(options, legacy_options)
         self.execution_timeout = execution_timeout
         self.max_result_rows = max_result_rows
         self.resume_on_success = resume_on_success
@@ -134,13 +151,8 @@ class PgBackgroundBatchTrigger(BaseTrigger):
                 "sql": self.sql,
                 "delimiter": self.delimiter,
                 "batch_label": self.batch_label,
-                "max_parallel": self.max_parallel,
-                "fail_fast": self.fail_fast,
-                "statement_timeout": self.statement_timeout,
-                "retries": self.retries,
-                "retry_delay": self.retry_delay,
-                "retry_backoff": self.retry_backoff,
-                "retry_lost": self.retry_lost,
+                "session_settings": self.session_settings,
+                "options": self.options,
                 "execution_timeout": self.execution_timeout,
                 "max_result_rows": self.max_result_rows,
                 "resume_on_success": self.resume_on_success,
@@ -262,16 +274,12 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         origin = origin_of(ti)
         self.claim = try_claim(ti.try_number, deferred=True)
         statements = await self._statements(hook)
-        options = BatchOptions(
-            self.max_parallel,
-            self.batch_label,
-            self.fail_fast,
-            self.statement_timeout,
-            self.retries,
-            self.retry_delay,
-            self.retry_backoff,
-            self.retry_lost,
-        )
+        try:
+            options = BatchOptions.from_json(
+                {**self.options, "label": self.batch_label, "settings": self.session_settings}
+            )
+        except ValueError as exc:
+            raise _TaskFails(f"nothing launched: {exc}") from None
         loop = asyncio.get_running_loop()
         grace_ends = loop.time() + EARLIER_TRIGGER_GRACE
         claim = self.claim
@@ -313,21 +321,13 @@ class PgBackgroundBatchTrigger(BaseTrigger):
         push.add_done_callback(_BACKGROUND.discard)
 
     async def _statements(self, hook: PgBackgroundHook) -> list[str]:
-        parts = [self.sql] if isinstance(self.sql, str) else list(self.sql or [])
-        if not parts or not all(isinstance(p, str) for p in parts) or not any(p.strip() for p in parts):
-            raise _TaskFails("sql is empty: no SQL statement to run")
-        out: list[str] = []
-        for part in parts:
-            if self.delimiter == DEFAULT_DELIMITER:
-                # In a thread: a long script takes seconds to parse, and the loop serves every trigger.
-                out.extend(
-                    await asyncio.to_thread(split_statements, part) if len(part) > 10_000 else split_statements(part)
-                )
-            else:
-                out.extend(await self._call(partial(hook.asplit, text=part, delimiter=self.delimiter)))
-        if not out:
-            raise _TaskFails("no SQL statement to run (only blanks or comments)")
-        return out
+        async def split_in_engine(text: str, delimiter: str) -> list[str]:
+            return await self._call(partial(hook.asplit, text=text, delimiter=delimiter))
+
+        try:
+            return await asplit_sql(self.sql, self.delimiter, split_in_engine)
+        except ValueError as exc:
+            raise _TaskFails(str(exc)) from None
 
     async def _push_batch_xcom(self, ti: Any) -> None:
         """Publishes the batch at once, so the batch page and the extra link work while it runs.

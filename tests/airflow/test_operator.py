@@ -201,6 +201,11 @@ def test_summary_stays_small_for_ten_thousand_children(pgbg_conn: str, user: psy
         ({"sql": "select 1", "delimiter": ""}, "delimiter"),
         ({"sql": "select 1", "poll_interval": 0}, "poll_interval"),
         ({"sql": "select 1", "statement_timeout": -1}, "statement_timeout"),
+        ({"sql": "select 1", "statement_retries": -1}, "statement_retries"),
+        ({"sql": "select 1", "statement_retry_backoff": 0.5}, "statement_retry_backoff"),
+        ({"sql": "select 1", "session_settings": "work_mem=1MB"}, "session_settings must be a dict"),
+        ({"sql": "select 1", "session_settings": {"work mem": "1MB"}}, "not the name of a PostgreSQL setting"),
+        ({"sql": "select 1", "session_settings": {"work_mem": ["1MB"]}}, "must be text, a number or a boolean"),
     ],
 )
 def test_bad_parameters_are_refused_at_construction(kwargs: dict[str, Any], message: str) -> None:
@@ -221,3 +226,34 @@ def test_the_provider_is_registered() -> None:
     manager = ProvidersManager()
     assert "airflow-provider-pgbg" in manager.providers
     assert "airflow_pgbg.triggers.batch" in {t.trigger_class_name for t in manager.trigger}
+
+
+@pytest.mark.parametrize("dag_id", ["settings_deferrable", "settings_blocking"])
+def test_every_statement_runs_with_the_tasks_session_settings(
+    run_dag: Callable[..., Any], user: psycopg.Connection, scratch: str, dag_id: str
+) -> None:
+    user.execute(f"CREATE TABLE {scratch}.seen (work_mem text, mwm text, lock_timeout text)")
+    dr = run_dag(dag_id, {"lock_timeout": "2500ms"})
+    ti = _ti(dr)
+    assert ti.state == "success"
+    seen = user.execute(f"SELECT * FROM {scratch}.seen").fetchall()
+    assert seen == [("12MB", "96MB", "2500ms")] * 2
+    parent = _batch_of(user, f"pgbg_{dag_id}")
+    assert len(monitor(user, parent)) == 2  # the SET became a setting, not a statement
+    settings = ti.xcom_pull(task_ids="batch")["settings"]
+    assert {k: settings[k] for k in ("work_mem", "maintenance_work_mem", "lock_timeout")} == {
+        "work_mem": "12MB",
+        "maintenance_work_mem": "96MB",
+        "lock_timeout": "2500ms",
+    }
+
+
+def test_a_set_in_the_middle_of_a_batch_fails_the_task_with_nothing_launched(
+    run_dag: Callable[..., Any], user: psycopg.Connection, scratch: str
+) -> None:
+    user.execute(f"CREATE TABLE {scratch}.seen (work_mem text, mwm text, lock_timeout text)")
+    dr = run_dag("settings_refused")
+    assert _ti(dr).state == "failed"
+    assert (
+        user.execute("SELECT count(*) FROM pgbg.batch WHERE origin LIKE 'pgbg_settings_refused/%'").fetchone()[0] == 0
+    )

@@ -36,6 +36,49 @@ def test_serialization_round_trip() -> None:
     assert again.serialize() == (path, kwargs)
 
 
+def test_a_launching_trigger_serialized_by_release_0_2_still_runs() -> None:
+    """A trigger waiting in the triggerer's table across the upgrade comes back with its options."""
+    old_kwargs = {
+        "uuid_parent": None,
+        "postgres_conn_id": "c",
+        "database": None,
+        "engine_schema": "pgbg",
+        "poll_interval": 1.0,
+        "deadline": None,
+        "claim": None,
+        "reconnect_timeout": 900.0,
+        "sql": "select 1",
+        "delimiter": ";",
+        "batch_label": "nightly",
+        "max_parallel": 3,
+        "fail_fast": True,
+        "statement_timeout": 60.0,
+        "retries": 2,
+        "retry_delay": 0.5,
+        "retry_backoff": 3.0,
+        "retry_lost": True,
+        "execution_timeout": None,
+        "max_result_rows": 20,
+        "resume_on_success": False,
+        "resume_on_failure": False,
+    }
+    trigger = PgBackgroundBatchTrigger(**old_kwargs)
+    assert trigger.options == {
+        "max_parallel": 3,
+        "fail_fast": True,
+        "statement_timeout": 60.0,
+        "retries": 2,
+        "retry_delay": 0.5,
+        "retry_backoff": 3.0,
+        "retry_lost": True,
+    }
+    path, kwargs = trigger.serialize()
+    assert kwargs["batch_label"] == "nightly"
+    assert kwargs["session_settings"] is None
+    again = PgBackgroundBatchTrigger(**kwargs)
+    assert again.serialize() == (path, kwargs)
+
+
 def test_the_trigger_ends_the_task_when_the_batch_ends(pgbg_conn: str, user: psycopg.Connection) -> None:
     ok = launch(user, ["select pg_sleep(0.3)", "select 42 as answer"])
     bad = launch(user, ["select pg_sleep(0.3)", "select 1/0"])

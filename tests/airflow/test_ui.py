@@ -95,6 +95,10 @@ def test_json_csv_and_page(api_server: ApiServer, finished_run: dict[str, Any], 
     assert data["batch"]["uuid_parent"] in html
     assert "<script>alert(1)</script>" not in html  # the hostile query is shown as text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    # The batch's settings, a custom one holding markup among them, shown as text.
+    assert data["batch"]["settings"]["work_mem"] == "8MB"
+    assert "pgbg_test.note = &lt;b&gt;bold&lt;/b&gt;" in html
+    assert "<b>bold</b>" not in html
     assert password not in html
     assert '<svg id="timeline"' in html
     assert 'http-equiv="refresh"' not in html  # live updates come from the JSON endpoint

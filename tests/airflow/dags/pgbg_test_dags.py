@@ -75,6 +75,7 @@ ui_batch = _dag(
     sql=[f"insert into {S}.marks values (1)", "select '<script>alert(1)</script>' as x", "select 1/0", "select 2"],
     max_parallel=1,
     deferrable=True,
+    session_settings={"work_mem": "8MB", "pgbg_test.note": "<b>bold</b>"},
 )
 # The console at scale: 10,000 children with 64 KB result previews, every 1,000th failing.
 big_batch = _dag(
@@ -96,6 +97,25 @@ concurrent_blocking = _dag(
 concurrent_deferrable = _dag(
     "pgbg_concurrent_deferrable", sql=_CONCURRENTLY, max_parallel=1, deferrable=True, poll_interval=8
 )
+# Settings: templated ones from session_settings, and a script's leading SET; each child writes what it saw.
+_SEEN = (
+    f"insert into {S}.seen select current_setting('work_mem'), current_setting('maintenance_work_mem'), "
+    "current_setting('lock_timeout')"
+)
+_SETTINGS = {"work_mem": "12MB", "lock_timeout": "{{ dag_run.conf.get('lock_timeout', '4s') }}"}
+settings_deferrable = _dag(
+    "pgbg_settings_deferrable",
+    sql=f"SET maintenance_work_mem = '96MB';\n{_SEEN};\n{_SEEN};",
+    session_settings=_SETTINGS,
+    deferrable=True,
+)
+settings_blocking = _dag(
+    "pgbg_settings_blocking",
+    sql=f"SET maintenance_work_mem = '96MB';\n{_SEEN};\n{_SEEN};",
+    session_settings=_SETTINGS,
+    deferrable=False,
+)
+settings_refused = _dag("pgbg_settings_refused", sql=f"{_SEEN}; SET work_mem = '1MB'; {_SEEN}", deferrable=True)
 # Watched while it runs (the console's live updates and actions).
 ui_live = _dag("pgbg_ui_live", sql=["select pg_sleep(4)"] * 8, max_parallel=2, deferrable=False)
 
