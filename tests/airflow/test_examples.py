@@ -20,6 +20,7 @@ from tests.conftest import REPO
 
 EXPECTED = {
     "example_pgbg_basic": "success",
+    "example_pgbg_ddl": "success",
     "example_pgbg_sql_file": "success",
     "example_pgbg_seed_demo": "success",
     "example_pgbg_mapped": "success",
