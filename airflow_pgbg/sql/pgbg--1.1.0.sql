@@ -774,18 +774,20 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_app text := current_setting('application_name');
-    v_sync text := current_setting('synchronous_commit');
 BEGIN
     -- RESET ALL also undoes what the child set itself, through a function the launch could not see.
     RESET ALL;
     PERFORM set_config('application_name', v_app, false);
-    IF v_sync = 'off' THEN
-        PERFORM set_config('synchronous_commit', 'off', true);  -- the runner's choice for this transaction
+    -- A child that wrote nothing has nothing to make durable but its log row, which a crash would
+    -- only put back in the queue: its commit need not wait for a WAL flush.
+    IF pg_current_xact_id_if_assigned() IS NULL THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._leave_batch_session() IS
-    'Back to the role''s defaults after a child: its batch''s settings and anything the child set go.';
+    'Back to the role''s defaults after a child: its batch''s settings and anything the child set go. A '
+    'transaction that has written nothing yet commits without waiting for a WAL flush.';
 
 CREATE FUNCTION @schema@._setting_is_default(p_name text, p_value text)
 RETURNS boolean
@@ -2077,15 +2079,8 @@ DECLARE
     o @schema@.child_outcome;
 BEGIN
     -- Here, so that a setting the role may no longer set fails the child, not its runner.
-    IF p_session IS NOT NULL THEN
-        PERFORM @schema@._enter_batch_session(p_session);
-    END IF;
+    PERFORM set_config(s.key, s.value, false) FROM jsonb_each_text(p_session) s;
     o.result := @schema@._execute_inline(p_sql, p_settings.preview_rows, p_settings.preview_bytes);
-    -- A child that wrote nothing has nothing to make durable but its log row, which a crash would
-    -- only put back in the queue: its commit need not wait for a WAL flush.
-    IF pg_current_xact_id_if_assigned() IS NULL THEN
-        PERFORM set_config('synchronous_commit', 'off', true);
-    END IF;
     RETURN o;
 EXCEPTION WHEN query_canceled OR OTHERS THEN
     GET STACKED DIAGNOSTICS o.sqlstate = RETURNED_SQLSTATE, o.message = MESSAGE_TEXT, o.detail = PG_EXCEPTION_DETAIL,
@@ -2095,8 +2090,8 @@ END
 $fn$;
 COMMENT ON FUNCTION @schema@._run_inline(text, @schema@.settings, jsonb) IS
     'Runs a child in the runner''s own transaction (its effects commit with its outcome, or roll back '
-    'with its error) with the batch''s settings (p_session; _leave_batch_session() undoes them), and '
-    'returns how it ended.';
+    'with its error) with the batch''s settings (p_session; _leave_batch_session() undoes them, and says '
+    'whether the commit needs a WAL flush), and returns how it ended.';
 
 CREATE FUNCTION @schema@._shape(p_sql text)
 RETURNS text

@@ -238,18 +238,20 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_app text := current_setting('application_name');
-    v_sync text := current_setting('synchronous_commit');
 BEGIN
     -- RESET ALL also undoes what the child set itself, through a function the launch could not see.
     RESET ALL;
     PERFORM set_config('application_name', v_app, false);
-    IF v_sync = 'off' THEN
-        PERFORM set_config('synchronous_commit', 'off', true);  -- the runner's choice for this transaction
+    -- A child that wrote nothing has nothing to make durable but its log row, which a crash would
+    -- only put back in the queue: its commit need not wait for a WAL flush.
+    IF pg_current_xact_id_if_assigned() IS NULL THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._leave_batch_session() IS
-    'Back to the role''s defaults after a child: its batch''s settings and anything the child set go.';
+    'Back to the role''s defaults after a child: its batch''s settings and anything the child set go. A '
+    'transaction that has written nothing yet commits without waiting for a WAL flush.';
 
 CREATE FUNCTION @schema@._setting_is_default(p_name text, p_value text)
 RETURNS boolean
