@@ -68,6 +68,30 @@ def test_stop_a_child_running_in_its_own_worker(user: psycopg.Connection, scratc
     )
 
 
+def test_a_stop_reaches_a_childs_own_job_after_its_runner_died(
+    admin: psycopg.Connection, user: psycopg.Connection, scratch: str, launcher: str
+) -> None:
+    """A runner passes a stop on to its child's own job; one that died first (of the stop's own cancel,
+    as it entered a statement block: seen under load) cannot. Housekeeping passes it on then: the child
+    ends stopped at once, not when its minute is up."""
+    if launcher != "pg_cron":
+        pytest.skip("a terminated pg_background runner gets a cancel, and takes its nested worker down itself")
+    user.execute(f"CREATE PROCEDURE {scratch}.slow() LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(60); COMMIT; END $$")
+    parent = launch(user, [f"call {scratch}.slow()"])
+    _running(user, parent, 1)
+    own = "SELECT count(*) FROM pg_stat_activity WHERE query = %s"
+    poll_until(lambda: user.execute(own, (f"call {scratch}.slow()",)).fetchone()[0] == 1)
+    assert admin.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pgbg.log_background "
+        "WHERE uuid_parent = %s AND status = 'running'",
+        (parent,),
+    ).fetchone()[0]
+    assert stop(user, parent) == 1
+    assert wait(user, parent, "20s") == "stopped"
+    assert statuses(monitor(user, parent)) == ["stopped"]
+    poll_until(lambda: user.execute(own, (f"call {scratch}.slow()",)).fetchone()[0] == 0)
+
+
 def test_a_terminated_worker_turns_its_child_lost(admin: psycopg.Connection, user: psycopg.Connection) -> None:
     # A statement of its own worker (a statement timeout puts it there), whose work may have committed; an
     # inline one is queued again instead (test_retries).

@@ -2,6 +2,18 @@
 -- wait, launch and retry does it, so polling is enough to drive a batch. Runners it starts begin once
 -- its transaction has ended; a call that stays in its transaction (a wait) has it done apart.
 
+CREATE FUNCTION @schema@._cancel_run(p_pid int)
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM pg_cancel_backend(p_pid);
+EXCEPTION WHEN insufficient_privilege THEN
+    NULL;  -- another role's child (an administrator's poll): that role's own polls pass the stop on
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._cancel_run(int) IS 'Cancels the statement of a child''s own process, where the caller may.';
+
 CREATE FUNCTION @schema@._orphan_outcome(p_child @schema@.log_background, OUT running boolean,
                                          OUT outcome @schema@.child_outcome)
 LANGUAGE plpgsql
@@ -9,23 +21,33 @@ AS $fn$
 DECLARE
     v_job bigint;
     v_run @schema@.cron_run;
+    v_pid int;
 BEGIN
     -- Whether a child whose runner died still runs somewhere, or how it ended there. Only a statement of
-    -- its own worker or job can have outlived its runner; an inline one rolled back with it.
+    -- its own worker or job can have outlived its runner; an inline one rolled back with it. A stop its
+    -- runner could not pass on (it died, maybe of the very cancel that brought the stop) is passed on here.
     running := false;
     IF p_child.run_mode = 'inline' THEN
         RETURN;
     ELSIF @schema@._launcher() = 'pg_background' THEN
-        running := EXISTS (SELECT 1 FROM pg_stat_activity a
-                            WHERE a.application_name = 'pgbg-child:' || p_child.uuid_child
-                              AND a.usename = p_child.role_name AND a.backend_type = 'pg_background');
+        SELECT a.pid INTO v_pid FROM pg_stat_activity a
+         WHERE a.application_name = 'pgbg-child:' || p_child.uuid_child
+           AND a.usename = p_child.role_name AND a.backend_type = 'pg_background';
+        running := v_pid IS NOT NULL;
+        IF running AND p_child.stop_requested THEN
+            PERFORM @schema@._cancel_run(v_pid);
+        END IF;
         RETURN;
     END IF;
     -- Under pg_cron, how the child's job ended is recorded: it is not lost with the runner.
     outcome := @schema@._cron_recorded(p_child.uuid_child);
     SELECT j.jobid INTO v_job FROM cron.job j WHERE j.jobname = 'pgbg_child:' || p_child.uuid_child;
-    running := outcome IS NULL AND EXISTS (SELECT 1 FROM cron.job_run_details d
-                                            WHERE d.jobid = v_job AND d.status IN ('starting', 'running'));
+    SELECT d.job_pid INTO v_pid FROM cron.job_run_details d
+     WHERE d.jobid = v_job AND d.status IN ('starting', 'running') ORDER BY d.runid LIMIT 1;
+    running := outcome IS NULL AND FOUND;
+    IF running AND p_child.stop_requested AND v_pid IS NOT NULL THEN
+        PERFORM @schema@._cancel_run(v_pid);
+    END IF;
     v_run := @schema@._cron_run(v_job);
     IF outcome IS NULL AND NOT running AND v_run.status IN ('succeeded', 'failed') THEN
         BEGIN
@@ -41,8 +63,9 @@ BEGIN
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._orphan_outcome(@schema@.log_background) IS
-    'For a running child whose runner died: whether its nested worker or pg_cron job still runs it, or '
-    'how that job ended (pg_cron records it); neither for an inline child, which rolled back with its runner.';
+    'For a running child whose runner died: whether its nested worker or pg_cron job still runs it (a stop '
+    'of the child is passed on to it), or how that job ended (pg_cron records it); neither for an inline '
+    'child, which rolled back with its runner.';
 
 CREATE FUNCTION @schema@._orphans(p_parents uuid[])
 RETURNS SETOF @schema@.log_background
