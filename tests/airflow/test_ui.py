@@ -342,7 +342,13 @@ def test_live_updates_and_an_editor_stops_one_child_in_a_browser(
                     "document.querySelectorAll('#children tbody tr')[6].querySelector('pre').textContent"
                     ".includes('pg_sleep(4)')"
                 )
-                watched = page.locator("#children tbody tr[data-status='running']").first.get_attribute("data-child")
+                # The second child (60 s) is the one stopped later; one of the others (4 s each), running
+                # when the page shows it, ends while the page watches. Both by id: a locator by status
+                # names another row once the live updates change it.
+                child = page.locator("#children tbody tr").nth(1).get_attribute("data-child")
+                short = page.wait_for_selector(f"#children tbody tr[data-status='running']:not([data-child='{child}'])")
+                assert short is not None
+                watched = short.get_attribute("data-child")
                 page.wait_for_function(
                     f"document.querySelector(\"tr[data-child='{watched}']\").dataset.status === 'done'",
                     timeout=20_000,
@@ -353,8 +359,8 @@ def test_live_updates_and_an_editor_stops_one_child_in_a_browser(
                 assert page.locator("[data-count='done']").inner_text() != "0"
 
                 # The editor stops one running child, from its row, after confirming.
-                running = page.locator("#children tbody tr[data-status='running']").first
-                child = running.get_attribute("data-child")
+                running = page.locator(f"tr[data-child='{child}']")
+                assert running.get_attribute("data-status") == "running"
                 page.once("dialog", lambda dialog: dialog.accept())
                 running.locator("button[data-action='stop-child']").click()
                 page.wait_for_function(

@@ -116,8 +116,14 @@ settings_blocking = _dag(
     deferrable=False,
 )
 settings_refused = _dag("pgbg_settings_refused", sql=f"{_SEEN}; SET work_mem = '1MB'; {_SEEN}", deferrable=True)
-# Watched while it runs (the console's live updates and actions).
-ui_live = _dag("pgbg_ui_live", sql=["select pg_sleep(4)"] * 8, max_parallel=2, deferrable=False)
+# Watched while it runs (the console's live updates and actions): the first child ends soon, the second
+# runs long enough for a person to stop it however slowly the machine answers, the others pass in turn.
+ui_live = _dag(
+    "pgbg_ui_live",
+    sql=["select pg_sleep(4)", "select pg_sleep(60)"] + ["select pg_sleep(4)"] * 6,
+    max_parallel=2,
+    deferrable=False,
+)
 
 
 def _forge_batch_ref(context: Any, result: Any = None) -> None:
