@@ -84,10 +84,12 @@ SCENARIOS = {
             "retry_delay": timedelta(seconds=6),
         },
     ),
-    # A deferred task that resumes on a worker to end (a success callback runs only there).
+    # A deferred task that resumes on a worker to end (a success callback runs only there). Children long
+    # enough to be still running once the task has deferred and the triggerer polls (with 2 s, on a busy
+    # machine they had ended before the scenario could see the trigger watching them).
     "e2e_resume_killed": (
         2,
-        2,
+        8,
         "pgbg_e2e",
         {
             "max_parallel": 2,
@@ -98,10 +100,11 @@ SCENARIOS = {
             "on_success_callback": lambda context: None,
         },
     ),
-    # On a server the scenario restarts; its children are safe to run again.
+    # On a server the scenario restarts; its children are safe to run again, and long enough to be still
+    # running when the restart lands (with 3 s, on a busy machine they ended before it: none ran again).
     "e2e_db_restart": (
         4,
-        3,
+        8,
         "pgbg_e2e_fleet",
         {
             "max_parallel": 2,
