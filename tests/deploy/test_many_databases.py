@@ -32,7 +32,9 @@ class PerDatabase:
     def _run(self) -> None:
         while not self._stop.is_set():
             rows = self.d.sql(
-                "SELECT datname, count(*) FROM pg_stat_activity WHERE application_name LIKE %s GROUP BY 1",
+                # A backend still starting shows its application_name before its database.
+                "SELECT datname, count(*) FROM pg_stat_activity WHERE application_name LIKE %s "
+                "AND datname IS NOT NULL GROUP BY 1",
                 WATCHER_APPLICATION_NAME + "%",
             )
             for db, n in rows:
