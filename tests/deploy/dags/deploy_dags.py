@@ -36,8 +36,10 @@ worker_killed = _dag(
     retries=1,
     retry_delay=timedelta(seconds=1),
 )
-# Ten runs at once, deferred on both triggerers; one triggerer is killed.
-many_deferred = _dag("deploy_many_deferred", 3, 8, max_parallel=3, deferrable=True, poll_interval=2)
+# Ten runs at once, deferred on both triggerers; one triggerer is killed. Their children outlast the
+# setup (ten runs deferred one by one, then a triggerer restarted: about 15 s on a busy machine, when
+# 8 s children had ended some runs before the test looked at their triggers).
+many_deferred = _dag("deploy_many_deferred", 3, 25, max_parallel=3, deferrable=True, poll_interval=2)
 # Deferred long enough to outlast a triggerer's stall.
 long_deferred = _dag("deploy_long_deferred", 3, 30, max_parallel=3, deferrable=True, poll_interval=2)
 mark_failed = _dag("deploy_mark_failed", 6, 60, max_parallel=2, deferrable=True, poll_interval=2)
