@@ -6,13 +6,14 @@
 # Idempotent: a second run only checks the server is up. The last line printed is the DSN. With
 # PGBG_TEST_DSN set (and no --instance), nothing is provisioned and that DSN is printed instead.
 #
-#   scripts/db.sh [start|restart|stop|status] [--instance NAME --port N] [--without EXT] [-c name=value ...]
+#   scripts/db.sh [start|restart|stop|status|provision] [--instance NAME --port N] [--without EXT] [-c name=value ...]
 #
 # The default instance ("main", port 54318) is the one `make test` and `make demo` use. Tests start
 # others with their own data directory and settings, e.g. a server with max_connections=100 that a
 # test may restart: --instance fleet --port 54319 -c max_connections=100. --without pg_background
 # starts a server on which that extension is not available (PostgreSQL 18's extension_control_path
-# lists every other extension), as on a managed service.
+# lists every other extension), as on a managed service. `provision` only provisions the root (no
+# server starts: CI copies the root into each of its groups, scripts/ci.sh).
 set -euo pipefail
 
 ACTION=start
@@ -22,7 +23,7 @@ EXTRA=()
 WITHOUT=
 while [ $# -gt 0 ]; do
     case "$1" in
-        start|restart|stop|status) ACTION=$1 ;;
+        start|restart|stop|status|provision) ACTION=$1 ;;
         --instance) INSTANCE=$2; shift ;;
         --port) PORT=$2; shift ;;
         --without) WITHOUT=$2; shift ;;
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-if [ -n "${PGBG_TEST_DSN:-}" ] && [ "$INSTANCE" = main ]; then
+if [ -n "${PGBG_TEST_DSN:-}" ] && [ "$INSTANCE" = main ] && [ "$ACTION" != provision ]; then
     echo "$PGBG_TEST_DSN"
     exit 0
 fi
@@ -107,6 +108,7 @@ if [ ! -f "$ROOT/usr/share/postgresql/18/extension/pg_cron.control" ]; then
     log "installing postgresql-18-cron into the existing root"
     apt_in "$ROOT" postgresql-18-cron
 fi
+[ "$ACTION" = provision ] && exit 0
 
 pg_ctl() { as_postgres "$PGBIN/pg_ctl" -D "$PGDATA" "$@"; }
 running() { pg_ctl status >/dev/null 2>&1; }

@@ -11,6 +11,9 @@
 #
 #   MATRIX="3.1 3.2 3.3 py3.12 py3.13" scripts/matrix.sh     (the default: all of them)
 #   MATRIX_SUITES="tests/airflow/test_operator.py tests/e2e"   (override the suites of the Airflow lines)
+#   MATRIX_LOGS=DIR                                            (where the lines' logs go: .matrix-logs)
+#   scripts/matrix.sh --venvs    only builds the lines' virtualenvs (no server starts: CI builds them
+#                                before its groups, which have no network, scripts/ci.sh)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +21,13 @@ LINES=${MATRIX:-"3.1 3.2 3.3 py3.12 py3.13"}
 NEWEST=3.3
 SUITES=${MATRIX_SUITES:-"tests/airflow tests/e2e tests/test_splitting.py"}
 PY_SUITES="tests/airflow/test_operator.py tests/airflow/test_trigger.py tests/airflow/test_examples.py tests/airflow/test_lineage.py"
-DSN=$(bash scripts/db.sh | tail -n 1)
-bash scripts/browser.sh >/dev/null
+LOGS=${MATRIX_LOGS:-.matrix-logs}
+PREPARE=0
+[ "${1:-}" = --venvs ] && PREPARE=1
+if [ $PREPARE = 0 ]; then
+    DSN=$(bash scripts/db.sh | tail -n 1)
+    bash scripts/browser.sh >/dev/null
+fi
 RESULTS=()
 FAILED=0
 
@@ -66,34 +74,44 @@ run_line() {  # label, log, command...
     fi
 }
 
-mkdir -p .matrix-logs
+mkdir -p "$LOGS"
 for line in $LINES; do
     case "$line" in
         py3.*)
             version=${line#py}
             python=$(interpreter "$version")
             if [ -z "$python" ] && [ "$version" = 3.13 ]; then
+                if [ $PREPARE = 1 ]; then
+                    bash scripts/py313.sh --prepare || { RESULTS+=("Python 3.13 (sid root): could not build its virtualenv"); FAILED=1; }
+                    continue
+                fi
                 # shellcheck disable=SC2086
-                run_line "Python 3.13 (sid root), Airflow $NEWEST" .matrix-logs/py3.13.log bash scripts/py313.sh $PY_SUITES
+                run_line "Python 3.13 (sid root), Airflow $NEWEST" "$LOGS/py3.13.log" bash scripts/py313.sh $PY_SUITES
                 continue
             fi
             [ -n "$python" ] || { RESULTS+=("Python $version: no interpreter on this machine"); FAILED=1; continue; }
             py=$(venv_for "$NEWEST" "$python") || { RESULTS+=("Python $version: could not build its virtualenv"); FAILED=1; continue; }
+            [ $PREPARE = 1 ] && continue
             # shellcheck disable=SC2086
             run_line "Airflow $NEWEST, Python $("$py" -c 'import platform; print(platform.python_version())')" \
-                ".matrix-logs/py$version.log" env PGBG_TEST_DSN="$DSN" "$py" -m pytest -q -p no:cacheprovider $PY_SUITES ;;
+                "$LOGS/py$version.log" env PGBG_TEST_DSN="$DSN" "$py" -m pytest -q -p no:cacheprovider $PY_SUITES ;;
         *)
             py=$(venv_for "$line") || { RESULTS+=("Airflow $line: could not build its virtualenv"); FAILED=1; continue; }
+            [ $PREPARE = 1 ] && continue
             version=$("$py" -c "import airflow; print(airflow.__version__)" 2>/dev/null)
             suites=$SUITES
             [ "$line" = "$NEWEST" ] && suites="tests/engine $suites"
             # shellcheck disable=SC2086
             run_line "Airflow $version, Python $("$py" -c 'import platform; print(platform.python_version())')" \
-                ".matrix-logs/airflow-$line.log" env PGBG_TEST_DSN="$DSN" "$py" -m pytest -q -p no:cacheprovider $suites ;;
+                "$LOGS/airflow-$line.log" env PGBG_TEST_DSN="$DSN" "$py" -m pytest -q -p no:cacheprovider $suites ;;
     esac
 done
 
+if [ $PREPARE = 1 ]; then
+    [ ${#RESULTS[@]} -eq 0 ] || printf 'matrix: %s\n' "${RESULTS[@]}" >&2
+    exit $FAILED
+fi
 echo
-echo "matrix (logs in .matrix-logs/):"
+echo "matrix (logs in $LOGS/):"
 printf '  %s\n' "${RESULTS[@]}"
 exit $FAILED

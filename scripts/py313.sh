@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # pytest under Python 3.13 (the host has 3.11): from the Debian sid root that scripts/db.sh provisions,
 # which has python3.13, with the repository bind-mounted at the same path and the newest Airflow from
-# constraints.txt in a virtualenv inside the root. Same server as `make test`. Arguments go to pytest.
+# constraints.txt in a virtualenv inside the root. Same server as `make test`. Arguments go to pytest;
+# --prepare only builds the virtualenv (no server starts: CI builds it before its groups, which have
+# no network, scripts/ci.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-DSN=$(bash scripts/db.sh | tail -n 1)
+PREPARE=0
+if [ "${1:-}" = --prepare ]; then PREPARE=1; shift; fi
+if [ $PREPARE = 1 ]; then bash scripts/db.sh provision; else DSN=$(bash scripts/db.sh | tail -n 1); fi
 CACHE_DIR=${PGBG_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/airflow_pgbg}
 ROOT=$CACHE_DIR/sid-root
 VENV=/opt/pgbg-py313
@@ -42,4 +46,5 @@ if [ ! -f "$STAMP" ] || [ constraints.txt -nt "$STAMP" ] || [ pyproject.toml -nt
     in_root sh -c "cd '$REPO' && python -m pip install -q --upgrade pip && python -m pip install -q -c constraints.txt -e '.[test]'" >&2
     touch "$STAMP"
 fi
+[ $PREPARE = 1 ] && exit 0
 in_root sh -c "cd '$REPO' && PGBG_TEST_DSN='$DSN' python -m pytest -q -p no:cacheprovider $*"

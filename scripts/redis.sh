@@ -2,7 +2,7 @@
 # Installs (once: Debian's redis-server on the host) and starts a Redis server on loopback, the Celery
 # broker of the deployment tests (tests/deploy). Idempotent; the last line printed is its URL.
 #
-#   scripts/redis.sh [start|stop|status] [--port N] [--dir DIR]
+#   scripts/redis.sh [start|stop|status|install] [--port N] [--dir DIR]    (install: only the package)
 set -euo pipefail
 
 ACTION=start
@@ -10,7 +10,7 @@ PORT=63790
 DIR=${PGBG_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/airflow_pgbg}/redis
 while [ $# -gt 0 ]; do
     case "$1" in
-        start|stop|status) ACTION=$1 ;;
+        start|stop|status|install) ACTION=$1 ;;
         --port) PORT=$2; shift ;;
         --dir) DIR=$2; shift ;;
         *) echo "redis: unknown argument $1" >&2; exit 2 ;;
@@ -30,6 +30,7 @@ if ! command -v redis-server >/dev/null; then
     # The package's own service is not wanted: each test run starts a server of its own.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >&2
 fi
+[ "$ACTION" = install ] && exit 0
 
 mkdir -p "$DIR"
 PIDFILE=$DIR/redis-$PORT.pid
