@@ -20,14 +20,12 @@ db:
 	@bash scripts/db.sh
 
 # With PGBG_TEST_DSN set to a server of your own, tests that need more local servers are skipped.
-# Then the engine and the Airflow layer again on a server like a managed service (test-pg-cron);
-# PG_CRON_PASS=0 leaves that pass out (CI runs it beside this one, scripts/ci.sh).
-PG_CRON_PASS ?= 1
+# Then the engine and the Airflow layer again on a server like a managed service (test-pg-cron).
 test: venv
 	@bash scripts/browser.sh >/dev/null
 	@ext=$${PGBG_TEST_DSN:+1}; dsn=$$(bash scripts/db.sh | tail -n 1) && \
 	PGBG_EXTERNAL_SERVER=$$ext PGBG_TEST_DSN=$$dsn $(PY) -m pytest $(PYTEST_ARGS)
-	@if [ "$(PG_CRON_PASS)" != 0 ]; then $(MAKE) --no-print-directory test-pg-cron; fi
+	@$(MAKE) --no-print-directory test-pg-cron
 
 # A server with pg_cron and without pg_background, as RDS, Cloud SQL or Azure offer: the engine
 # runs on pg_cron jobs there. PGBG_TEST_CRON_DSN names a server of your own instead.
