@@ -4,13 +4,17 @@
 # Each Airflow minor gets a virtualenv of its own (.venv-airflow-X.Y) from its pinned constraints file
 # (constraints-X.Y.txt; the newest minor is constraints.txt, the one `make test` uses) and runs the
 # operator, trigger, example, UI and end-to-end suites against the same server; the engine suite,
-# which does not touch Airflow, runs once, on the newest. The other Pythons the package claims (3.12,
+# which does not touch Airflow, runs once, on the newest. On the older minors the end-to-end scenarios
+# run on pg_background only: their pg_cron and PgBouncer variants differ from it in the engine and the
+# pooler, not in what Airflow does (the same scheduler and triggerer calls; psycopg is pinned alike on
+# every line), and `make test` runs them on the newest. The other Pythons the package claims (3.12,
 # 3.13; `make test` runs 3.11) run the operator, trigger and example suites with the newest Airflow:
 # from pyenv where the machine has it, else 3.13 from the Debian sid root of scripts/db.sh.
 # Prints one line per line of the matrix and exits non-zero if any fails.
 #
 #   MATRIX="3.1 3.2 3.3 py3.12 py3.13" scripts/matrix.sh     (the default: all of them)
 #   MATRIX_SUITES="tests/airflow/test_operator.py tests/e2e"   (override the suites of the Airflow lines)
+#   MATRIX_OLDER_SELECT="..."                                  (pytest -k of the older minors; "" for all)
 #   MATRIX_LOGS=DIR                                            (where the lines' logs go: .matrix-logs)
 #   scripts/matrix.sh --venvs    only builds the lines' virtualenvs (no server starts: CI builds them
 #                                before its groups, which have no network, scripts/ci.sh)
@@ -20,6 +24,7 @@ cd "$(dirname "$0")/.."
 LINES=${MATRIX:-"3.1 3.2 3.3 py3.12 py3.13"}
 NEWEST=3.3
 SUITES=${MATRIX_SUITES:-"tests/airflow tests/e2e tests/test_splitting.py"}
+OLDER_SELECT=${MATRIX_OLDER_SELECT-"not pg_cron and not pgbouncer_tx"}
 PY_SUITES="tests/airflow/test_operator.py tests/airflow/test_trigger.py tests/airflow/test_examples.py tests/airflow/test_lineage.py"
 LOGS=${MATRIX_LOGS:-.matrix-logs}
 PREPARE=0
@@ -100,10 +105,12 @@ for line in $LINES; do
             [ $PREPARE = 1 ] && continue
             version=$("$py" -c "import airflow; print(airflow.__version__)" 2>/dev/null)
             suites=$SUITES
-            [ "$line" = "$NEWEST" ] && suites="tests/engine $suites"
+            select=()
+            if [ "$line" = "$NEWEST" ]; then suites="tests/engine $suites"
+            elif [ -n "$OLDER_SELECT" ]; then select=(-k "$OLDER_SELECT"); fi
             # shellcheck disable=SC2086
             run_line "Airflow $version, Python $("$py" -c 'import platform; print(platform.python_version())')" \
-                "$LOGS/airflow-$line.log" env PGBG_TEST_DSN="$DSN" "$py" -m pytest -q -p no:cacheprovider $suites ;;
+                "$LOGS/airflow-$line.log" env PGBG_TEST_DSN="$DSN" "$py" -m pytest -q -p no:cacheprovider "${select[@]}" $suites ;;
     esac
 done
 
