@@ -2,5 +2,5 @@
 
 __version__ = "0.3.0"
 
-ENGINE_VERSION = "1.1.0"
+ENGINE_VERSION = "1.1.1"
 """The engine version (``airflow_pgbg/sql``) this package's Python code needs and installs."""

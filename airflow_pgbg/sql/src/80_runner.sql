@@ -395,6 +395,27 @@ $fn$;
 COMMENT ON FUNCTION @schema@._start(uuid, xid8) IS
     'A runner''s start: once its starter has ended, its batch and its slots (global_slot NULL when it got none).';
 
+CREATE FUNCTION @schema@._children_wrote()
+RETURNS boolean
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_wrote boolean;
+BEGIN
+    -- Each inline child runs in a subtransaction of its own, which gets an XID only if it writes, and keeps
+    -- it in this backend's cache of subtransaction XIDs until the transaction ends (a child that failed
+    -- rolled its subtransaction back, and left it). The engine's own writes are made outside them.
+    PERFORM pg_stat_clear_snapshot();
+    SELECT s.subxact_count > 0 OR s.subxact_overflowed INTO v_wrote
+      FROM pg_stat_get_backend_idset() b(id), pg_stat_get_backend_subxact(b.id) s
+     WHERE pg_stat_get_backend_pid(b.id) = pg_backend_pid();
+    RETURN coalesce(v_wrote, true);
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._children_wrote() IS
+    'Whether an inline child that ran in this transaction (and did not roll back) wrote: one of its '
+    'subtransactions has an XID.';
+
 CREATE PROCEDURE @schema@._run(p_query text, p_child uuid, p_mode text, p_batch @schema@.batch,
                                p_settings @schema@.settings, INOUT p_outcome @schema@.child_outcome)
 LANGUAGE plpgsql
@@ -492,6 +513,7 @@ DECLARE
     v_fail_fast uuid;
     v_adopted record;
     v_t0 timestamptz;
+    v_quiet boolean := false;
 BEGIN
     p_ran := false;
     p_left := false;
@@ -505,12 +527,14 @@ BEGIN
     DISCARD PLANS;
     COMMIT;
     LOOP
-        -- One transaction per child: the outcome of the one before (and an inline one's work), its count,
-        -- and the claim of the next. A claim alone need not wait for a WAL flush: lost in a crash, it
-        -- leaves a child that never ran queued.
-        IF v_settled IS NULL THEN
+        -- One transaction per child (or burst of inline children): the outcome of the one before (and an
+        -- inline one's work), its count, and the claim of the next. Unless a child's work is in it, it need
+        -- not wait for a WAL flush: lost in a crash, it leaves children that never ran (or did nothing)
+        -- queued, to run again. The RESET ALL after each child undid any earlier SET LOCAL of it.
+        IF v_settled IS NULL OR v_quiet THEN
             PERFORM set_config('synchronous_commit', 'off', true);
         END IF;
+        v_quiet := false;
         SELECT * INTO c FROM @schema@._claim_next(v_batch.uuid_parent, r.global_slot, r.backend_start, v_settled,
                                                   v_fail_fast IS NULL AND NOT v_leave, v_after);
         v_settled := NULL;
@@ -554,6 +578,10 @@ BEGIN
                 -- Short: the next ones in a burst, in this transaction.
                 SELECT b.after, b.cut, b.failed INTO v_after, v_leave, v_fail_fast
                   FROM @schema@._burst(v_batch, r.global_slot, r.backend_start, v_after, v_settings, c.query) b;
+            END IF;
+            -- A lone child's _leave_batch_session() has decided already; a burst's RESET ALL undid that.
+            IF v_settled IS NOT NULL AND c.run_mode = 'inline' AND current_setting('synchronous_commit') <> 'off' THEN
+                v_quiet := NOT @schema@._children_wrote();
             END IF;
         END IF;
     END LOOP;

@@ -1,0 +1,64 @@
+"""What a runner's commits wait for: a WAL flush only when a child's work is in them."""
+
+from __future__ import annotations
+
+import psycopg
+
+from tests.helpers import launch, poll_until, wait
+
+CHILDREN = 1200
+
+
+def _runner_flushes(admin: psycopg.Connection) -> int:
+    """WAL flushes (fsyncs) made so far by background workers: runners, pg_cron's jobs and launcher."""
+    admin.execute("SELECT pg_stat_clear_snapshot()")
+    return admin.execute(
+        "SELECT coalesce(sum(fsyncs), 0)::int FROM pg_stat_io"
+        " WHERE object = 'wal' AND backend_type = 'background worker'"
+    ).fetchone()[0]
+
+
+def _flushes_of_a_batch(admin: psycopg.Connection, user: psycopg.Connection, statements: list[str]) -> int:
+    role = user.info.user
+
+    def runners_gone() -> bool:
+        # A worker's statistics are written before it leaves pg_stat_activity (before_shmem_exit).
+        return (
+            admin.execute(
+                "SELECT count(*) = 0 FROM pg_stat_activity WHERE usename = %s AND application_name LIKE 'pgbg:%%'",
+                (role,),
+            ).fetchone()[0]
+            is True
+        )
+
+    poll_until(runners_gone, 60)
+    before = _runner_flushes(admin)
+    # One runner: no commit shares a flush with another runner's.
+    parent = launch(user, statements, max_parallel=1)
+    assert wait(user, parent) == "done"
+    poll_until(runners_gone, 60)  # they linger, then leave
+    return _runner_flushes(admin) - before
+
+
+def test_a_runner_waits_for_a_wal_flush_only_where_a_child_wrote(
+    admin: psycopg.Connection, user: psycopg.Connection, scratch: str
+) -> None:
+    user.execute(f"CREATE TABLE {scratch}.marks (n int)")
+    # Writes only for odd numbers: in a burst of such calls (one shape), the first child may write
+    # nothing and the next ones do.
+    user.execute(
+        f"CREATE FUNCTION {scratch}.mark_odd(n int) RETURNS void LANGUAGE sql "
+        f"BEGIN ATOMIC INSERT INTO {scratch}.marks SELECT n WHERE n % 2 = 1; END"
+    )
+    # Children that write nothing: their burst's commit holds only their log rows, which a crash would
+    # put back in the queue to run again; it need not wait (engine 1.1.0 waited at every burst, 39 or
+    # more here).
+    reads = _flushes_of_a_batch(admin, user, ["SELECT 1"] * CHILDREN)
+    # Children that write: every burst's commit holds their work, and waits for its flush. A burst is
+    # at most 31 children, so there are 39 or more of them.
+    writes = _flushes_of_a_batch(admin, user, [f"INSERT INTO {scratch}.marks VALUES (0)"] * CHILDREN)
+    mixed = _flushes_of_a_batch(admin, user, [f"SELECT {scratch}.mark_odd({n})" for n in range(CHILDREN)])
+    assert user.execute(f"SELECT count(*) FROM {scratch}.marks").fetchone()[0] == CHILDREN + CHILDREN // 2
+    assert writes >= CHILDREN // 31, writes
+    assert mixed >= CHILDREN // 31, mixed
+    assert reads <= 10, reads
