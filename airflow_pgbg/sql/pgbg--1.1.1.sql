@@ -2083,6 +2083,9 @@ BEGIN
     o.result := @schema@._execute_inline(p_sql, p_settings.preview_rows, p_settings.preview_bytes);
     RETURN o;
 EXCEPTION WHEN query_canceled OR OTHERS THEN
+    -- A cancel (a terminate, in pg_background) can land after the statement, before this block ends: its
+    -- work rolled back with the subtransaction, and a result kept here would settle it done without it.
+    o.result := NULL;
     GET STACKED DIAGNOSTICS o.sqlstate = RETURNED_SQLSTATE, o.message = MESSAGE_TEXT, o.detail = PG_EXCEPTION_DETAIL,
                             o.hint = PG_EXCEPTION_HINT, o.context = PG_EXCEPTION_CONTEXT;
     RETURN o;
