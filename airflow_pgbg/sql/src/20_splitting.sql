@@ -172,22 +172,42 @@ COMMENT ON FUNCTION @schema@._strip_leading_comments(text) IS
 CREATE FUNCTION @schema@._statement_head(p_sql text)
 RETURNS text
 LANGUAGE sql IMMUTABLE
+-- Most statements start with no comment: the PL/pgSQL scanner only for those that do (it runs per
+-- statement at launch, and per child in a runner).
 RETURN upper(regexp_replace(
-    substring(@schema@._strip_leading_comments(p_sql), '^([[:alpha:]]+(\s+[[:alpha:]]+){0,3})'),
+    substring(CASE WHEN left(ltrim(p_sql, E' \t\r\n\f\v('), 2) IN ('--', '/*')
+                   THEN @schema@._strip_leading_comments(p_sql)
+                   ELSE ltrim(p_sql, E' \t\r\n\f\v(') END,
+              '^([[:alpha:]]+(\s+[[:alpha:]]+){0,3})'),
     '\s+', ' ', 'g'));
 COMMENT ON FUNCTION @schema@._statement_head(text) IS
     'Up to four leading keywords, upper case, after comments and opening parentheses.';
 
+CREATE FUNCTION @schema@._first_keyword(p_sql text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+-- NULL when a comment comes first: only _statement_head() reads past that.
+RETURN upper(substring(p_sql FROM '^[ \t\r\n\f\v(]*([[:alpha:]]+)'));
+COMMENT ON FUNCTION @schema@._first_keyword(text) IS
+    'The first word of _statement_head(), cheaply, for a statement that starts with no comment; else NULL.';
+
 CREATE FUNCTION @schema@._needs_own_worker(p_sql text)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE
-RETURN @schema@._statement_head(p_sql) ~ ('^(VACUUM|CALL|DO|CLUSTER|REINDEX|SET|RESET|DISCARD|LOAD'
+-- The usual verbs are decided by their first keyword: this runs for every statement of a launch.
+RETURN CASE @schema@._first_keyword(p_sql)
+    WHEN 'SELECT' THEN p_sql ~* '\mINTO\M'
+    WHEN 'INSERT' THEN false WHEN 'UPDATE' THEN false WHEN 'DELETE' THEN false WHEN 'MERGE' THEN false
+    WHEN 'WITH' THEN false WHEN 'VALUES' THEN false WHEN 'TABLE' THEN false WHEN 'ANALYZE' THEN false
+    WHEN 'TRUNCATE' THEN false WHEN 'COPY' THEN false
+    ELSE @schema@._statement_head(p_sql) ~ ('^(VACUUM|CALL|DO|CLUSTER|REINDEX|SET|RESET|DISCARD|LOAD'
                                            '|ALTER SYSTEM|CREATE DATABASE|DROP DATABASE|ALTER DATABASE'
                                            '|CREATE TABLESPACE|DROP TABLESPACE)( |$)')
     OR (@schema@._statement_head(p_sql) ~ '^(CREATE|DROP|ALTER) '
         AND p_sql ~* '\m(INDEX|PARTITION)\M.*\mCONCURRENTLY\M')
     -- SELECT ... INTO creates a table, which dynamic SQL in a function refuses.
-    OR (@schema@._statement_head(p_sql) ~ '^SELECT( |$)' AND p_sql ~* '\mINTO\M');
+    OR (@schema@._statement_head(p_sql) ~ '^SELECT( |$)' AND p_sql ~* '\mINTO\M')
+END;
 COMMENT ON FUNCTION @schema@._needs_own_worker(text) IS
     'True for statements that must be a top-level statement of their own: they refuse to run in a '
     'function or transaction block, may commit (CALL, DO), or would change the runner''s session (SET).';

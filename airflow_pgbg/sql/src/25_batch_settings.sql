@@ -147,7 +147,8 @@ COMMENT ON FUNCTION @schema@._code_only(text) IS
 CREATE FUNCTION @schema@._changes_session(p_sql text)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE
-RETURN @schema@._statement_head(p_sql) ~ '^(SET|RESET|DISCARD)( |$)'
+RETURN coalesce(@schema@._first_keyword(p_sql) IN ('SET', 'RESET', 'DISCARD'),
+                @schema@._statement_head(p_sql) ~ '^(SET|RESET|DISCARD)( |$)')
     OR (p_sql ~* 'set_config' AND @schema@._code_only(p_sql) ~* '\mset_config\s*\(');
 COMMENT ON FUNCTION @schema@._changes_session(text) IS
     'True for SET, RESET and DISCARD statements and calls of set_config(): in a runner they would change '

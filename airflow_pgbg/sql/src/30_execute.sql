@@ -3,16 +3,17 @@
 CREATE FUNCTION @schema@._command_tag(p_head text, p_rows bigint)
 RETURNS text
 LANGUAGE sql IMMUTABLE
+-- p_rows::text, not text || bigint: that operator is only stable, and would keep this from being inlined.
 RETURN CASE split_part(p_head, ' ', 1)
-    WHEN 'INSERT' THEN 'INSERT 0 ' || p_rows
-    WHEN 'UPDATE' THEN 'UPDATE ' || p_rows
-    WHEN 'DELETE' THEN 'DELETE ' || p_rows
-    WHEN 'MERGE' THEN 'MERGE ' || p_rows
-    WHEN 'SELECT' THEN 'SELECT ' || p_rows
-    WHEN 'VALUES' THEN 'SELECT ' || p_rows
-    WHEN 'TABLE' THEN 'SELECT ' || p_rows
-    WHEN 'WITH' THEN 'WITH ' || p_rows
-    WHEN 'COPY' THEN 'COPY ' || p_rows
+    WHEN 'INSERT' THEN 'INSERT 0 ' || p_rows::text
+    WHEN 'UPDATE' THEN 'UPDATE ' || p_rows::text
+    WHEN 'DELETE' THEN 'DELETE ' || p_rows::text
+    WHEN 'MERGE' THEN 'MERGE ' || p_rows::text
+    WHEN 'SELECT' THEN 'SELECT ' || p_rows::text
+    WHEN 'VALUES' THEN 'SELECT ' || p_rows::text
+    WHEN 'TABLE' THEN 'SELECT ' || p_rows::text
+    WHEN 'WITH' THEN 'WITH ' || p_rows::text
+    WHEN 'COPY' THEN 'COPY ' || p_rows::text
     WHEN 'CREATE' THEN substring(p_head FROM '^CREATE (?:OR REPLACE |UNIQUE |TEMP |TEMPORARY |UNLOGGED )*[A-Z]+')
     WHEN 'DROP' THEN substring(p_head FROM '^DROP [A-Z]+')
     WHEN 'ALTER' THEN substring(p_head FROM '^ALTER [A-Z]+')

@@ -50,8 +50,12 @@ BEGIN
         RAISE EXCEPTION 'p_max_parallel must be a positive number of workers, got %', p_max_parallel
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- One set-based pass (0.1.0 appended to the array one statement at a time).
-    RETURN (SELECT array_agg(@schema@._one_statement(q, k::int) ORDER BY k)
+    -- One set-based pass (0.1.0 appended to the array one statement at a time). A statement with no
+    -- quote, dollar, comment or semicolon only loses its blanks: _one_statement() for the others, and to
+    -- raise for a NULL or blank one.
+    RETURN (SELECT array_agg(CASE WHEN q !~ '[''"$;/-]' AND btrim(q, E' \t\r\n\f\v') <> ''
+                                  THEN btrim(q, E' \t\r\n\f\v')
+                                  ELSE @schema@._one_statement(q, k::int) END ORDER BY k)
               FROM unnest(p_querys) WITH ORDINALITY AS u(q, k));
 END
 $fn$;
@@ -73,11 +77,12 @@ BEGIN
                   HINT = format('GRANT USAGE ON SCHEMA cron TO %I (python -m airflow_pgbg install grants it to pgbg_user).',
                                 current_user);
     END IF;
-    IF @schema@._launcher() = 'pg_cron' THEN
-        -- Early, for the common case; the runner checks again against its own session's default.
+    IF @schema@._launcher() = 'pg_cron' AND @schema@._non_default_settings(p_settings) IS NOT NULL THEN
+        -- Early, for the common case; the runner checks again against its own session's default. These
+        -- are the statements _cron_job_command() has no command for, found without building one each.
         PERFORM @schema@._cron_refuse_settings(q, p_settings)
            FROM unnest(p_querys) q
-          WHERE @schema@._cron_job_command(q, NULL, p_settings) IS NULL
+          WHERE @schema@._needs_own_worker(q)
           LIMIT 1;
     END IF;
     INSERT INTO @schema@.batch (uuid_parent, label, user_name, ip_client, max_parallel, search_path,
