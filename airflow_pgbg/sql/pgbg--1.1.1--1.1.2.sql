@@ -2731,12 +2731,11 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- One set-based pass (0.1.0 appended to the array one statement at a time). A statement with no
-    -- quote, dollar, comment or semicolon only loses its blanks: _one_statement() for the others, and to
-    -- raise for a NULL or blank one.
-    RETURN (SELECT array_agg(CASE WHEN q !~ '[''"$;/-]' AND btrim(q, E' \t\r\n\f\v') <> ''
-                                  THEN btrim(q, E' \t\r\n\f\v')
+    -- quote, dollar, comment or semicolon is only trimmed, without a call per statement (the fast path of
+    -- _one_statement(), which raises for a NULL or blank one).
+    RETURN (SELECT array_agg(CASE WHEN q !~ '[''"$;/-]' AND t <> '' THEN t
                                   ELSE @schema@._one_statement(q, k::int) END ORDER BY k)
-              FROM unnest(p_querys) WITH ORDINALITY AS u(q, k));
+              FROM unnest(p_querys) WITH ORDINALITY AS u(q, k), @schema@._trim_statement(q) AS t);
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._validate_batch(text[], int, interval) IS
