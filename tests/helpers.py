@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -54,6 +56,55 @@ def poll_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+class Gate:
+    """An advisory lock that a test holds on a session of its own, which gated children wait for inside
+    their statement (``select {gate.sql}``, ``... from {gate.sql}``, ``PERFORM {gate.sql}``): they run
+    until the test lets them go, or until a stop, kill or restart ends them, however slow the machine.
+
+    The key is drawn per gate, so waiters are counted without telling the runner, its own worker or a
+    pg_cron job apart. Never give gated children a lock_timeout of their own; in a burst (1-ms
+    lock_timeout) a gated child rolls back and runs next on its own. A server restart ends the holding
+    session, and so lets the children of a rerun through.
+    """
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.key = secrets.randbelow(2**31 - 1) + 1
+        self.conn = conn
+        # A key of one bigint below 2^31: classid 0, objid the key, objsubid 1 (the engine's slots and
+        # watch locks are two-int keys, objsubid 2).
+        self.sql = f"pg_advisory_xact_lock_shared({self.key})"
+
+    def waiting(self) -> int:
+        """How many backends wait for the gate now."""
+        return self.conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 0 AND objid = %s "
+            "AND objsubid = 1 AND NOT granted",
+            (self.key,),
+        ).fetchone()[0]
+
+    def wait_for(self, n: int, timeout: float = 60.0) -> int:
+        """Until at least ``n`` backends wait for the gate; how many do."""
+        return poll_until(lambda: (w := self.waiting()) >= n and w, timeout, what=f"{n} children at the gate")
+
+    def open(self) -> None:
+        """Lets every gated child go, and those to come."""
+        self.conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+
+
+@contextlib.contextmanager
+def gate(dsn: str) -> Iterator[Gate]:
+    """A closed gate (see Gate) on the server of ``dsn``, held by a session of its own until the block
+    ends (it opens then, if the test did not open it)."""
+    conn = psycopg.connect(dsn, autocommit=True)
+    try:
+        g = Gate(conn)
+        conn.execute("SELECT pg_advisory_lock(%s)", (g.key,))
+        yield g
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            conn.close()  # after a restart the session is gone already
 
 
 def statuses(rows: list[dict[str, Any]]) -> list[str]:
