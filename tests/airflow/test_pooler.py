@@ -31,7 +31,7 @@ from airflow_pgbg.hooks.pgbg import PgBackgroundHook
 from airflow_pgbg.hooks.pooler import heartbeat_ttl
 from airflow_pgbg.hooks.watcher import BatchWatcher
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
-from tests.helpers import launch, monitor, poll_until, statuses
+from tests.helpers import gate, launch, monitor, poll_until, statuses
 from tests.servers import FLEET, FLEET_SESSION, FLEET_TX, local_servers_or_skip
 
 TX, SESSION, SESSION_DECLARED = "pgbg_pool_tx", "pgbg_pool_session", "pgbg_pool_session_declared"
@@ -189,21 +189,33 @@ def test_each_pool_mode_is_handled(
     pooled: dict[str, str], user: psycopg.Connection, conn_id: str, session_less: bool
 ) -> None:
     """A pooler of unknown mode is taken for transaction mode; declared session mode listens and locks."""
-    parent = launch(user, ["select pg_sleep(1.5)"])
     seen: dict[str, Any] = {}
+    with gate(pooled["admin"]) as g:
+        parent = launch(user, [f"select {g.sql}"])
 
-    async def wait() -> Any:
-        trigger = _trigger(parent, conn_id, claim="try 1 deferred", poll_interval=30.0)
-        task = asyncio.ensure_future(_first_event(trigger))
-        await asyncio.sleep(0.8)
-        seen["watched"] = await asyncio.to_thread(_watched, pooled["admin"], parent, "try 2 deferred")
-        seen["locks"] = await asyncio.to_thread(_watch_locks, pooled["admin"], parent)
-        seen["session_less"] = trigger._watcher().session_less
-        return await task
+        async def wait() -> Any:
+            # Polls of its own come 600 s apart: an end noticed sooner came by listening, or by the
+            # session-less watcher's polls of every second.
+            trigger = _trigger(parent, conn_id, claim="try 1 deferred", poll_interval=600.0)
+            task = asyncio.ensure_future(_first_event(trigger))
+            # The child waits at the gate, so the batch is still running however long the trigger takes.
+            await asyncio.to_thread(
+                poll_until,
+                lambda: task.done() or _watched(pooled["admin"], parent, "try 2 deferred"),
+                60,
+                0.05,
+                "the trigger to watch the batch",
+            )
+            seen["watched"] = await asyncio.to_thread(_watched, pooled["admin"], parent, "try 2 deferred")
+            seen["locks"] = await asyncio.to_thread(_watch_locks, pooled["admin"], parent)
+            seen["session_less"] = trigger._watcher().session_less
+            assert await asyncio.to_thread(g.waiting) == 1  # and the batch still runs
+            await asyncio.to_thread(g.open)
+            seen["opened"] = time.monotonic()
+            return await task
 
-    started = time.monotonic()
-    assert isinstance(asyncio.run(wait()), TaskSuccessEvent)
-    assert time.monotonic() - started < 5
+        assert isinstance(asyncio.run(wait()), TaskSuccessEvent)
+    assert time.monotonic() - seen["opened"] < 60
     assert seen["watched"]
     assert seen["session_less"] is session_less
     assert seen["locks"] == (0 if session_less else 1)
