@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from airflow_pgbg.hooks.install import install_engine_dsn
 from airflow_pgbg.hooks.watcher import WATCHER_APPLICATION_NAME
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
-from tests.helpers import ends_task_in_failure, launch, monitor, poll_until, statuses, wait
+from tests.helpers import ends_task_in_failure, gate, launch, monitor, poll_until, statuses, wait
 from tests.servers import FLEET, local_servers_or_skip
 
 CONN_ID = "pgbg_fleet"
@@ -115,43 +115,65 @@ def test_three_hundred_triggers_share_a_few_connections(fleet: str, fleet_user: 
     assert 1 <= sampler.peak <= 3, sampler.peak
 
 
+def _watcher_backends() -> int:
+    """The watcher connections on the server (this process's: the fleet server serves no other triggerer)."""
+    with psycopg.connect(_admin_dsn(), autocommit=True) as admin:
+        return admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s", (WATCHER_APPLICATION_NAME + "%",)
+        ).fetchone()[0]
+
+
+async def _watching(event: asyncio.Future[Any]) -> None:
+    """Until the trigger's watcher has both its connections open (or its trigger ended: the test fails then)."""
+    await asyncio.to_thread(
+        poll_until, lambda: event.done() or _watcher_backends() == 2, 60, 0.05, "the watcher's two connections"
+    )
+    assert not event.done(), event.result()
+
+
 def test_a_cut_connection_is_reconnected(fleet: str, fleet_user: psycopg.Connection) -> None:
-    parent = launch(fleet_user, ["select pg_sleep(1)"] * 3, max_parallel=1)
+    with gate(_admin_dsn()) as g:
+        parent = launch(fleet_user, [f"select {g.sql}"] * 3, max_parallel=1)
 
-    async def cut_mid_batch() -> Any:
-        event = asyncio.ensure_future(_first_event(_trigger(parent)))
-        await asyncio.sleep(0.5)
-        with psycopg.connect(_admin_dsn(), autocommit=True) as admin:
-            cut = admin.execute(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name LIKE %s",
-                (WATCHER_APPLICATION_NAME + "%",),
-            ).fetchone()[0]
-        assert cut == 2
-        return await event
+        async def cut_mid_batch() -> Any:
+            event = asyncio.ensure_future(_first_event(_trigger(parent)))
+            await _watching(event)
+            await asyncio.to_thread(g.wait_for, 1)  # the batch runs until after the cut
+            with psycopg.connect(_admin_dsn(), autocommit=True) as admin:
+                cut = admin.execute(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name LIKE %s",
+                    (WATCHER_APPLICATION_NAME + "%",),
+                ).fetchone()[0]
+            assert cut == 2
+            await asyncio.to_thread(g.open)
+            return await event
 
-    assert isinstance(asyncio.run(cut_mid_batch()), TaskSuccessEvent)
+        assert isinstance(asyncio.run(cut_mid_batch()), TaskSuccessEvent)
 
 
 def test_a_server_restart_mid_batch_is_waited_out(fleet: str, fleet_user: psycopg.Connection) -> None:
     fleet_user.execute("CREATE TABLE IF NOT EXISTS restart_marks (n int)")
     fleet_user.execute("TRUNCATE restart_marks")
-    # Safe to run again (the insert and the sleep commit together), so lost children are retried.
-    parent = str(
-        fleet_user.execute(
-            "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 2, "
-            "p_retries => 2, p_retry_delay => '0.2 s', p_retry_lost => true)",
-            ([f"insert into restart_marks select {i} from pg_sleep(1)" for i in range(4)],),
-        ).fetchone()[0]
-    )
+    # The gate's session ends with the restart, so the reruns go through.
+    with gate(_admin_dsn()) as g:
+        # Safe to run again (the insert and the wait commit together), so lost children are retried.
+        parent = str(
+            fleet_user.execute(
+                "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 2, "
+                "p_retries => 2, p_retry_delay => '0.2 s', p_retry_lost => true)",
+                ([f"insert into restart_marks select {i} from {g.sql}" for i in range(4)],),
+            ).fetchone()[0]
+        )
 
-    async def restart_mid_batch() -> Any:
-        event = asyncio.ensure_future(_first_event(_trigger(parent, reconnect_timeout=60)))
-        await asyncio.sleep(0.5)
-        await asyncio.to_thread(FLEET.restart)
-        return await event
+        async def restart_mid_batch() -> Any:
+            event = asyncio.ensure_future(_first_event(_trigger(parent, reconnect_timeout=60)))
+            await _watching(event)
+            await asyncio.to_thread(g.wait_for, 2)  # exactly two children run when the server goes
+            await asyncio.to_thread(FLEET.restart)
+            return await event
 
-    event = asyncio.run(restart_mid_batch())
+        event = asyncio.run(restart_mid_batch())
     assert isinstance(event, TaskSuccessEvent), event
     with psycopg.connect(fleet, autocommit=True) as conn:
         rows = monitor(conn, parent)
@@ -163,19 +185,21 @@ def test_a_server_restart_mid_batch_is_waited_out(fleet: str, fleet_user: psycop
 
 
 def test_a_kill_during_an_outage_reaches_the_batch(fleet: str, fleet_user: psycopg.Connection) -> None:
-    parent = launch(fleet_user, ["select pg_sleep(1)"] * 5, max_parallel=1)
-    poll_until(lambda: "running" in statuses(monitor(fleet_user, parent)), 20)
-    trigger = _trigger(parent, claim=None, reconnect_timeout=60)
+    # The gate's session ends with the server: nothing opens it before.
+    with gate(_admin_dsn()) as g:
+        parent = launch(fleet_user, [f"select {g.sql}"] * 5, max_parallel=1)
+        g.wait_for(1)  # child 1 runs when the server goes down
+        trigger = _trigger(parent, claim=None, reconnect_timeout=60)
 
-    async def kill_while_down() -> int:
-        await asyncio.to_thread(FLEET.stop)
-        kill = asyncio.ensure_future(trigger._stop_batch("a user marked the task"))
-        await asyncio.sleep(2)
-        assert not kill.done()  # still retrying
-        await asyncio.to_thread(FLEET.start)
-        return await kill
+        async def kill_while_down() -> int:
+            await asyncio.to_thread(FLEET.stop)
+            kill = asyncio.ensure_future(trigger._stop_batch("a user marked the task"))
+            await asyncio.sleep(2)
+            assert not kill.done()  # still retrying
+            await asyncio.to_thread(FLEET.start)
+            return await kill
 
-    assert asyncio.run(kill_while_down()) >= 4
+        assert asyncio.run(kill_while_down()) >= 4
     with psycopg.connect(fleet, autocommit=True) as conn:
         assert wait(conn, parent, "30s") in ("lost", "stopped")
         rows = monitor(conn, parent)
