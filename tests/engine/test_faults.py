@@ -26,7 +26,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from airflow_pgbg.hooks.install import install_engine_dsn
-from tests.helpers import monitor, poll_until, statuses
+from tests.helpers import gate, monitor, poll_until, statuses
 from tests.servers import FLEET, MANAGED, Instance, local_servers_or_skip
 
 
@@ -121,10 +121,12 @@ def _await(server: Server, parent: str) -> str:
 
 
 def _runner_waiting(server: Server, parent: str) -> int | None:
-    """The pid of the batch's runner while it waits for a lock the test holds."""
+    """The pid of the batch's runner while it waits for a lock the test holds on a table or a row (not
+    for a gate: a runner just let through one may still show that wait)."""
     with server.admin() as admin:
         row = admin.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'",
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock' "
+            "AND wait_event IN ('relation', 'tuple', 'transactionid')",
             (f"pgbg:{parent}",),
         ).fetchone()
     return row[0] if row else None
@@ -186,19 +188,21 @@ def _ran_again_once(child: dict[str, Any], how: str) -> None:
 @pytest.mark.parametrize("how", KILLS)
 def test_killed_while_it_records_an_outcome_and_claims_the_next(server: Server, effects: str, how: str) -> None:
     """Held where the outcome of an inline child and the claim of the next commit together."""
-    parent = _launch(
-        server,
-        [f"insert into {effects} select 1 from pg_sleep(1)", f"insert into {effects} values (2)"],
-        max_parallel=1,
-    )
-    poll_until(lambda: _runner_running(server, parent), 30, what="the first child running")
+    with gate(server.admin_dsn) as g:
+        parent = _launch(
+            server,
+            [f"insert into {effects} select 1 from {g.sql}", f"insert into {effects} values (2)"],
+            max_parallel=1,
+        )
+        g.wait_for(1)  # the first child runs until the counters are locked
 
-    def kill_at_the_claim() -> None:
-        pid = poll_until(lambda: _runner_waiting(server, parent), 30, 0.02, "the runner to wait for its count")
-        server.kill(pid, how)
+        def kill_at_the_claim() -> None:
+            g.open()
+            pid = poll_until(lambda: _runner_waiting(server, parent), 30, 0.02, "the runner to wait for its count")
+            server.kill(pid, how)
 
-    # The counters are written in the transaction of every outcome and claim.
-    _held(server, "LOCK TABLE pgbg.batch_progress IN SHARE MODE", kill_at_the_claim)
+        # The counters are written in the transaction of every outcome and claim.
+        _held(server, "LOCK TABLE pgbg.batch_progress IN SHARE MODE", kill_at_the_claim)
     assert _await(server, parent) == "done"
     assert _effects(server, effects) == [1, 2]  # each exactly once: the first rolled back with its runner
     first, second = _children(server, parent)
@@ -246,20 +250,26 @@ def test_killed_after_its_own_worker_committed_before_the_outcome_was_recorded(
 ) -> None:
     """A statement of its own worker or job (a CALL runs at top level) commits there; its runner dies
     before it records how it ended."""
-    with server.user() as user:
-        user.execute(
-            f"CREATE PROCEDURE {effects}_one() LANGUAGE plpgsql AS "
-            f"$$ BEGIN insert into {effects} values (1); COMMIT; PERFORM pg_sleep(1); END $$"
+    with gate(server.admin_dsn) as g:
+        with server.user() as user:
+            # It ends, after its commit, only once the test holds the row its runner records the outcome in.
+            user.execute(
+                f"CREATE PROCEDURE {effects}_one() LANGUAGE plpgsql AS "
+                f"$$ BEGIN insert into {effects} values (1); COMMIT; PERFORM {g.sql}; END $$"
+            )
+        parent = _launch(server, [f"call {effects}_one()"])
+        poll_until(lambda: statuses(_children(server, parent)) == ["running"], 30, what="the child running")
+
+        def kill_at_the_outcome() -> None:
+            poll_until(lambda: _effects(server, effects) == [1], 30, 0.05, "the worker to commit")
+            g.wait_for(1)
+            g.open()
+            pid = poll_until(lambda: _runner_waiting(server, parent), 30, 0.02, "the runner to record the outcome")
+            server.kill(pid, how)
+
+        _held(
+            server, f"SELECT 1 FROM pgbg.log_background WHERE uuid_parent = '{parent}' FOR UPDATE", kill_at_the_outcome
         )
-    parent = _launch(server, [f"call {effects}_one()"])
-    poll_until(lambda: statuses(_children(server, parent)) == ["running"], 30, what="the child running")
-
-    def kill_at_the_outcome() -> None:
-        poll_until(lambda: _effects(server, effects) == [1], 30, 0.05, "the worker to commit")
-        pid = poll_until(lambda: _runner_waiting(server, parent), 30, 0.02, "the runner to record the outcome")
-        server.kill(pid, how)
-
-    _held(server, f"SELECT 1 FROM pgbg.log_background WHERE uuid_parent = '{parent}' FOR UPDATE", kill_at_the_outcome)
     if server.launcher == "pg_cron":
         # pg_cron keeps how the child's job ended: the child is settled as it ended.
         assert _await(server, parent) == "done"
@@ -275,17 +285,20 @@ def test_a_wait_drives_a_batch_whose_runners_all_died(server: Server, effects: s
     """After a crash restart nobody runs the batch: a wait settles what the dead runners left and starts
     runners for what it queued again, which must see it (a wait queued it in its own long transaction,
     which its runners waited for in vain until the wait timed out)."""
-    parent = _launch(
-        server,
-        [f"insert into {effects} select 1 from pg_sleep(1)"],
-        statement_timeout="5 min",  # its own worker or job: lost with its runner, retried as the batch allows
-        retry_lost=True,
-        retries=1,
-    )
-    pid = poll_until(lambda: _runner_running(server, parent), 30, 0.02, "the child running")
-    with server.admin() as admin:
-        admin.execute("CHECKPOINT")  # the claim survives the crash (it committed without a WAL flush)
-    server.kill(pid, "sigkill")
+    # The crash ends the gate's session: the child's rerun goes through.
+    with gate(server.admin_dsn) as g:
+        parent = _launch(
+            server,
+            [f"insert into {effects} select 1 from {g.sql}"],
+            statement_timeout="5 min",  # its own worker or job: lost with its runner, retried as the batch allows
+            retry_lost=True,
+            retries=1,
+        )
+        pid = poll_until(lambda: _runner_running(server, parent), 30, 0.02, "the child running")
+        g.wait_for(1)
+        with server.admin() as admin:
+            admin.execute("CHECKPOINT")  # the claim survives the crash (it committed without a WAL flush)
+        server.kill(pid, "sigkill")
     with server.user() as user:
         assert user.execute("SELECT pgbg.pg_background_wait(%s, '60 s')", (parent,)).fetchone()[0] == "done"
     assert _effects(server, effects) == [1]
