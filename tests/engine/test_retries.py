@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.helpers import monitor, poll_until, statuses, wait
+from tests.helpers import gate, monitor, poll_until, statuses, wait
 
 
 def _launch(conn: psycopg.Connection, statements: list[str], **options: Any) -> str:
@@ -171,15 +171,17 @@ def test_a_lost_child_is_retried_only_when_the_batch_allows_it(
 
 
 def test_an_inline_child_whose_runner_was_interrupted_runs_again_without_using_a_retry(
-    admin: psycopg.Connection, user: psycopg.Connection, scratch: str
+    dsn: str, admin: psycopg.Connection, user: psycopg.Connection, scratch: str
 ) -> None:
     """Run inline, a child's work rolls back with its runner: it never happened, so it is queued again
     (no retry used, even with none allowed), and its history says so."""
     user.execute(f"CREATE TABLE {scratch}.effects (n int)")
-    parent = _launch(user, [f"insert into {scratch}.effects select 1 from pg_sleep(1)"])
-    poll_until(lambda: statuses(monitor(user, parent)) == ["running"], 20)
-    _terminate_runners(admin, parent)
-    assert wait(user, parent) == "done"
+    with gate(dsn) as g:
+        parent = _launch(user, [f"insert into {scratch}.effects select 1 from {g.sql}"])
+        g.wait_for(1)  # its runner is in the middle of it when it is terminated
+        _terminate_runners(admin, parent)
+        g.open()  # for the run again
+        assert wait(user, parent) == "done"
     (row,) = monitor(user, parent)
     assert row["attempt"] == 2
     assert [(e["attempt"], e["status"]) for e in row["errors"]] == [(1, "interrupted")]
