@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.helpers import launch, monitor, poll_until, statuses, wait
+from tests.helpers import gate, launch, monitor, poll_until, statuses, wait
 
 
 def submit(conn: psycopg.Connection, statements: list[str], origin: str, claim: str, **options: Any) -> dict:
@@ -212,13 +212,15 @@ def test_watched_by_finds_another_waiter_of_the_same_claim(user_dsn: str, user: 
     user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
 
 
-def test_a_worker_claim_is_reconnected_not_requeued(user: psycopg.Connection) -> None:
-    first = submit(user, ["select pg_sleep(1)"], "dag/run/worker/-1", "try 1")
-    parent = str(first["uuid_parent"])
-    poll_until(lambda: statuses(monitor(user, parent)) == ["running"], 20)
-    # The worker of try 1 died (it holds no watch lock); try 2 waits for the running child, not reruns it.
-    assert submit(user, ["select pg_sleep(1)"], "dag/run/worker/-1", "try 2")["action"] == "reconnected"
-    assert wait(user, parent) == "done"
+def test_a_worker_claim_is_reconnected_not_requeued(dsn: str, user: psycopg.Connection) -> None:
+    with gate(dsn) as g:
+        first = submit(user, [f"select {g.sql}"], "dag/run/worker/-1", "try 1")
+        parent = str(first["uuid_parent"])
+        g.wait_for(1)  # the child still runs when try 2 comes
+        # The worker of try 1 died (it holds no watch lock); try 2 waits for the running child, not reruns it.
+        assert submit(user, [f"select {g.sql}"], "dag/run/worker/-1", "try 2")["action"] == "reconnected"
+        g.open()
+        assert wait(user, parent) == "done"
     assert monitor(user, parent)[0]["attempt"] == 1
 
 
