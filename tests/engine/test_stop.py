@@ -7,7 +7,7 @@ import time
 import psycopg
 import pytest
 
-from tests.helpers import launch, monitor, poll_until, statuses, stop, wait
+from tests.helpers import gate, launch, monitor, poll_until, statuses, stop, wait
 
 
 def _running(conn: psycopg.Connection, parent: str, n: int) -> None:
@@ -34,13 +34,19 @@ def test_stop_a_batch_cancels_running_and_skips_queued(user: psycopg.Connection)
     )
 
 
-def test_stop_one_child_leaves_the_others(user: psycopg.Connection) -> None:
-    parent = launch(user, ["select pg_sleep(1.5)", "select pg_sleep(30)", "select pg_sleep(1.5)"], max_parallel=3)
-    _running(user, parent, 3)
-    child = monitor(user, parent)[1]["uuid_child"]
-    assert stop(user, str(child)) == 1
-    assert stop(user, str(child)) == 0
-    assert wait(user, parent) == "stopped"
+def test_stop_one_child_leaves_the_others(dsn: str, user: psycopg.Connection) -> None:
+    # Children 1 and 3 run until the stop of child 2 is made; only the stop ends child 2 (its gate never
+    # opens: let through, it could end done before the stop's cancel reached it).
+    with gate(dsn) as g, gate(dsn) as never:
+        parent = launch(user, [f"select {g.sql}", f"select {never.sql}", f"select {g.sql}"], max_parallel=3)
+        g.wait_for(2)
+        never.wait_for(1)
+        _running(user, parent, 3)
+        child = monitor(user, parent)[1]["uuid_child"]
+        assert stop(user, str(child)) == 1
+        assert stop(user, str(child)) == 0
+        g.open()
+        assert wait(user, parent) == "stopped"
     assert statuses(monitor(user, parent)) == ["done", "stopped", "done"]
 
 
