@@ -7,16 +7,16 @@ rest of the engine suite runs on both.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
 from airflow_pgbg.hooks.install import PgBackgroundMissing, PgCronUnusable, install_engine_dsn
-from tests.helpers import launch, monitor, poll_until, statuses, stop, wait
+from tests.helpers import gate, launch, monitor, poll_until, statuses, stop, wait
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +42,62 @@ def _parked(admin: psycopg.Connection, role: str) -> list[int]:
             "SELECT jobid FROM cron.job WHERE username = %s AND schedule = '@reboot' ORDER BY jobid", (role,)
         )
     ]
+
+
+@pytest.fixture
+def ticks(admin: psycopg.Connection) -> Iterator[Callable[[int], None]]:
+    """pg_cron's own clock: a job of the test's that runs every second. ticks(n) returns once n more of its
+    runs have started, so that a test waits for pg_cron's scheduler to come round, however slowly it does
+    on a loaded machine, instead of for seconds of the wall clock."""
+    job = admin.execute(
+        "SELECT cron.schedule(%s, '1 seconds', 'select 1')", (f"pgbg_tick_{secrets.token_hex(3)}",)
+    ).fetchone()[0]
+
+    def wait_ticks(n: int) -> None:
+        seen = admin.execute(
+            "SELECT coalesce(max(runid), 0) FROM cron.job_run_details WHERE jobid = %s", (job,)
+        ).fetchone()[0]
+        poll_until(
+            lambda: (
+                admin.execute(
+                    "SELECT count(*) FROM cron.job_run_details WHERE jobid = %s AND runid > %s", (job, seen)
+                ).fetchone()[0]
+                >= n
+            ),
+            60,
+            0.05,
+            f"{n} ticks of pg_cron",
+        )
+
+    try:
+        yield wait_ticks
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            admin.execute("SELECT cron.unschedule(%s)", (job,))
+        admin.execute("DELETE FROM cron.job_run_details WHERE jobid = %s", (job,))
+
+
+def _runs(admin: psycopg.Connection, role: str) -> tuple[int, int]:
+    """The newest run of the role's jobs, and how many of its runs go on. By run id, not by a count of rows:
+    a runner deletes the finished runs of its role's runner jobs."""
+    return admin.execute(
+        "SELECT coalesce(max(runid), 0), count(*) FILTER (WHERE status NOT IN ('succeeded', 'failed')) "
+        "FROM cron.job_run_details WHERE username = %s",
+        (role,),
+    ).fetchone()
+
+
+def _no_more_runs(admin: psycopg.Connection, role: str, ticks: Callable[[int], None], going_on: int) -> None:
+    """That the role's jobs start no run over 3 ticks of pg_cron (a job scheduled every second would start
+    one at each), with ``going_on`` runs still going. pg_cron runs a parked job once more for a tick that
+    came while its last run went on: each window that saw such a run is followed by another, up to 3."""
+    for _ in range(3):
+        before = _runs(admin, role)
+        ticks(3)
+        after = _runs(admin, role)
+        if before == after and after[1] == going_on:
+            return
+    raise AssertionError(f"the role's jobs went on running: newest run and runs going on {before}, then {after}")
 
 
 def test_install_picks_pg_cron_and_says_why_pg_background_cannot_be(admin: psycopg.Connection, dsn: str) -> None:
@@ -77,7 +133,9 @@ def test_waiting_in_the_launching_statement_is_refused_with_a_way_out(user: psyc
     assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == 0
 
 
-def test_runner_jobs_run_the_batch_then_park(admin: psycopg.Connection, user: psycopg.Connection) -> None:
+def test_runner_jobs_run_the_batch_then_park(
+    admin: psycopg.Connection, user: psycopg.Connection, ticks: Callable[[int], None]
+) -> None:
     role = user.info.user
     parent = launch(user, ["select pg_sleep(0.3)"] * 6, max_parallel=3)
     poll_until(lambda: _jobs(admin, role), 5, what="runner jobs")
@@ -90,18 +148,8 @@ def test_runner_jobs_run_the_batch_then_park(admin: psycopg.Connection, user: ps
     parked = _parked(admin, role)
     assert 1 <= len(parked) <= 3
     # pg_cron runs a job once more when a tick came while its last run went on (the runners lingered):
-    # that run sees its job parked and ends at once. Let it come and go.
-    time.sleep(2)
-    poll_until(
-        lambda: admin.execute(
-            "SELECT count(*) = 0 FROM pg_stat_activity WHERE usename = %s AND backend_type = 'pg_cron'", (role,)
-        ).fetchone()[0],
-        10,
-        what="the role's last runs to end",
-    )
-    runs = admin.execute("SELECT count(*) FROM cron.job_run_details WHERE username = %s", (role,)).fetchone()[0]
-    time.sleep(2.5)  # a job scheduled every second would have run twice
-    assert admin.execute("SELECT count(*) FROM cron.job_run_details WHERE username = %s", (role,)).fetchone()[0] == runs
+    # that run sees its job parked and ends at once. After those, nothing runs.
+    _no_more_runs(admin, role, ticks, 0)
     # The next batch wakes the parked jobs (pg_cron starts a job it knows at once) instead of adding any.
     later = launch(user, ["select pg_sleep(0.3)"] * 2, max_parallel=2)
     assert wait(user, later) == "done"
@@ -127,20 +175,20 @@ def test_a_runner_takes_the_roles_next_batch_before_it_parks(user: psycopg.Conne
 
 
 def test_runners_without_a_slot_park_instead_of_running_every_second(
-    admin: psycopg.Connection, user: psycopg.Connection
+    dsn: str, admin: psycopg.Connection, user: psycopg.Connection, ticks: Callable[[int], None]
 ) -> None:
     role = user.info.user
     first = launch(user, ["select pg_sleep(0.3)"] * 4, max_parallel=4)
     assert wait(user, first) == "done"
     # Its runners linger; a batch with cap 1 wakes them all, and those without a slot (its next
-    # children wait for the first) park.
-    slow = launch(user, ["select pg_sleep(2)"] * 3, max_parallel=1)
-    poll_until(lambda: len(_jobs(admin, role)) == 1, 5, what="the runners without a slot to park")
-    time.sleep(1.5)  # pg_cron runs a parked job once more for a tick it missed: let those come and go
-    runs = admin.execute("SELECT last_value FROM cron.runid_seq").fetchone()[0]
-    time.sleep(2)
-    assert admin.execute("SELECT last_value FROM cron.runid_seq").fetchone()[0] == runs
-    assert wait(user, slow) == "done"
+    # children wait for the first, held at a gate for as long as the test looks) park.
+    with gate(dsn) as g:
+        slow = launch(user, [f"select {g.sql}"] * 3, max_parallel=1)
+        poll_until(lambda: len(_jobs(admin, role)) == 1, 30, what="the runners without a slot to park")
+        g.wait_for(1)
+        _no_more_runs(admin, role, ticks, 1)  # the slot holder's run goes on
+        g.open()
+        assert wait(user, slow) == "done"
 
 
 def test_top_level_children_run_in_jobs_of_their_own(
