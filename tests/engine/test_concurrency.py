@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from tests.helpers import launch, monitor, poll_until, statuses, wait
+from tests.helpers import Gate, gate, launch, monitor, poll_until, statuses, wait
 
 
 class Sampler:
@@ -30,11 +30,12 @@ class Sampler:
         names = [f"pgbg:{p}" for p in self.parents]
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             while not self._stop.is_set():
-                # Worker processes holding a slot of these batches and busy in a child's pg_sleep.
+                # Worker processes holding a slot of these batches and busy in a child: in its pg_sleep,
+                # or waiting at the test's gate.
                 workers = conn.execute(
                     "SELECT count(DISTINCT a.pid) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
                     "WHERE a.backend_type IN ('pg_background', 'pg_cron') AND a.application_name = ANY(%s) "
-                    "AND a.wait_event = 'PgSleep' AND l.locktype = 'advisory' AND l.objsubid = 2 "
+                    "AND a.wait_event IN ('PgSleep', 'advisory') AND l.locktype = 'advisory' AND l.objsubid = 2 "
                     "AND l.classid = ANY(SELECT (hashtext('pgbg/' || p) & 2147483647)::oid FROM unnest(%s::text[]) p)",
                     (names, self.parents),
                 ).fetchone()[0]
@@ -57,11 +58,22 @@ class Sampler:
         self._thread.join()
 
 
+def _held(sampler: Sampler, g: Gate, n: int) -> None:
+    """Holds the first children at the gate until ``n`` wait there and the sampler has looked 50 times
+    more: a cap that let one more through would show it then, however slowly runners start."""
+    g.wait_for(n)
+    seen = sampler.samples
+    poll_until(lambda: sampler.samples >= seen + 50, 60, what="50 samples while children wait at the gate")
+    assert g.waiting() == n
+    g.open()
+
+
 def test_per_batch_cap_is_never_exceeded(dsn: str, user_dsn: str, user: psycopg.Connection) -> None:
-    parent = launch(user, ["select pg_sleep(0.25)"] * 12, max_parallel=3)
-    with Sampler(dsn, [parent]) as sampler:
-        assert wait(user, parent) == "done"
-    assert sampler.samples > 50
+    with gate(dsn) as g:
+        parent = launch(user, [f"select pg_sleep(0.25) from (select {g.sql}) g"] * 12, max_parallel=3)
+        with Sampler(dsn, [parent]) as sampler:
+            _held(sampler, g, 3)
+            assert wait(user, parent) == "done"
     assert sampler.max_workers == 3
     assert sampler.max_running == 3
 
@@ -125,11 +137,13 @@ def global_cap(admin: psycopg.Connection) -> Iterator[None]:
 
 
 def test_global_cap_holds_across_batches(dsn: str, user: psycopg.Connection, global_cap: None) -> None:
-    first = launch(user, ["select pg_sleep(0.2)"] * 6, max_parallel=2)
-    second = launch(user, ["select pg_sleep(0.2)"] * 6, max_parallel=2)
-    with Sampler(dsn, [first, second]) as sampler:
-        assert wait(user, first) == "done"
-        assert wait(user, second) == "done"
+    with gate(dsn) as g:
+        first = launch(user, [f"select pg_sleep(0.2) from (select {g.sql}) g"] * 6, max_parallel=2)
+        second = launch(user, [f"select pg_sleep(0.2) from (select {g.sql}) g"] * 6, max_parallel=2)
+        with Sampler(dsn, [first, second]) as sampler:
+            _held(sampler, g, 2)
+            assert wait(user, first) == "done"
+            assert wait(user, second) == "done"
     assert sampler.max_running == 2
     assert sampler.max_workers == 2
 
