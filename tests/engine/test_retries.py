@@ -212,21 +212,27 @@ def test_a_child_that_keeps_taking_its_runner_down_ends_lost(
     assert "interrupted 3 times" in row["error"]
 
 
-def test_deadlock_victims_are_retried(admin: psycopg.Connection, user: psycopg.Connection, scratch: str) -> None:
+def test_deadlock_victims_are_retried(
+    dsn: str, admin: psycopg.Connection, user: psycopg.Connection, scratch: str
+) -> None:
     user.execute(f"CREATE TABLE {scratch}.acct (id int PRIMARY KEY, v int)")
     user.execute(f"INSERT INTO {scratch}.acct SELECT g, 0 FROM generate_series(1, 2) g")
     admin.execute(f"ALTER ROLE {user.info.user} SET deadlock_timeout = '100ms'")  # runners take it up
 
-    def crossing(first: int, second: int) -> str:
+    def crossing(first: int, second: int, wait_here: str) -> str:
         return (
             f"with a as (update {scratch}.acct set v = v + 1 where id = {first} returning 1), "
-            f"s as (select pg_sleep(0.3) from a) "
+            f"s as (select {wait_here} from a) "
             f"update {scratch}.acct set v = v + 1 where id = {second} and exists (select 1 from s)"
         )
 
-    pair = [crossing(1, 2), crossing(2, 1)]
-    parent = _launch(user, pair, retries=3, retry_delay="0.05 s", max_parallel=2)
-    assert wait(user, parent) == "done"
+    # Each holds its first row at the gate: let through together, they deadlock, whatever the timing.
+    with gate(dsn) as g:
+        pair = [crossing(1, 2, g.sql), crossing(2, 1, g.sql)]
+        parent = _launch(user, pair, retries=3, retry_delay="0.05 s", max_parallel=2)
+        g.wait_for(2)
+        g.open()
+        assert wait(user, parent) == "done"
     rows = monitor(user, parent)
     assert any(e["sqlstate"] == "40P01" for r in rows for e in (r["errors"] or []))
     assert user.execute(f"SELECT sum(v) FROM {scratch}.acct").fetchone()[0] == 4  # both ran once in the end
