@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import time
+import threading
 
 import psycopg
 from airflow.triggers.base import TaskSuccessEvent
 
 from airflow_pgbg.compat import CAN_START_FROM_TRIGGER
+from airflow_pgbg.hooks.watcher import WATCHER_APPLICATION_NAME
 from airflow_pgbg.identity import XCOM_BATCH_KEY
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
-from tests.helpers import ends_task_in_failure, launch, monitor, statuses, wait
+from tests.helpers import ends_task_in_failure, gate, launch, monitor, poll_until, statuses, wait
 
 
 def _trigger(parent: str, **kwargs) -> PgBackgroundBatchTrigger:
@@ -137,69 +138,119 @@ def test_user_kill_stops_the_batch(pgbg_conn: str, user: psycopg.Connection) -> 
     assert wait(user, parent, "20s") == "stopped"
 
 
-def test_triggerer_shutdown_leaves_the_batch_running(pgbg_conn: str, user: psycopg.Connection) -> None:
-    parent = launch(user, ["select pg_sleep(1.5)"])
+def _watcher_backends(admin: psycopg.Connection, role: str, condition: str = "true") -> int:
+    """The role's watcher connections (the query one, not the listening one) that meet ``condition``."""
+    return admin.execute(
+        f"SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND application_name = %s AND {condition}",
+        (role, WATCHER_APPLICATION_NAME),
+    ).fetchone()[0]
 
-    async def run_then_cancel():
-        trigger = _trigger(parent)
-        task = asyncio.create_task(anext(trigger.run()))
-        await asyncio.sleep(0.3)
-        task.cancel()  # what a triggerer restart or shutdown does
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await trigger.cleanup()
 
-    asyncio.run(run_then_cancel())
-    assert not_stopped(user, parent)
+async def _waiting_on_the_batch(task: asyncio.Task, admin: psycopg.Connection, role: str) -> None:
+    """Until the trigger's watcher has connected to wait on the batch (or the trigger ended: the test fails)."""
+    await asyncio.to_thread(
+        poll_until,
+        lambda: task.done() or _watcher_backends(admin, role),
+        30,
+        0.02,
+        "the trigger to wait on the batch",
+    )
+    assert not task.done()
+
+
+def test_triggerer_shutdown_leaves_the_batch_running(
+    pgbg_conn: str, dsn: str, admin: psycopg.Connection, user: psycopg.Connection
+) -> None:
+    with gate(dsn) as g:
+        parent = launch(user, [f"select {g.sql}"])
+
+        async def run_then_cancel():
+            trigger = _trigger(parent)
+            task = asyncio.create_task(anext(trigger.run()))
+            await _waiting_on_the_batch(task, admin, user.info.user)
+            task.cancel()  # what a triggerer restart or shutdown does
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await trigger.cleanup()
+
+        asyncio.run(run_then_cancel())
+        assert not_stopped(user, parent)
+        g.wait_for(1)  # its child runs on, waiting at the gate
+        assert statuses(monitor(user, parent)) == ["running"]
+        g.open()
     assert wait(user, parent) == "done"
 
 
-def test_a_cancellation_reaches_the_triggerer_as_sent(pgbg_conn: str, user: psycopg.Connection) -> None:
+def test_a_cancellation_reaches_the_triggerer_as_sent(
+    pgbg_conn: str, dsn: str, admin: psycopg.Connection, user: psycopg.Connection
+) -> None:
     # Airflow calls on_kill() only when the CancelledError carries its "user action" message.
-    parent = launch(user, ["select pg_sleep(3)"])
+    with gate(dsn) as g:
+        parent = launch(user, [f"select {g.sql}"])
 
-    async def cancel_mid_poll() -> tuple:
-        task = asyncio.create_task(anext(_trigger(parent, poll_interval=2).run()))
-        await asyncio.sleep(0.5)  # inside a poll that waits in the database
-        task.cancel("user-action")
-        try:
-            await task
-        except asyncio.CancelledError as exc:
-            return exc.args
-        return ()
+        async def cancel_mid_wait() -> tuple:
+            task = asyncio.create_task(anext(_trigger(parent, poll_interval=2).run()))
+            await _waiting_on_the_batch(task, admin, user.info.user)
+            task.cancel("user-action")
+            try:
+                await task
+            except asyncio.CancelledError as exc:
+                return exc.args
+            return ()
 
-    assert asyncio.run(cancel_mid_poll()) == ("user-action",)
-    assert not_stopped(user, parent)
+        assert asyncio.run(cancel_mid_wait()) == ("user-action",)
+        assert not_stopped(user, parent)
 
 
-def test_polls_do_not_block_the_event_loop(pgbg_conn: str, admin: psycopg.Connection, user: psycopg.Connection) -> None:
-    parent = launch(user, ["select pg_sleep(3)"])
-    lags: list[float] = []
+def test_polls_do_not_block_the_event_loop(
+    pgbg_conn: str, dsn: str, admin: psycopg.Connection, user: psycopg.Connection
+) -> None:
+    role = user.info.user
+    ticks = 0
+    wanted = float("inf")
+    locked, release = threading.Event(), threading.Event()
 
-    async def ticker(stop: asyncio.Event) -> None:
+    async def ticker(stop: asyncio.Event, reached: asyncio.Event) -> None:
+        nonlocal ticks
         while not stop.is_set():
-            before = time.monotonic()
             await asyncio.sleep(0.01)
-            lags.append(time.monotonic() - before - 0.01)
+            ticks += 1
+            if ticks >= wanted:
+                reached.set()
 
-    async def main() -> float:
-        stop = asyncio.Event()
-        tick = asyncio.create_task(ticker(stop))
-        trigger = _trigger(parent)
-        poll = asyncio.create_task(anext(trigger.run()))
-        await asyncio.sleep(0.3)
-        # Hold the engine's batch table for a second: every poll in that second waits in the database.
-        with admin.transaction():
-            admin.execute("LOCK TABLE pgbg.batch IN ACCESS EXCLUSIVE MODE")
-            started = time.monotonic()
-            await asyncio.sleep(1.0)
-        blocked_for = time.monotonic() - started
+    def hold_the_batch_table() -> None:
+        # Every poll waits in the database while this holds. Let go by the loop: a loop that a poll
+        # blocked would never get there, and the test fails once this gives up.
+        with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+            conn.execute("LOCK TABLE pgbg.batch IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            release.wait(60)
+
+    def poll_waits() -> bool:
+        return bool(_watcher_backends(admin, role, "wait_event_type = 'Lock'"))
+
+    async def main() -> bool:
+        nonlocal wanted
+        stop, reached = asyncio.Event(), asyncio.Event()
+        tick = asyncio.create_task(ticker(stop, reached))
+        poll = asyncio.create_task(anext(_trigger(parent).run()))
+        await _waiting_on_the_batch(poll, admin, role)
+        holder = threading.Thread(target=hold_the_batch_table, daemon=True)
+        holder.start()
+        try:
+            assert await asyncio.to_thread(locked.wait, 30)
+            await asyncio.to_thread(poll_until, poll_waits, 30, 0.01, "the trigger's poll to wait for the lock")
+            wanted = ticks + 20
+            await reached.wait()  # the loop ticks on while the poll waits
+            still = await asyncio.to_thread(poll_waits)
+        finally:
+            release.set()
+            await asyncio.to_thread(holder.join)
         poll.cancel()
         stop.set()
         await tick
-        return blocked_for
+        return still
 
-    assert asyncio.run(main()) >= 1.0
-    # A poll blocking the loop would show one lag of about a second; the loop kept ticking.
-    assert len(lags) > 50
-    assert max(lags) < 0.25, f"event loop stalled {max(lags):.3f} s"
+    with gate(dsn) as g:  # the batch runs as long as the test looks
+        parent = launch(user, [f"select {g.sql}"])
+        assert asyncio.run(main()), "the trigger's poll stopped waiting before the loop had ticked 20 times"
