@@ -213,23 +213,25 @@ def test_a_kill_during_an_outage_reaches_the_batch(fleet: str, fleet_user: psyco
 def test_an_outage_longer_than_reconnect_timeout_fails_clearly(
     fleet: str, fleet_user: psycopg.Connection, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    parent = launch(fleet_user, ["select pg_sleep(1)"] * 3, max_parallel=1)
-
-    async def stay_down() -> Any:
+    async def stay_down(parent: str) -> Any:
         event = asyncio.ensure_future(_first_event(_trigger(parent, reconnect_timeout=2)))
-        await asyncio.sleep(0.3)
+        await _watching(event)
+        started = time.monotonic()  # the outage begins after this
         await asyncio.to_thread(FLEET.stop)
-        started = time.monotonic()
         result = await event
         return result, time.monotonic() - started
 
     try:
-        event, waited = asyncio.run(stay_down())
+        # The batch runs until the server goes (its gate with it): it cannot end before the outage.
+        with gate(_admin_dsn()) as g:
+            parent = launch(fleet_user, [f"select {g.sql}"] * 3, max_parallel=1)
+            g.wait_for(1)
+            event, waited = asyncio.run(stay_down(parent))
     finally:
         FLEET.start()
     log = capfd.readouterr()
     assert ends_task_in_failure(event)
-    assert 1.5 <= waited < 10  # from the end of the shutdown, which began the outage earlier
+    assert 2.0 <= waited < 30  # not before the reconnect_timeout has run out, and not long after
     # The task's log (Airflow's structured logging writes it to the process output here) names the outage.
     assert "unreachable for 2 s (reconnect_timeout)" in log.out + log.err
     assert "Connection refused" in log.out + log.err
