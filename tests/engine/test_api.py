@@ -6,7 +6,7 @@ import psycopg
 import pytest
 
 from airflow_pgbg.status import MONITOR_COLUMNS, ChildStatus
-from tests.helpers import launch, monitor, statuses, wait
+from tests.helpers import gate, launch, monitor, statuses, wait
 
 SEED_DEMO = (
     "select version();,select version(),select version(),select version(),"
@@ -30,9 +30,11 @@ def test_seed_demo_call_runs_seven_children(user: psycopg.Connection) -> None:
         assert row["duration"] is not None
 
 
-def test_asynchronous_launch_returns_before_the_batch_ends(user: psycopg.Connection) -> None:
-    parent = launch(user, ["select pg_sleep(0.5)"], monitor=False)
-    assert statuses(monitor(user, parent))[0] in ("queued", "running")
+def test_asynchronous_launch_returns_before_the_batch_ends(dsn: str, user: psycopg.Connection) -> None:
+    with gate(dsn) as g:  # the batch cannot end before the test has looked
+        parent = launch(user, [f"select {g.sql}"], monitor=False)
+        assert statuses(monitor(user, parent))[0] in ("queued", "running")
+        g.open()
     assert wait(user, parent) == "done"
 
 
