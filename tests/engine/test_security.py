@@ -8,7 +8,7 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from tests.helpers import launch, monitor, poll_until, stop, wait
+from tests.helpers import gate, launch, monitor, poll_until, statuses, stop, wait
 
 
 def test_children_run_as_the_submitting_role(user_dsn: str, user: psycopg.Connection) -> None:
@@ -194,7 +194,7 @@ def _concurrency(rows: list[dict]) -> int:
 
 
 def test_nobody_else_can_hold_a_batchs_slots_or_pose_as_its_runners(
-    user: psycopg.Connection, make_role: Callable[..., str]
+    dsn: str, user: psycopg.Connection, make_role: Callable[..., str]
 ) -> None:
     """Slots are session advisory locks, which any session may take, and runners are named after their
     batch, which any session may copy: neither a session without the engine's grants nor another role
@@ -203,10 +203,11 @@ def test_nobody_else_can_hold_a_batchs_slots_or_pose_as_its_runners(
     with (
         psycopg.connect(outsider_dsn, autocommit=True) as outsider,
         psycopg.connect(other_dsn, autocommit=True) as other,
+        gate(dsn) as g,
     ):
         # Launched in a transaction: its runners wait for it, while the others take their slots first.
         user.execute("BEGIN")
-        parent = launch(user, ["select pg_sleep(0.5)"] * 4, max_parallel=2)
+        parent = launch(user, [f"select {g.sql}"] * 4, max_parallel=2)
         cap = user.execute("SELECT pgbg._global_cap()").fetchone()[0]
         global_key = user.execute("SELECT hashtext('pgbg/global') & 2147483647").fetchone()[0]
         batch_key = user.execute("SELECT hashtext('pgbg/' || %s) & 2147483647", (parent,)).fetchone()[0]
@@ -216,6 +217,12 @@ def test_nobody_else_can_hold_a_batchs_slots_or_pose_as_its_runners(
         outsider.execute("SELECT pg_advisory_lock(%s, s) FROM generate_series(1, 2) s", (batch_key,))
         other.execute("SELECT pg_advisory_lock(%s, s) FROM generate_series(3, 4) s", (batch_key,))
         user.execute("COMMIT")
+        # Two children run together, held at the gate, and the other two wait: no squatter took a slot
+        # from the batch or gave it one more (a third runner would wait at the gate too).
+        g.wait_for(2)
+        assert statuses(monitor(user, parent)) == ["running", "running", "queued", "queued"]
+        assert g.waiting() == 2
+        g.open()
         assert user.execute("CALL pgbg.pg_background_await(%s, '30 s', NULL)", (parent,)).fetchone()[0] == "done"
         assert _concurrency(monitor(user, parent)) == 2  # its own cap, not less, not more
         # Housekeeping counts only the batch's own runners (none is left).
