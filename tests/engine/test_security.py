@@ -25,14 +25,15 @@ def test_a_child_cannot_do_what_its_role_cannot(user: psycopg.Connection) -> Non
     assert [r["sqlstate"] for r in monitor(user, parent)] == ["42501", "42501"]
 
 
-def test_two_roles_cannot_see_or_stop_each_other(make_role: Callable[..., str]) -> None:
+def test_two_roles_cannot_see_or_stop_each_other(dsn: str, make_role: Callable[..., str]) -> None:
     alice_dsn, bob_dsn, carol_dsn = make_role(), make_role(), make_role("pgbg_admin")
     with (
         psycopg.connect(alice_dsn, autocommit=True) as alice,
         psycopg.connect(bob_dsn, autocommit=True) as bob,
         psycopg.connect(carol_dsn, autocommit=True) as carol,
+        gate(dsn) as never,  # never opens: the batch is unfinished until carol's stop, which counts 2
     ):
-        parent = launch(alice, ["select pg_sleep(30)"] * 2, max_parallel=1)
+        parent = launch(alice, [f"select {never.sql}"] * 2, max_parallel=1)
         child = str(monitor(alice, parent)[1]["uuid_child"])
 
         assert monitor(bob, parent) == []
@@ -93,7 +94,7 @@ def test_a_role_without_pgbg_user_cannot_use_the_engine(make_role: Callable[...,
         launch(outsider, ["select 1"])
 
 
-def test_a_stop_signals_only_the_engines_own_processes(make_role: Callable[..., str]) -> None:
+def test_a_stop_signals_only_the_engines_own_processes(dsn: str, make_role: Callable[..., str]) -> None:
     """pid and backend_start of a child are columns its role may write: pointing them at another process
     (another role's session, or a plain session of the same role) must not get that process cancelled."""
     alice_dsn, bob_dsn, carol_dsn = make_role(), make_role(), make_role("pgbg_admin")
@@ -102,6 +103,7 @@ def test_a_stop_signals_only_the_engines_own_processes(make_role: Callable[..., 
         psycopg.connect(alice_dsn, autocommit=True) as alice_elsewhere,
         psycopg.connect(bob_dsn, autocommit=True) as bob,
         psycopg.connect(carol_dsn, autocommit=True) as carol,
+        gate(dsn) as never,  # never opens: each forged child still runs at its stop, which counts it
     ):
         victims = {}
         for name, conn in (("bob", bob), ("alice_elsewhere", alice_elsewhere)):
@@ -127,7 +129,7 @@ def test_a_stop_signals_only_the_engines_own_processes(make_role: Callable[..., 
         for t in threads:
             t.start()
         for victim in ("bob", "alice_elsewhere"):
-            parent = launch(alice, ["select pg_sleep(30)"])
+            parent = launch(alice, [f"select {never.sql}"])
             poll_until(lambda parent=parent: monitor(alice, parent)[0]["status"] == "running", 20)
             pid, backend_start = victims[victim]
             # Forged: the running child now names the victim's backend.
