@@ -99,11 +99,18 @@ def test_a_taken_failure_is_resumed_and_its_new_outcome_taken_again(user: psycop
     )
 
 
-def test_a_watched_batch_waits_for_its_watcher_then_is_taken_over(user_dsn: str, user: psycopg.Connection) -> None:
+def test_a_watched_batch_waits_for_its_watcher_then_is_taken_over(
+    dsn: str, user_dsn: str, user: psycopg.Connection
+) -> None:
+    # The gate never opens: the first child still runs at the takeover (which cuts it short), and the
+    # second one still runs when the test looks, however slow the machine.
+    with gate(dsn) as never:
+        _watched_then_taken_over(user_dsn, user, [f"select {never.sql}"] * 2)
+
+
+def _watched_then_taken_over(user_dsn: str, user: psycopg.Connection, statements: list[str]) -> None:
     origin = "dag/run/watched/-1"
-    first = submit(
-        user, ["select pg_sleep(30)"] * 2, origin, "try 1 deferred", requeue_on_takeover=True, max_parallel=1
-    )
+    first = submit(user, statements, origin, "try 1 deferred", requeue_on_takeover=True, max_parallel=1)
     parent = str(first["uuid_parent"])
     poll_until(lambda: "running" in statuses(monitor(user, parent)), 20)
     with psycopg.connect(user_dsn, autocommit=True) as watcher:
@@ -115,7 +122,7 @@ def test_a_watched_batch_waits_for_its_watcher_then_is_taken_over(user_dsn: str,
         )
         assert user.execute("SELECT pgbg.pg_background_watched(%s, 'try 2 deferred')", (parent,)).fetchone()[0]
         assert not user.execute("SELECT pgbg.pg_background_watched(%s, 'try 1 deferred')", (parent,)).fetchone()[0]
-        assert submit(user, ["select pg_sleep(30)"] * 2, origin, "try 2 deferred")["action"] == "waiting"
+        assert submit(user, statements, origin, "try 2 deferred")["action"] == "waiting"
     # The watcher's connection is gone (its backend a moment later): the new try takes over. Its holder
     # waited from the triggerer, so the running child is stopped and queued again, as that holder's kill
     # would have done.
@@ -124,7 +131,7 @@ def test_a_watched_batch_waits_for_its_watcher_then_is_taken_over(user_dsn: str,
         10,
         what="the watcher's session to end",
     )
-    second = submit(user, ["select pg_sleep(30)"] * 2, origin, "try 2 deferred", requeue_on_takeover=True)
+    second = submit(user, statements, origin, "try 2 deferred", requeue_on_takeover=True)
     assert second["action"] == "reconnected"
     # The cut-short child waits behind the rest; the runner goes on with the next one.
     poll_until(lambda: statuses(monitor(user, parent)) == ["queued", "running"], 20)
