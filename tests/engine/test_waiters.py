@@ -151,44 +151,57 @@ def heartbeat(conn: psycopg.Connection, waiter: str, ttl: str, watch=(), unwatch
     ).fetchone()[0]
 
 
-def test_a_heartbeat_waiter_is_alive_until_its_ttl_runs_out(user: psycopg.Connection, make_role) -> None:
+def test_a_heartbeat_waiter_is_alive_until_its_ttl_runs_out(dsn: str, user: psycopg.Connection, make_role) -> None:
     """What a waiter behind a pooler in transaction mode uses: no session, a row it keeps alive."""
+    with gate(dsn) as never:  # never opens: the child still runs when try 2 reconnects to it
+        _heartbeat_waiter(user, make_role, f"select {never.sql}")
+
+
+def _heartbeat_waiter(user: psycopg.Connection, make_role, statement: str) -> None:
     origin = "dag/run/heartbeat/-1"
-    first = submit(user, ["select pg_sleep(30)"], origin, "try 1 deferred", requeue_on_takeover=True)
+    first = submit(user, [statement], origin, "try 1 deferred", requeue_on_takeover=True)
     parent = str(first["uuid_parent"])
     waiter = str(uuid.uuid4())
 
     def watched(claim: str) -> bool:
         return user.execute("SELECT pgbg.pg_background_watched(%s, %s)", (parent, claim)).fetchone()[0]
 
-    assert heartbeat(user, waiter, "2 s", watch=[(parent, "try 1 deferred")]) is False  # a new waiter
+    def alive_until() -> Any:
+        return user.execute("SELECT alive_until FROM pgbg.waiter WHERE waiter_id = %s", (waiter,)).fetchone()[0]
+
+    # Beats of a minute: a stall of the test between two of them cannot expire the waiter (beats of 2 s,
+    # 0.8 s apart, did after a stall of 1.2 s); each beat must move its life on instead.
+    assert heartbeat(user, waiter, "1 min", watch=[(parent, "try 1 deferred")]) is False  # a new waiter
     assert watched("try 2 deferred")
     assert not watched("try 1 deferred")
-    assert submit(user, ["select pg_sleep(30)"], origin, "try 2 deferred")["action"] == "waiting"
+    assert submit(user, [statement], origin, "try 2 deferred")["action"] == "waiting"
     # Kept alive by its beats, with nothing more to say.
     for _ in range(3):
-        time.sleep(0.8)
-        assert heartbeat(user, waiter, "2 s") is True
+        before = alive_until()
+        time.sleep(0.1)
+        assert heartbeat(user, waiter, "1 min") is True
+        assert alive_until() > before
         assert watched("try 2 deferred")
     # Another role sees none of it, and cannot beat for it.
     other = psycopg.connect(make_role(), autocommit=True)
     assert other.execute("SELECT count(*) FROM pgbg.waiter_watch").fetchone()[0] == 0
     with pytest.raises(psycopg.errors.UniqueViolation):
         other.execute("SELECT pgbg.pg_background_heartbeat(%s, '1 h')", (waiter,))
-    assert user.execute("SELECT alive_until < now() + interval '1 minute' FROM pgbg.waiter").fetchone()[0]
+    assert user.execute("SELECT alive_until < now() + interval '30 minutes' FROM pgbg.waiter").fetchone()[0]
     other.close()
-    # Its process died: no beat comes, and a ttl later the batch is free for the next try.
-    time.sleep(2.2)
-    assert not watched("try 2 deferred")
-    assert submit(user, ["select pg_sleep(30)"], origin, "try 2 deferred")["action"] == "reconnected"
+    # Its process died after a last beat of a short ttl: no beat comes, and once the ttl has run out the
+    # batch is free for the next try.
+    assert heartbeat(user, waiter, "100 ms") is True
+    poll_until(lambda: not watched("try 2 deferred"), what="the waiter's ttl to run out")
+    assert submit(user, [statement], origin, "try 2 deferred")["action"] == "reconnected"
     # Back after its ttl ran out: it has to name what it watches again.
-    assert heartbeat(user, waiter, "2 s") is False
+    assert heartbeat(user, waiter, "1 min") is False
     assert not watched("try 3 deferred")
-    assert heartbeat(user, waiter, "2 s", watch=[(parent, "try 2 deferred")]) is True
+    assert heartbeat(user, waiter, "1 min", watch=[(parent, "try 2 deferred")]) is True
     assert watched("try 3 deferred")
-    assert heartbeat(user, waiter, "2 s", unwatch=[(parent, "try 2 deferred")]) is True
+    assert heartbeat(user, waiter, "1 min", unwatch=[(parent, "try 2 deferred")]) is True
     assert not watched("try 3 deferred")
-    heartbeat(user, waiter, "2 s", watch=[(parent, "try 2 deferred")])
+    heartbeat(user, waiter, "1 min", watch=[(parent, "try 2 deferred")])
     assert user.execute("SELECT pgbg.pg_background_heartbeat_end(%s)", (waiter,)).fetchone()[0]
     assert not watched("try 3 deferred")
     assert user.execute("SELECT count(*) FROM pgbg.waiter_watch").fetchone()[0] == 0
