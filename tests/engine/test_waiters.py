@@ -323,13 +323,14 @@ def test_a_wait_in_one_statement_refuses_a_batch_it_would_hold_back(
     parent = concurrent_build()
     started = time.monotonic()
     with pytest.raises(psycopg.errors.FeatureNotSupported, match="would hold back") as refused:
-        wait(user, parent, "60 s")
-    assert time.monotonic() - started < 2  # at once, not after its timeout
+        wait(user, parent, "10 min")
+    # At once, not after its timeout: a refusal that came after the wait would take 10 min, against which
+    # 60 s is no tight bound.
+    assert time.monotonic() - started < 60
     assert "pg_background_await" in refused.value.diag.message_hint
-    # The form that works: a procedure that commits between its checks.
-    started = time.monotonic()
+    # The form that works: a procedure that commits between its checks. No bound on its time: one that held
+    # the build back would wait for it until its own timeout, and return NULL then.
     assert user.execute("CALL pgbg.pg_background_await(%s, '60 s', NULL)", (parent,)).fetchone()[0] == "done"
-    assert time.monotonic() - started < 20
     assert statuses(monitor(user, parent)) == ["done", "done"]
     # Nothing left to hold back: the function waits for it too.
     assert wait(user, parent, "5 s") == "done"
@@ -343,12 +344,13 @@ def test_a_poll_that_would_hold_a_batch_back_does_not_wait(
     polls = 0
     while True:
         polls += 1
-        status = user.execute("SELECT status FROM pgbg.pg_background_poll(%s, '10 s')", (parent,)).fetchone()[0]
+        status = user.execute("SELECT status FROM pgbg.pg_background_poll(%s, '10 min')", (parent,)).fetchone()[0]
         if status not in ("queued", "running"):
             break
         time.sleep(0.2)  # the poller waits between calls, holding no snapshot
     assert status == "done", [(r["status"], r["sqlstate"], r["error"], r["errors"]) for r in monitor(user, parent)]
-    assert time.monotonic() - started < 20  # no poll held it for its 10 s
+    # No poll held it for its 10 min: a build of 20,000 rows is done well within 2 min otherwise.
+    assert time.monotonic() - started < 120
     assert polls > 1
 
 
@@ -366,8 +368,13 @@ def test_a_wait_without_a_timeout_checks_ever_less_often(admin: psycopg.Connecti
     parent = launch(admin, ["select pg_sleep(1.5)"])
     with admin.transaction():
         admin.execute("SET LOCAL track_functions = 'pl'")
+        began = admin.execute("SELECT clock_timestamp()").fetchone()[0]
         assert admin.execute("SELECT pgbg.pg_background_wait(%s)", (parent,)).fetchone()[0] == "done"
+        took = (admin.execute("SELECT clock_timestamp()").fetchone()[0] - began).total_seconds()
         checks = admin.execute(
             "SELECT calls FROM pg_stat_xact_user_functions WHERE schemaname = 'pgbg' AND funcname = '_housekeep_apart'"
         ).fetchone()[0]
-    assert checks <= 30
+    # A bound on the rate, not the count: the wait lasts as long as the launch and the batch take (a pg_cron
+    # tick, a loaded machine). Naps of 5 ms doubling to 0.2 s make 7 checks in their first 0.3 s, then one
+    # per 0.2 s at most; naps of 1 ms would make about 1,000 a second.
+    assert checks <= 10 + took / 0.2, (checks, took)
