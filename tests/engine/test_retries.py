@@ -93,18 +93,22 @@ def test_fail_fast_acts_only_on_a_final_failure(user: psycopg.Connection, flaky:
     assert statuses(monitor(user, parent)) == ["done"] * 3
 
 
-def test_counts_follow_every_transition(user: psycopg.Connection, flaky: str) -> None:
-    # One runner in seq order; the retried first child goes back in the queue behind the others.
-    parent = _launch(
-        user,
-        [f"select {flaky}.flaky('f', 1, '40001')", "select 1/0", "select pg_sleep(2)", "select 2"],
-        retries=1,
-        retry_delay="0 s",
-        max_parallel=1,
-    )
-    poll_until(lambda: monitor(user, parent)[2]["status"] == "running", 20)
-    user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
-    assert wait(user, parent) == "failed"
+def test_counts_follow_every_transition(dsn: str, user: psycopg.Connection, flaky: str) -> None:
+    # One runner in seq order; the retried first child goes back in the queue behind the others. Child 3
+    # waits at a gate until the stop has ended it (a 2-s child had to be caught running), and runs through
+    # on the retry.
+    with gate(dsn) as g:
+        parent = _launch(
+            user,
+            [f"select {flaky}.flaky('f', 1, '40001')", "select 1/0", f"select {g.sql}", "select 2"],
+            retries=1,
+            retry_delay="0 s",
+            max_parallel=1,
+        )
+        poll_until(lambda: monitor(user, parent)[2]["status"] == "running", 20)
+        g.wait_for(1)
+        user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
+        assert wait(user, parent) == "failed"
 
     def counts() -> dict[str, int]:
         row = user.execute(
@@ -137,30 +141,33 @@ def _terminate_runners(admin: psycopg.Connection, parent: str) -> None:
 
 
 def test_a_lost_child_is_retried_only_when_the_batch_allows_it(
-    admin: psycopg.Connection, user: psycopg.Connection, scratch: str
+    dsn: str, admin: psycopg.Connection, user: psycopg.Connection, scratch: str
 ) -> None:
     def lose_one(retry_lost: bool) -> list[dict[str, Any]]:
         # With a statement timeout, the child runs in a worker (or job) of its own, where its work may
         # have committed before its runner died: lost, unless the batch says it may run again. Both die
         # here, once the child's own process runs it (a pg_cron job left alone would finish it, and be
         # recorded done, or not have begun yet, depending on the second it was due in). Its first
-        # attempt would take 30 s, a second one none.
+        # attempt waits at a gate that never opens (a 30-s sleep had to outlast the kills), a second one
+        # not at all.
         marker = f"lost_{retry_lost}".lower()
         user.execute(f"CREATE SEQUENCE {scratch}.{marker}")
-        statement = f"select pg_sleep(case when nextval('{scratch}.{marker}') = 1 then 30 else 0 end) as {marker}"
-        parent = _launch(
-            user, [statement], retries=1, retry_delay="0 s", retry_lost=retry_lost, statement_timeout="1 min"
-        )
-        running = (
-            "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND query LIKE '%%nextval%%' "
-            "AND pid <> pg_backend_pid()"
-        )
-        # Killed once it sleeps: after it drew its number, so that a run pg_cron starts again does not sleep.
-        poll_until(lambda: admin.execute(f"SELECT is_called FROM {scratch}.{marker}").fetchone()[0], 30)
-        poll_until(lambda: admin.execute(running, (f"%{marker}%",)).fetchone() is not None, 30)
-        _terminate_runners(admin, parent)
-        admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({running}) own", (f"%{marker}%",))
-        wait(user, parent)
+        with gate(dsn) as never:
+            statement = f"select case when nextval('{scratch}.{marker}') = 1 then {never.sql} end as {marker}"
+            parent = _launch(
+                user, [statement], retries=1, retry_delay="0 s", retry_lost=retry_lost, statement_timeout="1 min"
+            )
+            running = (
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE %s AND query LIKE '%%nextval%%' "
+                "AND pid <> pg_backend_pid()"
+            )
+            # Killed at the gate: after it drew its number, so that a run pg_cron starts again goes through.
+            never.wait_for(1)
+            poll_until(lambda: admin.execute(f"SELECT is_called FROM {scratch}.{marker}").fetchone()[0], 30)
+            poll_until(lambda: admin.execute(running, (f"%{marker}%",)).fetchone() is not None, 30)
+            _terminate_runners(admin, parent)
+            admin.execute(f"SELECT pg_terminate_backend(pid) FROM ({running}) own", (f"%{marker}%",))
+            wait(user, parent)
         return monitor(user, parent)
 
     (kept,) = lose_one(retry_lost=False)
@@ -193,19 +200,23 @@ def test_an_inline_child_whose_runner_was_interrupted_runs_again_without_using_a
 
 
 def test_a_child_that_keeps_taking_its_runner_down_ends_lost(
-    admin: psycopg.Connection, user: psycopg.Connection
+    dsn: str, admin: psycopg.Connection, user: psycopg.Connection
 ) -> None:
-    parent = _launch(user, ["select pg_sleep(30)"])
-    for attempt in (1, 2, 3):
-        poll_until(
-            lambda attempt=attempt: (
-                [(r["status"], r["attempt"]) for r in monitor(user, parent)] == [("running", attempt)]
-            ),
-            30,
-            what=f"attempt {attempt} running",
-        )
-        _terminate_runners(admin, parent)
-    assert wait(user, parent) == "lost"
+    # Each attempt waits at a gate that never opens, so each one is still running when its runner is
+    # terminated (30-s sleeps had to outlast the polls).
+    with gate(dsn) as never:
+        parent = _launch(user, [f"select {never.sql}"])
+        for attempt in (1, 2, 3):
+            poll_until(
+                lambda attempt=attempt: (
+                    [(r["status"], r["attempt"]) for r in monitor(user, parent)] == [("running", attempt)]
+                ),
+                30,
+                what=f"attempt {attempt} running",
+            )
+            never.wait_for(1)
+            _terminate_runners(admin, parent)
+        assert wait(user, parent) == "lost"
     (row,) = monitor(user, parent)
     assert row["attempt"] == 3
     assert [e["status"] for e in row["errors"]] == ["interrupted", "interrupted", "lost"]
