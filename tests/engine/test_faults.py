@@ -235,9 +235,15 @@ def test_killed_after_the_claim_committed_before_the_statement_did_anything(
 
 @pytest.mark.parametrize("how", KILLS)
 def test_killed_during_an_inline_statement(server: Server, effects: str, how: str) -> None:
-    parent = _launch(server, [f"insert into {effects} select 1 from pg_sleep(2)"])
-    pid = poll_until(lambda: _runner_running(server, parent), 30, 0.02, "the child running")
-    server.kill(pid, how)
+    # The child waits at a gate until its runner is killed (a 2-s child had to outlast the poll and the
+    # kill); after a terminate the test opens it for the run again, a crash restart ends its session.
+    with gate(server.admin_dsn) as g:
+        parent = _launch(server, [f"insert into {effects} select 1 from {g.sql}"])
+        pid = poll_until(lambda: _runner_running(server, parent), 30, 0.02, "the child running")
+        g.wait_for(1)
+        server.kill(pid, how)
+        if how == "terminate":
+            g.open()
     assert _await(server, parent) == "done"
     assert _effects(server, effects) == [1]
     (child,) = _children(server, parent)
