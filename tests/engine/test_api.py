@@ -219,10 +219,13 @@ def test_synchronous_launch_refuses_concurrently(user: psycopg.Connection) -> No
     assert user.execute("SELECT count(*) FROM pgbg.batch").fetchone()[0] == 0
 
 
-def test_wait_returns_null_on_timeout_and_batch_keeps_running(user: psycopg.Connection) -> None:
-    parent = launch(user, ["select pg_sleep(1)"])
-    assert wait(user, parent, "0.1s") is None
-    assert wait(user, parent) == "done"
+def test_wait_returns_null_on_timeout_and_batch_keeps_running(dsn: str, user: psycopg.Connection) -> None:
+    # The child waits at a gate until the wait has timed out (a 1-s child had to outlast a 0.1-s wait).
+    with gate(dsn) as g:
+        parent = launch(user, [f"select {g.sql}"])
+        assert wait(user, parent, "0.1s") is None
+        g.open()
+        assert wait(user, parent) == "done"
 
 
 def test_unknown_uuid_monitor_is_empty_wait_and_stop_raise(user: psycopg.Connection) -> None:
