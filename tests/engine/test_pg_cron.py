@@ -218,26 +218,30 @@ def test_top_level_children_run_in_jobs_of_their_own(
     poll_until(lambda: not _jobs(admin, user.info.user), 10, what="child and runner jobs to go")
 
 
-def test_stopping_a_top_level_child_ends_its_job(admin: psycopg.Connection, user: psycopg.Connection) -> None:
-    parent = launch(user, ["do $$ begin perform pg_sleep(60); end $$"])
-    poll_until(
-        lambda: admin.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_cron' AND query LIKE 'do $$%%'"
-        ).fetchone()[0],
-        10,
-        what="the child's job to start",
-    )
-    stop(user, parent)
-    assert wait(user, parent, "10s") == "stopped"
-    poll_until(
-        lambda: (
-            not admin.execute(
+def test_stopping_a_top_level_child_ends_its_job(dsn: str, admin: psycopg.Connection, user: psycopg.Connection) -> None:
+    # The DO block waits at a gate that never opens: only the stop can end the child's job (a 60-s sleep
+    # had to outlast the test), so the wait's 60 s are a guard, not a bound on the stop.
+    with gate(dsn) as never:
+        parent = launch(user, [f"do $$ begin perform {never.sql}; end $$"])
+        poll_until(
+            lambda: admin.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_cron' AND query LIKE 'do $$%%'"
-            ).fetchone()[0]
-        ),
-        10,
-        what="the child's job to end",
-    )
+            ).fetchone()[0],
+            10,
+            what="the child's job to start",
+        )
+        never.wait_for(1)
+        stop(user, parent)
+        assert wait(user, parent, "60s") == "stopped"
+        poll_until(
+            lambda: (
+                not admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_cron' AND query LIKE 'do $$%%'"
+                ).fetchone()[0]
+            ),
+            10,
+            what="the child's job to end",
+        )
     poll_until(lambda: not _jobs(admin, user.info.user), 10, what="jobs to go")
 
 
