@@ -149,32 +149,35 @@ def test_global_cap_holds_across_batches(dsn: str, user: psycopg.Connection, glo
 
 
 @pytest.mark.pg_background_only
-def test_no_free_worker_keeps_work_queued_until_one_frees(admin: psycopg.Connection, user: psycopg.Connection) -> None:
-    # Fill every background worker slot of the server with real pg_background workers.
+def test_no_free_worker_keeps_work_queued_until_one_frees(
+    dsn: str, admin: psycopg.Connection, user: psycopg.Connection
+) -> None:
+    # Fill every background worker slot of the server with real pg_background workers. They wait at a gate
+    # that never opens, so only their cancel frees the slots (60-s sleeps had to outlast the test).
     free = admin.execute("SELECT current_setting('max_worker_processes')::int").fetchone()[0]
     admin.execute("SET pg_background.max_workers = %s" % (free + 1))
     hogs = []
-    while True:
+    with gate(dsn) as never:
+        hog = f"select {never.sql}"
+        while True:
+            try:
+                hogs.append(admin.execute("SELECT * FROM pg_background_launch_v2(%s)", (hog,)).fetchone())
+            except psycopg.Error as exc:
+                failure = str(exc)
+                break
+            assert len(hogs) <= free
+        assert "could not register background process" in failure
         try:
-            hogs.append(admin.execute("SELECT * FROM pg_background_launch_v2('select pg_sleep(60)')").fetchone())
-        except psycopg.Error as exc:
-            failure = str(exc)
-            break
-        assert len(hogs) <= free
-    assert "could not register background process" in failure
-    try:
-        parent = launch(user, ["select 42 as answer"] * 3, max_parallel=3)
-        time.sleep(0.3)
-        assert statuses(monitor(user, parent)) == ["queued"] * 3
-    finally:
-        for pid, cookie in hogs:
-            admin.execute("SELECT pg_background_cancel_v2(%s, %s)", (pid, cookie))
-            admin.execute("SELECT pg_background_detach_v2(%s, %s)", (pid, cookie))
-    poll_until(
-        lambda: admin.execute(
-            "SELECT count(*) = 0 FROM pg_stat_activity WHERE query = 'select pg_sleep(60)'"
-        ).fetchone()[0]
-    )
+            parent = launch(user, ["select 42 as answer"] * 3, max_parallel=3)
+            time.sleep(0.3)
+            assert statuses(monitor(user, parent)) == ["queued"] * 3
+        finally:
+            for pid, cookie in hogs:
+                admin.execute("SELECT pg_background_cancel_v2(%s, %s)", (pid, cookie))
+                admin.execute("SELECT pg_background_detach_v2(%s, %s)", (pid, cookie))
+        poll_until(
+            lambda: admin.execute("SELECT count(*) = 0 FROM pg_stat_activity WHERE query = %s", (hog,)).fetchone()[0]
+        )
     # The next poll starts it.
     assert wait(user, parent) == "done"
     assert [r["result"]["preview"] for r in monitor(user, parent)] == [[{"answer": 42}]] * 3
