@@ -15,7 +15,7 @@ from airflow_pgbg import ENGINE_VERSION
 from airflow_pgbg.hooks.install import EngineInstallError, PgBackgroundMissing, SqlScripts, install_engine_dsn
 from tests.conftest import REPO
 from tests.engine.catalog import catalog
-from tests.helpers import poll_until
+from tests.helpers import gate, poll_until
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -110,11 +110,13 @@ def test_upgrade_while_a_batch_runs(fresh_db: str) -> None:
     (its 0.1.0 runners finish it), a batch launched right after is run by 1.0.0 runners only, and the
     new features work."""
     assert install_engine_dsn(fresh_db, target="0.1.0") == "0.1.0"
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
+    # The 0.1.0 children wait at a gate until the upgrade has returned, so it lands mid-batch however slow
+    # the machine (6 x 0.7 s at 2 in parallel could end first).
+    with psycopg.connect(fresh_db, autocommit=True) as conn, gate(fresh_db) as g:
         old = str(
             conn.execute(
                 "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 2)",
-                (["select pg_sleep(0.7)"] * 6,),
+                ([f"select {g.sql}"] * 6,),
             ).fetchone()[0]
         )
         poll_until(
@@ -126,7 +128,15 @@ def test_upgrade_while_a_batch_runs(fresh_db: str) -> None:
             ),
             20,
         )
+        g.wait_for(2)
         assert install_engine_dsn(fresh_db) == ENGINE_VERSION
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM pgbg.log_background WHERE uuid_parent = %s AND status = 'queued'", (old,)
+            ).fetchone()[0]
+            == 4
+        )
+        g.open()
         assert conn.execute("SELECT counted FROM pgbg.batch WHERE uuid_parent = %s", (old,)).fetchone()[0] is False
         new = str(
             conn.execute(
