@@ -132,10 +132,12 @@ def not_stopped(user: psycopg.Connection, parent: str) -> bool:
     return statuses(monitor(user, parent)) in (["running"], ["queued"])
 
 
-def test_user_kill_stops_the_batch(pgbg_conn: str, user: psycopg.Connection) -> None:
-    parent = launch(user, ["select pg_sleep(30)"] * 2, max_parallel=1)
-    asyncio.run(_trigger(parent).on_kill())
-    assert wait(user, parent, "20s") == "stopped"
+def test_user_kill_stops_the_batch(pgbg_conn: str, dsn: str, user: psycopg.Connection) -> None:
+    # The gate never opens: only on_kill can end the batch (30-s children had to outlast the test).
+    with gate(dsn) as never:
+        parent = launch(user, [f"select {never.sql}"] * 2, max_parallel=1)
+        asyncio.run(_trigger(parent).on_kill())
+        assert wait(user, parent, "20s") == "stopped"
 
 
 def _watcher_backends(admin: psycopg.Connection, role: str, condition: str = "true") -> int:
