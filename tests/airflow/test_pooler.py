@@ -290,30 +290,34 @@ def test_a_dead_waiter_behind_transaction_pooling_stops_looking_alive(
 
 def test_the_worker_hook_heartbeats_and_ends_it_on_close(pooled: dict[str, str], user: psycopg.Connection) -> None:
     """The operator's wait on a worker (deferrable=False): the hook's watch is a heartbeat there."""
-    parent = launch(user, ["select pg_sleep(30)"])
-    hook = PgBackgroundHook(postgres_conn_id=TX)
-    try:
-        hook.watch(parent, "try 1", every=1.0)
-        assert hook.session_less
-        assert _watched(pooled["admin"], parent, "try 2")
-        assert _watch_locks(pooled["admin"], parent) == 0
-        state = hook.poll(parent, wait=0.5)
-        assert state is not None
-        assert not state.is_final
-        hook.watch(parent, "try 1", every=1.0)  # not due: no round trip needed, and nothing changes
-        assert _watched(pooled["admin"], parent, "try 2")
-    finally:
-        hook.close()
-    assert not _watched(pooled["admin"], parent, "try 2")  # ended at once, not a ttl later
-    user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
+    with gate(pooled["admin"]) as never:  # never opens: the batch is not final when polled (a 30-s child was)
+        parent = launch(user, [f"select {never.sql}"])
+        hook = PgBackgroundHook(postgres_conn_id=TX)
+        try:
+            hook.watch(parent, "try 1", every=1.0)
+            assert hook.session_less
+            assert _watched(pooled["admin"], parent, "try 2")
+            assert _watch_locks(pooled["admin"], parent) == 0
+            state = hook.poll(parent, wait=0.5)
+            assert state is not None
+            assert not state.is_final
+            hook.watch(parent, "try 1", every=1.0)  # not due: no round trip needed, and nothing changes
+            assert _watched(pooled["admin"], parent, "try 2")
+        finally:
+            hook.close()
+        assert not _watched(pooled["admin"], parent, "try 2")  # ended at once, not a ttl later
+        user.execute("SELECT pgbg.pg_background_stop(%s)", (parent,))
 
 
 def test_a_stop_through_transaction_pooling_reaches_the_batch(pooled: dict[str, str], user: psycopg.Connection) -> None:
-    parent = launch(user, ["select pg_sleep(30)"] * 4, max_parallel=2)
-    poll_until(lambda: statuses(monitor(user, parent)).count("running") == 2, 20)
-    stopped = asyncio.run(_trigger(parent, claim=None)._stop_batch("a user marked the task"))
-    assert stopped == 4
-    poll_until(lambda: set(statuses(monitor(user, parent))) == {"stopped"}, 20)
+    # The gate never opens: all 4 children are unfinished at the stop, and only the stop ends them (30-s
+    # children had to outlast the test).
+    with gate(pooled["admin"]) as never:
+        parent = launch(user, [f"select {never.sql}"] * 4, max_parallel=2)
+        poll_until(lambda: statuses(monitor(user, parent)).count("running") == 2, 20)
+        stopped = asyncio.run(_trigger(parent, claim=None)._stop_batch("a user marked the task"))
+        assert stopped == 4
+        poll_until(lambda: set(statuses(monitor(user, parent))) == {"stopped"}, 20)
 
 
 @pytest.mark.parametrize("what", ["pooler", "server"])
