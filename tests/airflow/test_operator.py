@@ -15,7 +15,7 @@ from airflow.sdk.exceptions import AirflowException
 from airflow_pgbg.hooks.pgbg import PgBackgroundHook
 from airflow_pgbg.identity import XCOM_BATCH_KEY
 from airflow_pgbg.operators.batch import PgBackgroundBatchOperator
-from tests.helpers import monitor, poll_until, statuses
+from tests.helpers import gate, monitor, poll_until, statuses
 
 
 def _ti(dr: Any) -> Any:
@@ -170,14 +170,19 @@ def test_sql_from_a_templated_file(
     assert user.execute(f"SELECT {scratch}.twice(2), {scratch}.thrice(2)").fetchone() == (4, 6)
 
 
-def test_operator_on_kill_stops_its_batch(pgbg_conn: str, user: psycopg.Connection) -> None:
-    op = PgBackgroundBatchOperator(
-        task_id="t", sql="select pg_sleep(30); select pg_sleep(30)", postgres_conn_id="pgbg_test", max_parallel=1
-    )
-    op.uuid_parent = op.hook.launch(op.statements(), max_parallel=1)
-    poll_until(lambda: "running" in statuses(monitor(user, op.uuid_parent)))
-    op.on_kill()
-    poll_until(lambda: statuses(monitor(user, op.uuid_parent)) == ["stopped", "stopped"], 20)
+def test_operator_on_kill_stops_its_batch(pgbg_conn: str, dsn: str, user: psycopg.Connection) -> None:
+    # The gate never opens: only on_kill can end the children (30-s ones had to outlast the test).
+    with gate(dsn) as never:
+        op = PgBackgroundBatchOperator(
+            task_id="t",
+            sql=f"select {never.sql}; select {never.sql}",
+            postgres_conn_id="pgbg_test",
+            max_parallel=1,
+        )
+        op.uuid_parent = op.hook.launch(op.statements(), max_parallel=1)
+        poll_until(lambda: "running" in statuses(monitor(user, op.uuid_parent)))
+        op.on_kill()
+        poll_until(lambda: statuses(monitor(user, op.uuid_parent)) == ["stopped", "stopped"], 20)
 
 
 def test_summary_stays_small_for_ten_thousand_children(pgbg_conn: str, user: psycopg.Connection) -> None:
