@@ -74,12 +74,21 @@ def test_a_failing_child_fails_the_task_with_its_sqlstate(
     assert "[42P01]" in message
 
 
-def test_fail_fast_stops_the_rest(run_dag: Callable[..., Any], user: psycopg.Connection) -> None:
-    dr = run_dag("fail_fast")
-    assert _ti(dr).state == "failed"
-    rows = monitor(user, _batch_of(user, "pgbg_fail_fast"))
-    assert statuses(rows)[0] == "failed"
-    assert set(statuses(rows)[1:]) == {"stopped"}
+def test_fail_fast_stops_the_rest(run_dag: Callable[..., Any], dsn: str, user: psycopg.Connection) -> None:
+    # The rest wait at a gate: only fail_fast's stop can end them (30-s children had to be unfinished when
+    # the first failed). Without the stop the task would wait for ever: the gate opens after 2 min, so the
+    # test fails on their "done" instead of hanging.
+    with gate(dsn) as g:
+        valve = threading.Timer(120, g.open)
+        valve.start()
+        try:
+            dr = run_dag("fail_fast", {"gate": g.key})
+            assert _ti(dr).state == "failed"
+            rows = monitor(user, _batch_of(user, "pgbg_fail_fast"))
+            assert statuses(rows)[0] == "failed"
+            assert set(statuses(rows)[1:]) == {"stopped"}
+        finally:
+            valve.cancel()
 
 
 def test_a_retry_reruns_only_what_failed(
@@ -104,11 +113,14 @@ def test_a_retry_reruns_only_what_failed(
     assert [(r["status"], r["attempt"]) for r in rows] == [("done", 1), ("done", 2), ("done", 1)]
 
 
-def test_execution_timeout_stops_the_batch(run_dag: Callable[..., Any], user: psycopg.Connection) -> None:
-    dr = run_dag("timed_out")
-    assert _ti(dr).state == "failed"
-    parent = _batch_of(user, "pgbg_timed_out")
-    poll_until(lambda: set(statuses(monitor(user, parent))) == {"stopped"}, 20)
+def test_execution_timeout_stops_the_batch(run_dag: Callable[..., Any], dsn: str, user: psycopg.Connection) -> None:
+    # The children wait at a gate that never opens: they outlast the 2-s execution_timeout however slow the
+    # machine, and only the timeout's stop ends them (30-s children had to).
+    with gate(dsn) as never:
+        dr = run_dag("timed_out", {"gate": never.key})
+        assert _ti(dr).state == "failed"
+        parent = _batch_of(user, "pgbg_timed_out")
+        poll_until(lambda: set(statuses(monitor(user, parent))) == {"stopped"}, 20)
 
 
 def test_a_new_try_reconnects_to_a_running_batch(

@@ -12,6 +12,9 @@ from airflow_pgbg.operators.batch import PgBackgroundBatchOperator
 
 CONN = "pgbg_test"
 S = "{{ dag_run.conf['schema'] }}"
+# A child that waits at the test's gate (tests.helpers.Gate, its key passed as run conf): it runs until
+# the test lets it go, or until a stop ends it.
+GATED = "select pg_advisory_xact_lock_shared({{ dag_run.conf['gate'] }})"
 
 
 def _dag(dag_id: str, **task_kwargs) -> DAG:
@@ -40,7 +43,7 @@ failing = _dag(
 )
 fail_fast = _dag(
     "pgbg_fail_fast",
-    sql=["select 1/0"] + ["select pg_sleep(30)"] * 4,
+    sql=["select 1/0"] + [GATED] * 4,
     max_parallel=2,
     fail_fast=True,
     deferrable=True,
@@ -55,7 +58,7 @@ retried = _dag(
 )
 timed_out = _dag(
     "pgbg_timed_out",
-    sql=["select pg_sleep(30)"] * 3,
+    sql=[GATED] * 3,
     max_parallel=3,
     deferrable=True,
     execution_timeout=timedelta(seconds=2),
