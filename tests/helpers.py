@@ -69,8 +69,8 @@ class Gate:
     session, and so lets the children of a rerun through.
     """
 
-    def __init__(self, conn: psycopg.Connection) -> None:
-        self.key = secrets.randbelow(2**31 - 1) + 1
+    def __init__(self, conn: psycopg.Connection, key: int | None = None) -> None:
+        self.key = key or secrets.randbelow(2**31 - 1) + 1
         self.conn = conn
         # A key of one bigint below 2^31: classid 0, objid the key, objsubid 1 (the engine's slots and
         # watch locks are two-int keys, objsubid 2).
@@ -94,12 +94,13 @@ class Gate:
 
 
 @contextlib.contextmanager
-def gate(dsn: str) -> Iterator[Gate]:
+def gate(dsn: str, key: int | None = None) -> Iterator[Gate]:
     """A closed gate (see Gate) on the server of ``dsn``, held by a session of its own until the block
-    ends (it opens then, if the test did not open it)."""
+    ends (it opens then, if the test did not open it). ``key``: a fixed one, for children written before
+    the test runs (a deployment's DAGs)."""
     conn = psycopg.connect(dsn, autocommit=True)
     try:
-        g = Gate(conn)
+        g = Gate(conn, key)
         conn.execute("SELECT pg_advisory_lock(%s)", (g.key,))
         yield g
     finally:

@@ -108,6 +108,18 @@ def _server_connections(admin_dsn: str, role: str) -> int:
         ).fetchone()[0]
 
 
+async def _until_watched(task: asyncio.Future[Any], admin_dsn: str, parent: str) -> None:
+    """Until the trigger (a deferred try 2) watches the batch, or its task ended first, polled from a
+    thread so that the event loop runs the trigger meanwhile."""
+    await asyncio.to_thread(
+        poll_until,
+        lambda: task.done() or _watched(admin_dsn, parent, "try 2 deferred"),
+        60,
+        0.05,
+        "the trigger to watch the batch",
+    )
+
+
 def _watch_locks(admin_dsn: str, parent: str) -> int:
     """Watch locks on the batch held by any session (behind a pooler they would outlive their client)."""
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
@@ -170,13 +182,7 @@ def test_an_end_arrives_by_polling_behind_transaction_pooling(pooled: dict[str, 
             await asyncio.sleep(0.5)
             task = asyncio.ensure_future(_first_event(trigger))
             # The batch ends only once the trigger waits for it (its heartbeat says so).
-            await asyncio.to_thread(
-                poll_until,
-                lambda: task.done() or _watched(pooled["admin"], parent, "try 2 deferred"),
-                60,
-                0.05,
-                "the trigger to wait for the batch",
-            )
+            await _until_watched(task, pooled["admin"], parent)
             assert not task.done()
             await asyncio.to_thread(g.open)
             event = await task
@@ -212,13 +218,7 @@ def test_each_pool_mode_is_handled(
             trigger = _trigger(parent, conn_id, claim="try 1 deferred", poll_interval=600.0)
             task = asyncio.ensure_future(_first_event(trigger))
             # The child waits at the gate, so the batch is still running however long the trigger takes.
-            await asyncio.to_thread(
-                poll_until,
-                lambda: task.done() or _watched(pooled["admin"], parent, "try 2 deferred"),
-                60,
-                0.05,
-                "the trigger to watch the batch",
-            )
+            await _until_watched(task, pooled["admin"], parent)
             seen["watched"] = await asyncio.to_thread(_watched, pooled["admin"], parent, "try 2 deferred")
             seen["locks"] = await asyncio.to_thread(_watch_locks, pooled["admin"], parent)
             seen["session_less"] = trigger._watcher().session_less

@@ -6,7 +6,6 @@ import json
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psutil
@@ -17,6 +16,7 @@ from airflow_pgbg.compat import CAN_START_FROM_TRIGGER, TRIGGER_HAS_ON_KILL
 from airflow_pgbg.links.batch import batch_page_path
 from tests.e2e.conftest import OPENLINEAGE_EVENTS, Deployment, wait_for
 from tests.e2e.dags.e2e_dags import GATE
+from tests.helpers import gate
 from tests.servers import FLEET, MANAGED, Instance
 
 FINAL = {"done", "failed", "stopped", "lost"}
@@ -255,15 +255,6 @@ def _process_of_backend(d: Deployment, where: str) -> tuple[psutil.Process, int]
     return None
 
 
-@contextmanager
-def gate(d: Deployment) -> Iterator[Callable[[], None]]:
-    """Holds the lock that the children of a gated DAG (e2e_dags.GATE) wait for on the engine's server,
-    so that they run until the test lets them go; yields what lets them go."""
-    with psycopg.connect(d.engine_dsn or d.admin_dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (GATE,))
-        yield lambda: conn.execute("SELECT pg_advisory_unlock_all()")
-
-
 def _kill_before_it_takes_the_outcome(d: Deployment, parent: str, let_go: Callable[[], None] | None = None) -> None:
     """Holds the batch's row while it ends (its gated children let go here), so that the process about
     to take its outcome (what ends a try's wait) blocks right there, then kills that process and its
@@ -300,14 +291,14 @@ def test_6b_killed_worker_whose_batch_ended_meanwhile_retry_takes_the_outcome(
 ) -> None:
     d = deployment
     dag_id = on.dag("e2e_worker_lost_after_end")
-    with gate(d) as let_go:
+    with gate(d.engine_dsn or d.admin_dsn, GATE) as g:
         run = d.trigger(dag_id)
         parent = _running_batch(d, dag_id, run, "running", 2)
         proc, _ = wait_for(
             lambda: _process_of_backend(d, "query LIKE '%%pg_background_poll%%'"), 30, "the task's process"
         )
         proc.send_signal(signal.SIGKILL)
-        let_go()  # the batch ends now, seconds before the retry (its retry_delay) comes
+        g.open()  # the batch ends now, seconds before the retry (its retry_delay) comes
     _retry_took_the_outcome(d, dag_id, run, parent, 2)
     ended, claimed = d.sql("SELECT ended_at, claimed_at FROM pgbg.batches WHERE uuid_parent = %s", parent)[0]
     assert ended < claimed  # the retry found it ended
@@ -316,10 +307,10 @@ def test_6b_killed_worker_whose_batch_ended_meanwhile_retry_takes_the_outcome(
 def test_6c_worker_killed_after_its_batch_ended_retry_takes_the_outcome(deployment: Deployment, on: Launcher) -> None:
     d = deployment
     dag_id = on.dag("e2e_worker_lost_after_end")
-    with gate(d) as let_go:
+    with gate(d.engine_dsn or d.admin_dsn, GATE) as g:
         run = d.trigger(dag_id)
         parent = _running_batch(d, dag_id, run, "running", 2)
-        _kill_before_it_takes_the_outcome(d, parent, let_go)
+        _kill_before_it_takes_the_outcome(d, parent, g.open)
     _retry_took_the_outcome(d, dag_id, run, parent, 2)
 
 
