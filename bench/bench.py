@@ -404,6 +404,20 @@ def first_starts(dsn: str, prefix: str, linger: float, gone: str, samples: int =
     }
 
 
+def sleep_floor(dsn: str, seconds: float, n: int = 100) -> float:
+    """The mean time ``pg_sleep(seconds)`` itself takes in one session, in seconds: the floor under W1.
+    PostgreSQL sleeps in whole milliseconds, and sleeps one more when the wait returns a hair early, so
+    on some kernels pg_sleep(0.02) takes 21 ms about half the time."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return float(
+            conn.execute(
+                "SELECT avg(extract(epoch FROM t1 - t0)) FROM (SELECT clock_timestamp() AS t0, pg_sleep(%s),"
+                " clock_timestamp() AS t1 FROM generate_series(1, %s)) s",
+                (seconds, n),
+            ).fetchone()[0]
+        )
+
+
 def settings_interval(dsn: str, column: str) -> float:
     with psycopg.connect(dsn) as conn:
         return float(conn.execute(f"SELECT extract(epoch FROM {column}) FROM pgbg.settings").fetchone()[0])
@@ -441,6 +455,7 @@ def main() -> None:
 
     w1 = ["select pg_sleep(0.02)"] * 400
     r["w1_ideal"] = 400 * 0.02 / 8
+    r["w1_floor"] = 400 / 8 * sleep_floor(dsn, 0.02)
     # Back to back, as the pg_cron figures: the first run after the install starts its runners afresh
     # (kept apart as the cold figure); the next ones find the runners of the one before still there.
     runs = [engine_run(dsn, w1, 8) for _ in range(RUNS + 1)]
