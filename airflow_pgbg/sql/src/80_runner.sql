@@ -118,6 +118,10 @@ CREATE FUNCTION @schema@._settle_many(p_ids bigint[], p_attempts int[], p_outcom
                                       p_started timestamptz[], p_gone boolean, p_backend_start timestamptz)
 RETURNS TABLE (id bigint, uuid_child uuid, status @schema@.child_status, verdict text)
 LANGUAGE plpgsql
+-- One plan for every call: given the arrays, the planner found custom plans cheaper and planned this
+-- statement afresh for each lone child (0.3-0.6 ms, more than running it); the generic plan reaches each
+-- row by its key, for one child as for a burst of 2,000.
+SET plan_cache_mode = force_generic_plan
 AS $fn$
 #variable_conflict use_column
 BEGIN
