@@ -144,10 +144,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> objec
 
 
 @pytest.fixture
-def record(request: pytest.FixtureRequest) -> Callable[[str, float, float], None]:
-    """Prints a figure next to its bound, and checks the bound."""
+def record(request: pytest.FixtureRequest) -> Callable[[str, float, float | None], None]:
+    """Prints a figure next to its bound, and checks the bound; without a bound, only prints it: a
+    wall time of services on a shared machine says how it went, not whether it worked."""
 
-    def check(name: str, value: float, bound: float) -> None:
+    def check(name: str, value: float, bound: float | None = None) -> None:
+        if bound is None:
+            print(f"\n[deploy] {request.node.name}: {name} = {value:.2f}")
+            return
         print(f"\n[deploy] {request.node.name}: {name} = {value:.2f} (bound {bound:.2f})")
         assert value <= bound, f"{name} = {value:.2f} exceeds {bound:.2f}"
 

@@ -4,6 +4,7 @@ each database."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -15,7 +16,8 @@ from airflow_pgbg.compat import CAN_START_FROM_TRIGGER
 from airflow_pgbg.hooks.watcher import WATCHER_APPLICATION_NAME
 from airflow_pgbg.links.batch import batch_page_path
 from tests.deploy.conftest import Deployment, database_name, service_args, wait_for
-from tests.deploy.dags.deploy_dags import DATABASES
+from tests.deploy.dags.deploy_dags import DATABASES, GATE
+from tests.helpers import gate
 
 pytestmark = pytest.mark.skipif(DATABASES < 2, reason="needs several databases")
 
@@ -68,7 +70,7 @@ def test_one_triggerer_waits_on_twenty_databases(celery: Deployment, databases: 
                 "the twenty runs to end",
                 1,
             )
-        record("twenty runs on twenty databases, wall time (s)", time.monotonic() - started, 180)
+        record("twenty runs on twenty databases, wall time (s)", time.monotonic() - started)
         assert {i: d.run_state(f"deploy_db_{i:02d}", run) for i, run in runs.items()} == dict.fromkeys(runs, "success")
         watched = {db for db in sampler.peak if db.startswith("pgbg_deploy_db_")}
         assert watched == {database_name(i) for i in range(DATABASES)}, sampler.peak
@@ -101,36 +103,41 @@ def test_a_mark_before_any_triggerer_runs_stops_the_batch_on_each_database(
     d = celery
     d.kill("triggerer-1")
     d.kill("triggerer-2")
-    try:
-        runs = {i: d.trigger(f"deploy_db_mark_{i:02d}") for i in range(DATABASES)}
-        parents = {}
-        for i, run in runs.items():
-            db = databases[f"db_{i:02d}"]
-            parents[i] = wait_for(
-                lambda i=i, run=run, db=db: (
-                    (b := d.batches(f"deploy_db_mark_{i:02d}", run, dsn=db))
-                    and d.ti(f"deploy_db_mark_{i:02d}", run)["state"] == "deferred"
-                    and b[-1]
-                ),
-                240,
-                f"deploy_db_mark_{i:02d} deferred after launching on a Celery worker",
-                0.5,
-            )
-        marked = time.monotonic()
-        for i, run in runs.items():
-            d.mark(f"deploy_db_mark_{i:02d}", run, "failed")
-        for i, parent in parents.items():
-            db = databases[f"db_{i:02d}"]
-            wait_for(
-                lambda p=parent, db=db: set(d.statuses(p, dsn=db)) == {"stopped"} and d.workers(p, dsn=db) == 0,
-                60,
-                f"the batch on {database_name(i)} to stop",
-                0.2,
-            )
-            assert d.sql("SELECT stop_requested_by FROM pgbg.batch WHERE uuid_parent = %s", parent, dsn=db)[0][0] == (
-                "airflow: task instance marked failed"
-            )
-        record("twenty batches stopped after their marks (s)", time.monotonic() - marked, 60)
-    finally:
-        d.start("triggerer-1", *service_args("triggerer-1"))
-        d.start("triggerer-2", *service_args("triggerer-2"))
+    # A gate in each database (advisory locks are per database), never opened: each batch still runs
+    # when its mark comes, however long the twenty runs take to launch and defer; only the stop ends it.
+    with contextlib.ExitStack() as gates:
+        for i in range(DATABASES):
+            gates.enter_context(gate(databases[f"db_{i:02d}"], GATE))
+        try:
+            runs = {i: d.trigger(f"deploy_db_mark_{i:02d}") for i in range(DATABASES)}
+            parents = {}
+            for i, run in runs.items():
+                db = databases[f"db_{i:02d}"]
+                parents[i] = wait_for(
+                    lambda i=i, run=run, db=db: (
+                        (b := d.batches(f"deploy_db_mark_{i:02d}", run, dsn=db))
+                        and d.ti(f"deploy_db_mark_{i:02d}", run)["state"] == "deferred"
+                        and b[-1]
+                    ),
+                    240,
+                    f"deploy_db_mark_{i:02d} deferred after launching on a Celery worker",
+                    0.5,
+                )
+            marked = time.monotonic()
+            for i, run in runs.items():
+                d.mark(f"deploy_db_mark_{i:02d}", run, "failed")
+            for i, parent in parents.items():
+                db = databases[f"db_{i:02d}"]
+                wait_for(
+                    lambda p=parent, db=db: set(d.statuses(p, dsn=db)) == {"stopped"} and d.workers(p, dsn=db) == 0,
+                    120,
+                    f"the batch on {database_name(i)} to stop",
+                    0.2,
+                )
+                assert d.sql("SELECT stop_requested_by FROM pgbg.batch WHERE uuid_parent = %s", parent, dsn=db)[0][
+                    0
+                ] == ("airflow: task instance marked failed")
+            record("twenty batches stopped after their marks (s)", time.monotonic() - marked)
+        finally:
+            d.start("triggerer-1", *service_args("triggerer-1"))
+            d.start("triggerer-2", *service_args("triggerer-2"))
