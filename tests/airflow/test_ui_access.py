@@ -126,17 +126,23 @@ def test_an_action_token_is_bound_to_its_user_its_task_instance_and_its_time(
     dr = run_dag("ui_batch")  # a second task instance of the same task
     (ti,) = dr.get_task_instances()
     second_run = {"dag_id": dr.dag_id, "run_id": dr.run_id, "task_id": ti.task_id}
-    token = _token(fab_server, finished_run, "editor")
+
+    # A token taken right before each action: each refusal is for what it names, not for a token that
+    # expired while a slow machine got through the ones before.
+    def fresh() -> str:
+        return _token(fab_server, finished_run, "editor")
+
+    token = fresh()
     accepted = _action(fab_server, finished_run, "requeue", "editor", token)
     assert accepted.status_code == 200, accepted.text
     assert accepted.json()["by"] == "airflow user editor"
     refusals = {
-        "another user's": _action(fab_server, finished_run, "requeue", "editor2", token),
-        "another task instance's": _action(fab_server, second_run, "requeue", "editor", token),
-        "another map index's": _action(fab_server, {**finished_run, "map_index": 0}, "requeue", "editor", token),
+        "another user's": _action(fab_server, finished_run, "requeue", "editor2", fresh()),
+        "another task instance's": _action(fab_server, second_run, "requeue", "editor", fresh()),
+        "another map index's": _action(fab_server, {**finished_run, "map_index": 0}, "requeue", "editor", fresh()),
         "none": _action(fab_server, finished_run, "requeue", "editor", None),
-        "a forged expiry": _action(fab_server, finished_run, "requeue", "editor", f"9{token}"),
-        "one without expiry": _action(fab_server, finished_run, "requeue", "editor", token.split(".", 1)[1]),
+        "a forged expiry": _action(fab_server, finished_run, "requeue", "editor", f"9{fresh()}"),
+        "one without expiry": _action(fab_server, finished_run, "requeue", "editor", fresh().split(".", 1)[1]),
     }
     for what, reply in refusals.items():
         assert reply.status_code == 403, (what, reply.text)
