@@ -76,15 +76,15 @@ def run_dag(pgbg_conn: str, scratch: str) -> Callable[..., Any]:
     return run
 
 
-def dag_test_command(name: str, scratch: str) -> list[str]:
+def dag_test_command(name: str, scratch: str, conf: dict[str, Any] | None = None) -> list[str]:
     """A command that runs one of the test DAGs with dag.test() in a process of its own (to watch it run,
-    or to give it an Airflow configured differently through its environment)."""
+    or to give it an Airflow configured differently through its environment); ``conf``: more run conf."""
     script = (
         "import importlib.util\n"
         f"spec = importlib.util.spec_from_file_location('pgbg_test_dags', {str(DAGS_FOLDER / 'pgbg_test_dags.py')!r})\n"
         "module = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
-        f"module.{name}.test(run_conf={{'schema': {scratch!r}}})\n"
+        f"module.{name}.test(run_conf={ {'schema': scratch, **(conf or {})}!r})\n"
     )
     return [sys.executable, "-c", script]
 

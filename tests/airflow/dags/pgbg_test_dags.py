@@ -87,6 +87,13 @@ big_batch = _dag(
     max_parallel=8,
     deferrable=False,
 )
+# The same children, ten of them: the page the big one's time is measured against.
+small_batch = _dag(
+    "pgbg_small_batch",
+    sql=["select 1/0" if i == 10 else "select repeat('x', 65536) as x" for i in range(1, 11)],
+    max_parallel=8,
+    deferrable=False,
+)
 # Statements that wait for every older snapshot, one after the other; polled rarely, so that a poll that
 # held a snapshot while it waited would hold each of them back for seconds.
 _CONCURRENTLY = [
@@ -119,11 +126,18 @@ settings_blocking = _dag(
     deferrable=False,
 )
 settings_refused = _dag("pgbg_settings_refused", sql=f"{_SEEN}; SET work_mem = '1MB'; {_SEEN}", deferrable=True)
-# Watched while it runs (the console's live updates and actions): the first child ends soon, the second
-# runs long enough for a person to stop it however slowly the machine answers, the others pass in turn.
+# Watched while it runs (the console's live updates and actions), at three gates of the test (keys as run
+# conf): the first child ends at once; the second waits at "hold", which never opens, until a person
+# stops it; the third at "one", which the test opens to watch it end; the others at "rest", queued
+# behind them until the test is done.
 ui_live = _dag(
     "pgbg_ui_live",
-    sql=["select pg_sleep(4)", "select pg_sleep(60)"] + ["select pg_sleep(4)"] * 6,
+    sql=[
+        "select 1",
+        "select pg_advisory_xact_lock_shared({{ dag_run.conf['hold'] }})",
+        "select pg_advisory_xact_lock_shared({{ dag_run.conf['one'] }})",
+    ]
+    + ["select pg_advisory_xact_lock_shared({{ dag_run.conf['rest'] }})"] * 5,
     max_parallel=2,
     deferrable=False,
 )
