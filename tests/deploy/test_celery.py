@@ -218,10 +218,12 @@ def test_3b_a_stalled_triggerer_loses_its_triggers_and_the_batches_run_on(celery
             )
             # Triggerer-2's copies wait for the batches, and its watcher has been through a round since
             # (where it asks for their watches), before the thaw: else it would be the thawed
-            # triggerer that let the watches go first.
+            # triggerer that let the watches go first. A trigger that can launch its batch waits right
+            # after it logs the batch attached; one that cannot, right after it starts.
+            waits = " attached " if CAN_START_FROM_TRIGGER else " starting"
             attached = wait_for(
                 lambda: (
-                    (at := [_trigger_log_time(d, "deploy_long_deferred", run, second_id, " attached ") for run in runs])
+                    (at := [_trigger_log_time(d, "deploy_long_deferred", run, second_id, waits) for run in runs])
                     and all(at)
                     and max(at)
                 ),
