@@ -122,11 +122,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> objec
 
 
 @pytest.fixture
-def record(request: pytest.FixtureRequest) -> Callable[[str, float, float], None]:
-    """Prints a scenario's figure next to its bound, and checks the bound."""
+def record(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """Prints a scenario's figure next to its bound, and checks the bound. Without a bound the figure is
+    only reported: how long Airflow takes to schedule, retry or restart depends on the machine's load,
+    not on the provider (the scenario's own waits still fail it if it never gets there)."""
 
-    def check(name: str, value: float, bound: float) -> None:
-        print(f"\n[e2e] {request.node.name}: {name} = {value:.2f} s (bound {bound:.2f} s)")
-        assert value <= bound, f"{name} = {value:.2f} s exceeds {bound:.2f} s"
+    def check(name: str, value: float, bound: float | None = None) -> None:
+        shown = "reported, no bound" if bound is None else f"bound {bound:.2f} s"
+        print(f"\n[e2e] {request.node.name}: {name} = {value:.2f} s ({shown})")
+        assert bound is None or value <= bound, f"{name} = {value:.2f} s exceeds {bound:.2f} s"
 
     return check

@@ -194,7 +194,7 @@ def test_4_triggerer_killed_and_restarted_leaves_the_batch_running(
     killed = time.monotonic()
     d.start("triggerer", "triggerer")
     wait_for(lambda: d.run_state(dag_id, run) == "success", 120, "the run to succeed")
-    record("success after triggerer SIGKILL", time.monotonic() - killed, 60)
+    record("success after triggerer SIGKILL", time.monotonic() - killed)
     assert d.statuses(parent) == ["done"] * 4
     assert d.marks(run) == [1, 2, 3, 4]
 
@@ -427,7 +427,7 @@ def test_10_triggerer_killed_while_launching_launches_once(deployment: Deploymen
     killed = time.monotonic()
     d.start("triggerer", "triggerer")
     wait_for(lambda: d.run_state(dag_id, run) == "success", 120, "the run to succeed")
-    record("success after a triggerer SIGKILL at launch", time.monotonic() - killed, 60)
+    record("success after a triggerer SIGKILL at launch", time.monotonic() - killed)
     assert d.batches(dag_id, run) == [parent]  # the restarted trigger attached, it did not launch again
     assert d.marks(run) == [1, 2, 3, 4]
     assert [c["attempt"] for c in d.children(parent)] == [1] * 4
