@@ -90,6 +90,22 @@ def _stopped_within(d: Deployment, parent: str, since: float) -> float:
     return time.monotonic() - since
 
 
+def _stopped_by_the_mark(d: Deployment, parent: str, marked_at: object, children: int) -> None:
+    """The batch ended by a stop after the mark: every child stopped, none started after it, and the
+    stop recorded as the mark's (the API server's listener records it, whoever stopped first)."""
+    statuses = d.statuses(parent)
+    assert statuses == ["stopped"] * children, statuses
+    assert all(c["start"] is None or c["start"] < marked_at for c in d.children(parent))  # no queued child started
+    wait_for(
+        lambda: (
+            d.sql("SELECT stop_requested_by FROM pgbg.batch WHERE uuid_parent = %s", parent)[0][0]
+            == "airflow: task instance marked failed"
+        ),
+        30,
+        "the mark's stop to be recorded",
+    )
+
+
 @pooled_too
 def test_1_success_defers_without_holding_a_worker_slot(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
@@ -116,16 +132,17 @@ def test_1_success_defers_without_holding_a_worker_slot(deployment: Deployment, 
 def test_2_mark_failed_while_deferred_stops_the_batch(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     dag_id = on.dag("e2e_mark_failed")
-    run = d.trigger(dag_id)
-    parent = _running_batch(d, dag_id, run, "deferred", 2)
-    marked = time.monotonic()
-    marked_at = d.sql("SELECT clock_timestamp()")[0][0]
-    d.mark(dag_id, run, "failed")
-    record("children stopped after mark failed", _stopped_within(d, parent, marked), 2 * 2 + 2)
-    children = d.children(parent)
-    assert [c["status"] for c in children] == ["stopped"] * 8
-    assert all(c["start"] is None or c["start"] < marked_at for c in children)  # no queued child started
-    time.sleep(1)
+    with gate(d.engine_dsn or d.admin_dsn, GATE) as g:  # never opened: only the stop ends the children
+        run = d.trigger(dag_id)
+        parent = _running_batch(d, dag_id, run, "deferred", 2)
+        g.wait_for(2)
+        marked = time.monotonic()
+        marked_at = d.sql("SELECT clock_timestamp()")[0][0]
+        d.mark(dag_id, run, "failed")
+        record("children stopped after mark failed", _stopped_within(d, parent, marked), 30)
+        _stopped_by_the_mark(d, parent, marked_at, 8)
+        assert g.waiting() == 0  # no child's statement outlived the stop
+    time.sleep(1)  # the gate open: a child that had survived the stop would write its mark now
     assert d.workers(parent) == 0
     assert d.marks(run) == []
 
@@ -202,12 +219,18 @@ def test_4_triggerer_killed_and_restarted_leaves_the_batch_running(
 def test_5_mark_failed_while_running_on_a_worker_stops_the_batch(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     dag_id = on.dag("e2e_blocking_mark_failed")
-    run = d.trigger(dag_id)
-    parent = _running_batch(d, dag_id, run, "running", 2)
-    marked = time.monotonic()
-    d.mark(dag_id, run, "failed")
-    record("children stopped after mark failed (on_kill)", _stopped_within(d, parent, marked), 2 * 2 + 2)
-    assert d.statuses(parent) == ["stopped"] * 6
+    with gate(d.engine_dsn or d.admin_dsn, GATE) as g:  # never opened: only the stop ends the children
+        run = d.trigger(dag_id)
+        parent = _running_batch(d, dag_id, run, "running", 2)
+        g.wait_for(2)
+        marked = time.monotonic()
+        marked_at = d.sql("SELECT clock_timestamp()")[0][0]
+        d.mark(dag_id, run, "failed")
+        record("children stopped after mark failed (on_kill)", _stopped_within(d, parent, marked), 30)
+        _stopped_by_the_mark(d, parent, marked_at, 6)
+        assert g.waiting() == 0  # no child's statement outlived the stop
+    time.sleep(1)  # the gate open: a child that had survived the stop would write its mark now
+    assert d.workers(parent) == 0
     assert d.marks(run) == []
 
 
@@ -378,24 +401,31 @@ def test_8_mark_failed_before_the_trigger_runs_stops_the_batch(deployment: Deplo
     dag_id = on.dag("e2e_early_mark")
     _triggerer_down(d)  # nobody can pick the trigger up: a user is faster than the triggerer
     try:
-        run = d.trigger(dag_id)
-        parent = wait_for(
-            lambda: (b := d.batches(dag_id, run)) and d.ti(dag_id, run)["state"] == "deferred" and b[-1],
-            90,
-            "the task deferred after launching on a worker",
-            0.2,
-        )
-        assert not d.watched(parent)
-        marked = time.monotonic()
-        d.mark(dag_id, run, "failed")
-        # Stopped from the API server's listener, with no trigger ever running.
-        wait_for(
-            lambda: set(d.statuses(parent)) <= {"stopped"} and d.workers(parent) == 0, 30, "the batch to stop", 0.2
-        )
-        record("batch stopped after a mark before pick-up", time.monotonic() - marked, 30)
-        assert d.sql("SELECT stop_requested_by FROM pgbg.batch WHERE uuid_parent = %s", parent)[0][0] == (
-            "airflow: task instance marked failed"
-        )
+        with gate(d.engine_dsn or d.admin_dsn, GATE) as g:  # never opened: only the stop ends the children
+            run = d.trigger(dag_id)
+            parent = wait_for(
+                lambda: (b := d.batches(dag_id, run)) and d.ti(dag_id, run)["state"] == "deferred" and b[-1],
+                90,
+                "the task deferred after launching on a worker",
+                0.2,
+            )
+            assert not d.watched(parent)
+            g.wait_for(2)
+            marked = time.monotonic()
+            d.mark(dag_id, run, "failed")
+            # Stopped from the API server's listener, with no trigger ever running.
+            wait_for(
+                lambda: set(d.statuses(parent)) <= {"stopped"} and d.workers(parent) == 0,
+                60,
+                "the batch to stop",
+                0.2,
+            )
+            record("batch stopped after a mark before pick-up", time.monotonic() - marked)
+            assert d.sql("SELECT stop_requested_by FROM pgbg.batch WHERE uuid_parent = %s", parent)[0][0] == (
+                "airflow: task instance marked failed"
+            )
+            assert g.waiting() == 0  # no child's statement outlived the stop
+        assert d.statuses(parent) == ["stopped"] * 6
     finally:
         d.start("triggerer", "triggerer")
 

@@ -18,7 +18,9 @@ def _batch_dag(dag_id: str, sql: list[str], conn: str = "pgbg_e2e", **kwargs) ->
 
 
 # The advisory lock that gated children wait for (shared) until a test lets them go: a test holds it
-# (test_scenarios.gate) so that they run as long as it needs them to, however slow the machine.
+# (tests.helpers.gate) so that they run as long as it needs them to, however slow the machine. One key
+# for every gated DAG: the scenarios run one at a time, and a gate opens when its test ends; a gated DAG
+# run while no test holds the gate (test_12's e2e_success_cron) just runs through.
 GATE = 4243
 
 
@@ -48,7 +50,13 @@ CALLBACKS = {"on_success_callback": _callback("success"), "on_failure_callback":
 # a managed service, where the engine runs on pg_cron jobs. {"name": (children, seconds, conn, options)}
 SCENARIOS = {
     "e2e_success": (6, 2, "pgbg_e2e", {"max_parallel": 3, "deferrable": True, "poll_interval": 1}),
-    "e2e_mark_failed": (8, 30, "pgbg_e2e", {"max_parallel": 2, "deferrable": True, "poll_interval": 2}),
+    # Gated, and the test never opens the gate: only the stop can end the children.
+    "e2e_mark_failed": (
+        8,
+        0,
+        "pgbg_e2e",
+        {"gate": True, "max_parallel": 2, "deferrable": True, "poll_interval": 2},
+    ),
     # Children long enough to be still running when the stop of a clear lands (on Airflow < 3.3 it comes
     # with the triggerer's cancellation of the old trigger, seconds later); a clear that catches the task
     # between states restarts it as a retry: let that come back at once.
@@ -59,7 +67,13 @@ SCENARIOS = {
         {"max_parallel": 2, "deferrable": True, "poll_interval": 2, "retry_delay": timedelta(seconds=1)},
     ),
     "e2e_triggerer_restart": (4, 6, "pgbg_e2e", {"max_parallel": 2, "deferrable": True, "poll_interval": 1}),
-    "e2e_blocking_mark_failed": (6, 30, "pgbg_e2e", {"max_parallel": 2, "deferrable": False, "poll_interval": 2}),
+    # Gated, never opened: only on_kill's stop can end the children.
+    "e2e_blocking_mark_failed": (
+        6,
+        0,
+        "pgbg_e2e",
+        {"gate": True, "max_parallel": 2, "deferrable": False, "poll_interval": 2},
+    ),
     "e2e_worker_killed": (
         4,
         6,
@@ -120,7 +134,13 @@ SCENARIOS = {
         },
     ),
     # Launched on a worker, then deferred: a mark before the trigger runs is stopped by the API server.
-    "e2e_early_mark": (6, 30, "pgbg_e2e", {"max_parallel": 2, "deferrable": True, "start_from_trigger": False}),
+    # Gated, never opened: only that stop can end the children.
+    "e2e_early_mark": (
+        6,
+        0,
+        "pgbg_e2e",
+        {"gate": True, "max_parallel": 2, "deferrable": True, "start_from_trigger": False},
+    ),
     "e2e_triggerer_killed_at_launch": (
         4,
         3,
