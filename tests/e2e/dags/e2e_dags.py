@@ -24,10 +24,23 @@ def _batch_dag(dag_id: str, sql: list[str], conn: str = "pgbg_e2e", **kwargs) ->
 GATE = 4243
 
 
-def _dag(dag_id: str, children: int, seconds: float, conn: str = "pgbg_e2e", gate: bool = False, **kwargs) -> DAG:
+def _dag(
+    dag_id: str,
+    children: int,
+    seconds: float,
+    conn: str = "pgbg_e2e",
+    gate: bool | range = False,
+    **kwargs,
+) -> DAG:
+    """``gate``: True gates every child, a range the children of those numbers; the others sleep
+    ``seconds``."""
+    gated = range(1, children + 1) if gate is True else gate or range(0)
+
+    def wait(i: int) -> str:
+        return f"pg_advisory_xact_lock_shared({GATE})" if i in gated else f"pg_sleep({seconds})"
+
     # The run id in each row lets a test count one run's effects.
-    wait = f"pg_advisory_xact_lock_shared({GATE})" if gate else f"pg_sleep({seconds})"
-    sql = [f"insert into pgbg_e2e.marks select '{{{{ run_id }}}}', {i} from {wait}" for i in range(1, children + 1)]
+    sql = [f"insert into pgbg_e2e.marks select '{{{{ run_id }}}}', {i} from {wait(i)}" for i in range(1, children + 1)]
     return _batch_dag(dag_id, sql, conn, **kwargs)
 
 
@@ -58,14 +71,21 @@ SCENARIOS = {
         "pgbg_e2e",
         {"gate": True, "max_parallel": 2, "deferrable": True, "poll_interval": 2},
     ),
-    # Children long enough to be still running when the stop of a clear lands (on Airflow < 3.3 it comes
-    # with the triggerer's cancellation of the old trigger, seconds later); a clear that catches the task
-    # between states restarts it as a retry: let that come back at once.
+    # Two children that end at once, then four gated ones: those running are still running when the stop
+    # of a clear lands (on Airflow < 3.3 it comes with the triggerer's cancellation of the old trigger,
+    # seconds later). A clear that catches the task between states restarts it as a retry: let that come
+    # back at once.
     "e2e_clear": (
         6,
-        6,
+        0,
         "pgbg_e2e",
-        {"max_parallel": 2, "deferrable": True, "poll_interval": 2, "retry_delay": timedelta(seconds=1)},
+        {
+            "gate": range(3, 7),
+            "max_parallel": 2,
+            "deferrable": True,
+            "poll_interval": 2,
+            "retry_delay": timedelta(seconds=1),
+        },
     ),
     "e2e_triggerer_restart": (4, 6, "pgbg_e2e", {"max_parallel": 2, "deferrable": True, "poll_interval": 1}),
     # Gated, never opened: only on_kill's stop can end the children.
