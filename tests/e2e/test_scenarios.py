@@ -243,8 +243,6 @@ def test_5_mark_failed_while_running_on_a_worker_stops_the_batch(deployment: Dep
 def test_6_killed_worker_retry_reconnects_to_the_running_batch(deployment: Deployment, on: Launcher, record) -> None:
     d = deployment
     dag_id = on.dag("e2e_worker_killed")
-    run = d.trigger(dag_id)
-    parent = _running_batch(d, dag_id, run, "running", 2)
 
     def task_process() -> psutil.Process | None:
         # The task's polling connection shows in pg_stat_activity; its client port names the process.
@@ -258,11 +256,22 @@ def test_6_killed_worker_retry_reconnects_to_the_running_batch(deployment: Deplo
                 return psutil.Process(conn.pid)
         return None
 
-    proc = wait_for(task_process, 30, "the task's process")
-    proc.send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    wait_for(lambda: d.run_state(dag_id, run) == "success", 120, "the retry to succeed")
-    record("success after worker SIGKILL", time.monotonic() - killed, 90)
+    def claim() -> str:
+        return d.sql("SELECT claimed_by FROM pgbg.batch WHERE uuid_parent = %s", parent)[0][0] or ""
+
+    with gate(d.engine_dsn or d.admin_dsn, GATE) as g:
+        run = d.trigger(dag_id)
+        parent = _running_batch(d, dag_id, run, "running", 2)
+        g.wait_for(2)
+        proc = wait_for(task_process, 30, "the task's process")
+        proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        # The gate holds the batch until the retry has claimed it: the retry finds it running.
+        wait_for(lambda: claim().startswith("try 2"), 150, "the retry to claim the batch", 0.3)
+        assert d.statuses(parent).count("running") == 2
+        g.open()
+        wait_for(lambda: d.run_state(dag_id, run) == "success", 120, "the retry to succeed")
+    record("success after worker SIGKILL", time.monotonic() - killed)
     assert d.ti(dag_id, run)["try_number"] == 2
     assert d.batches(dag_id, run) == [parent]  # reconnected, not resubmitted
     assert d.statuses(parent) == ["done"] * 4
@@ -346,11 +355,13 @@ def test_6c_worker_killed_after_its_batch_ended_retry_takes_the_outcome(deployme
 def test_6d_resume_worker_killed_retry_takes_the_outcome(deployment: Deployment, on: Launcher) -> None:
     d = deployment
     dag_id = on.dag("e2e_resume_killed")
-    run = d.trigger(dag_id)
-    parent = _running_batch(d, dag_id, run, "deferred", 2)
-    # The trigger resumes the task on a worker (a success callback runs only there), which takes the
-    # outcome: killed right before, the retry takes it.
-    _kill_before_it_takes_the_outcome(d, parent)
+    with gate(d.engine_dsn or d.admin_dsn, GATE) as g:
+        run = d.trigger(dag_id)
+        parent = _running_batch(d, dag_id, run, "deferred", 2)
+        g.wait_for(2)
+        # The trigger resumes the task on a worker (a success callback runs only there), which takes the
+        # outcome: killed right before, the retry takes it.
+        _kill_before_it_takes_the_outcome(d, parent, g.open)
     _retry_took_the_outcome(d, dag_id, run, parent, 2)
 
 

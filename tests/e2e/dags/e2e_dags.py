@@ -95,11 +95,13 @@ SCENARIOS = {
         "pgbg_e2e",
         {"gate": True, "max_parallel": 2, "deferrable": False, "poll_interval": 2},
     ),
+    # Gated until the retry has taken the batch over: the kill finds it running, and so does the retry.
     "e2e_worker_killed": (
         4,
-        6,
+        0,
         "pgbg_e2e",
         {
+            "gate": True,
             "max_parallel": 2,
             "deferrable": False,
             "poll_interval": 1,
@@ -123,14 +125,14 @@ SCENARIOS = {
             "retry_delay": timedelta(seconds=6),
         },
     ),
-    # A deferred task that resumes on a worker to end (a success callback runs only there). Children long
-    # enough to be still running once the task has deferred and the triggerer polls (with 2 s, on a busy
-    # machine they had ended before the scenario could see the trigger watching them).
+    # A deferred task that resumes on a worker to end (a success callback runs only there). Gated children:
+    # still running once the task has deferred and the triggerer polls, until the test lets them end.
     "e2e_resume_killed": (
         2,
-        8,
+        0,
         "pgbg_e2e",
         {
+            "gate": True,
             "max_parallel": 2,
             "deferrable": True,
             "poll_interval": 1,
