@@ -17,6 +17,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from airflow_pgbg.hooks.install import install_engine_dsn
+from tests.helpers import retire_role
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,14 +81,7 @@ def make_role(dsn: str) -> Iterator[Callable[..., str]]:
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         for name in created:
-            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
-            # What a DBA does before dropping a role that ran batches under pg_cron: a job whose role
-            # is gone stops pg_cron's scheduler for the whole server (citusdata/pg_cron#399).
-            if conn.execute("SELECT to_regclass('cron.job') IS NOT NULL").fetchone()[0]:
-                conn.execute("DELETE FROM cron.job WHERE username = %s", (name,))
-            conn.execute(f"DELETE FROM pgbg.batch WHERE role_name = '{name}'")
-            conn.execute(f"DROP OWNED BY {name}")
-            conn.execute(f"DROP ROLE {name}")
+            retire_role(conn, name)
 
 
 @pytest.fixture

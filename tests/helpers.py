@@ -122,3 +122,31 @@ def ends_task_in_failure(event: Any) -> bool:
     if TASK_FAILED_EVENT_RETRIES:
         return isinstance(event, TaskFailedEvent)
     return isinstance(event.payload, dict) and event.payload.get("status") in ("error", "timeout")
+
+
+def retire_role(conn: psycopg.Connection, name: str) -> None:
+    """Drops a test's role and what it owns, as a DBA would: its processes go, its batches, and under
+    pg_cron its jobs, for a job whose role is gone stops pg_cron's scheduler for the whole server
+    (citusdata/pg_cron#399). A runner job of the role that is still ending (a terminate only signals it)
+    can park itself in a new job after the role's jobs were deleted: so they go again until no job
+    process of the role is left, its batches gone, so that nothing schedules work for it any more."""
+    cron = conn.execute("SELECT to_regclass('cron.job') IS NOT NULL").fetchone()[0]
+    deadline = time.monotonic() + 60
+    while True:
+        conn.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = %s", (name,))
+        conn.execute("DELETE FROM pgbg.batch WHERE role_name = %s", (name,))
+        if not cron:
+            break
+        conn.execute("DELETE FROM cron.job WHERE username = %s", (name,))
+        jobs = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND backend_type = 'pg_cron'", (name,)
+        ).fetchone()[0]
+        if not jobs:
+            break
+        assert time.monotonic() < deadline, f"{jobs} pg_cron jobs of role {name} still running after 60 s"
+        time.sleep(0.1)
+    with conn.transaction():
+        if cron:
+            conn.execute("DELETE FROM cron.job WHERE username = %s", (name,))
+        conn.execute(f"DROP OWNED BY {name}")
+        conn.execute(f"DROP ROLE {name}")

@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from airflow_pgbg.hooks.install import install_engine_dsn
 from airflow_pgbg.hooks.watcher import WATCHER_APPLICATION_NAME
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
-from tests.helpers import ends_task_in_failure, gate, launch, monitor, poll_until, statuses, wait
+from tests.helpers import ends_task_in_failure, gate, launch, monitor, poll_until, retire_role, statuses, wait
 from tests.servers import FLEET, local_servers_or_skip
 
 CONN_ID = "pgbg_fleet"
@@ -47,10 +47,7 @@ def fleet(airflow_db: Any) -> Iterator[str]:
     os.environ.pop("AIRFLOW_CONN_PGBG_FLEET", None)
     FLEET.start()  # whatever a test left it in
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
-        conn.execute("DELETE FROM pgbg.batch WHERE role_name = %s", (name,))
-        conn.execute(f"DROP OWNED BY {name}")
-        conn.execute(f"DROP ROLE {name}")
+        retire_role(conn, name)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from airflow_pgbg.hooks.pgbg import PgBackgroundHook
 from airflow_pgbg.hooks.pooler import heartbeat_ttl
 from airflow_pgbg.hooks.watcher import BatchWatcher
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
-from tests.helpers import gate, launch, monitor, poll_until, statuses
+from tests.helpers import gate, launch, monitor, poll_until, retire_role, statuses
 from tests.servers import FLEET, FLEET_SESSION, FLEET_TX, local_servers_or_skip
 
 TX, SESSION, SESSION_DECLARED = "pgbg_pool_tx", "pgbg_pool_session", "pgbg_pool_session_declared"
@@ -76,11 +76,8 @@ def pooled(airflow_db: Any) -> Iterator[dict[str, str]]:
     FLEET.start()
     FLEET_TX.start()
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
-        conn.execute("DELETE FROM pgbg.batch WHERE role_name = %s", (name,))
+        retire_role(conn, name)
         conn.execute("DELETE FROM pgbg.waiter WHERE role_name = %s", (name,))
-        conn.execute(f"DROP OWNED BY {name}")
-        conn.execute(f"DROP ROLE {name}")
 
 
 @pytest.fixture

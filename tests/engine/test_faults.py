@@ -26,7 +26,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from airflow_pgbg.hooks.install import install_engine_dsn
-from tests.helpers import gate, monitor, poll_until, statuses
+from tests.helpers import gate, monitor, poll_until, retire_role, statuses
 from tests.servers import FLEET, MANAGED, Instance, local_servers_or_skip
 
 
@@ -85,13 +85,7 @@ def server(request: pytest.FixtureRequest) -> Iterator[Server]:
     yield Server(request.param, instance, admin_dsn, make_conninfo(admin_dsn, user=name, password=password))
     instance.start()  # whatever a test left it in
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
-        if conn.execute("SELECT to_regclass('cron.job') IS NOT NULL").fetchone()[0]:
-            conn.execute("DELETE FROM cron.job WHERE username = %s", (name,))
-        conn.execute("DELETE FROM pgbg.batch WHERE role_name = %s", (name,))
-        conn.execute(f"DROP SCHEMA {name} CASCADE")
-        conn.execute(f"DROP OWNED BY {name}")
-        conn.execute(f"DROP ROLE {name}")
+        retire_role(conn, name)  # its schema goes with what it owns
 
 
 @pytest.fixture
