@@ -201,8 +201,10 @@ def test_a_kill_during_an_outage_reaches_the_batch(fleet: str, fleet_user: psyco
         assert wait(conn, parent, "30s") in ("lost", "stopped")
         rows = monitor(conn, parent)
         # The child running when the server went down was lost with it (its runner recorded so while
-        # shutting down); the queued ones never started once the server was back.
-        assert statuses(rows)[0] in ("lost", "stopped")
+        # shutting down), or done: the shutdown ends the gate's session too, and the child may take the
+        # lock and end before its runner's cancel comes (seen once in CI). The queued ones never started
+        # once the server was back.
+        assert statuses(rows)[0] in ("lost", "stopped", "done")
         assert statuses(rows)[1:] == ["stopped"] * 4
         assert all(r["start_time_exec"] is None for r in rows[1:])
 
