@@ -152,14 +152,23 @@ def test_a_cut_connection_is_reconnected(fleet: str, fleet_user: psycopg.Connect
 def test_a_server_restart_mid_batch_is_waited_out(fleet: str, fleet_user: psycopg.Connection) -> None:
     fleet_user.execute("CREATE TABLE IF NOT EXISTS restart_marks (n int)")
     fleet_user.execute("TRUNCATE restart_marks")
-    # The gate's session ends with the restart, so the reruns go through.
+    # The gate's session ends with the restart, so the reruns go through. It may end before the runners
+    # do: a child let through then sleeps until its runner goes, while the server it started on runs (the
+    # CTE's row comes from the gate, and the filter on it runs after).
+    started = fleet_user.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
+    sleep = f"pg_sleep(case when pg_postmaster_start_time() = '{started.isoformat()}' then 600 else 0 end)"
     with gate(_admin_dsn()) as g:
+        children = [
+            f"with g as materialized (select {g.sql}) insert into restart_marks select {i} from g "
+            f"where {sleep} is not null"
+            for i in range(4)
+        ]
         # Safe to run again (the insert and the wait commit together), so lost children are retried.
         parent = str(
             fleet_user.execute(
                 "SELECT pgbg.pg_background_launch_num(%s::text[], p_monitor => false, p_max_parallel => 2, "
                 "p_retries => 2, p_retry_delay => '0.2 s', p_retry_lost => true)",
-                ([f"insert into restart_marks select {i} from {g.sql}" for i in range(4)],),
+                (children,),
             ).fetchone()[0]
         )
 
