@@ -23,7 +23,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from airflow_pgbg.hooks.install import install_engine_dsn
 from airflow_pgbg.hooks.watcher import WATCHER_APPLICATION_NAME
 from airflow_pgbg.triggers.batch import PgBackgroundBatchTrigger
-from tests.helpers import ends_task_in_failure, gate, launch, monitor, poll_until, retire_role, statuses, wait
+from tests.helpers import Gate, ends_task_in_failure, gate, launch, monitor, poll_until, retire_role, statuses, wait
 from tests.servers import FLEET, local_servers_or_skip
 
 CONN_ID = "pgbg_fleet"
@@ -98,6 +98,17 @@ def _admin_dsn() -> str:
     return FLEET.start()
 
 
+def _gated_until_the_server_goes(conn: psycopg.Connection, g: Gate, statement: str) -> str:
+    """``statement`` (reading the gate's row as ``g``) for a child that waits at the gate and, let through
+    while the server it started on still runs, sleeps until its runner goes. A stop or restart of the
+    server ends the gate's session, maybe before the runners: a child must not end in that moment. The
+    gate's row comes from a MATERIALIZED CTE, so the filter that sleeps runs after the gate (a filter on a
+    plain subquery ran first). The child's rerun on the restarted server does not sleep."""
+    started = conn.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
+    sleep = f"pg_sleep(case when pg_postmaster_start_time() = '{started.isoformat()}' then 600 else 0 end)"
+    return f"with g as materialized (select {g.sql}) {statement} where {sleep} is not null"
+
+
 def test_three_hundred_triggers_share_a_few_connections(fleet: str, fleet_user: psycopg.Connection) -> None:
     parents = [launch(fleet_user, ["select pg_sleep(0.05)", "select 1"], max_parallel=2) for _ in range(300)]
 
@@ -152,15 +163,10 @@ def test_a_cut_connection_is_reconnected(fleet: str, fleet_user: psycopg.Connect
 def test_a_server_restart_mid_batch_is_waited_out(fleet: str, fleet_user: psycopg.Connection) -> None:
     fleet_user.execute("CREATE TABLE IF NOT EXISTS restart_marks (n int)")
     fleet_user.execute("TRUNCATE restart_marks")
-    # The gate's session ends with the restart, so the reruns go through. It may end before the runners
-    # do: a child let through then sleeps until its runner goes, while the server it started on runs (the
-    # CTE's row comes from the gate, and the filter on it runs after).
-    started = fleet_user.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
-    sleep = f"pg_sleep(case when pg_postmaster_start_time() = '{started.isoformat()}' then 600 else 0 end)"
+    # The gate's session ends with the restart, so the reruns go through.
     with gate(_admin_dsn()) as g:
         children = [
-            f"with g as materialized (select {g.sql}) insert into restart_marks select {i} from g "
-            f"where {sleep} is not null"
+            _gated_until_the_server_goes(fleet_user, g, f"insert into restart_marks select {i} from g")
             for i in range(4)
         ]
         # Safe to run again (the insert and the wait commit together), so lost children are retried.
@@ -191,15 +197,10 @@ def test_a_server_restart_mid_batch_is_waited_out(fleet: str, fleet_user: psycop
 
 
 def test_a_kill_during_an_outage_reaches_the_batch(fleet: str, fleet_user: psycopg.Connection) -> None:
-    # The gate's session ends with the server: nothing opens it before. It may end before the runner does:
-    # a child let through then sleeps while the server it started on runs (see the restart test).
-    started = fleet_user.execute("SELECT pg_postmaster_start_time()").fetchone()[0]
-    sleep = f"pg_sleep(case when pg_postmaster_start_time() = '{started.isoformat()}' then 600 else 0 end)"
+    # The gate's session ends with the server: nothing opens it before.
     with gate(_admin_dsn()) as g:
         parent = launch(
-            fleet_user,
-            [f"with g as materialized (select {g.sql}) select 1 from g where {sleep} is not null"] * 5,
-            max_parallel=1,
+            fleet_user, [_gated_until_the_server_goes(fleet_user, g, "select 1 from g")] * 5, max_parallel=1
         )
         g.wait_for(1)  # child 1 runs when the server goes down
         trigger = _trigger(parent, claim=None, reconnect_timeout=60)
