@@ -42,8 +42,10 @@ def _role_and_tables(dsn: str, role_password: str) -> None:
         conn.execute(f"DROP ROLE IF EXISTS {ROLE}")
         conn.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{role_password}' IN ROLE pgbg_user")
         conn.execute(f"CREATE SCHEMA pgbg_e2e AUTHORIZATION {ROLE}")
-        # marks: what children write; lineage_b/_c: the tables the lineage DAGs read and write.
-        for table in ("marks (run_id text, n int)", "lineage_b (n int, label text)", "lineage_c (n int)"):
+        # marks: what children write; boot: the server's start a restart scenario's children know (see
+        # e2e_dags.RESTART); lineage_b/_c: the tables the lineage DAGs read and write.
+        tables = ("marks (run_id text, n int)", "boot (started timestamptz)", "lineage_b (n int, label text)")
+        for table in (*tables, "lineage_c (n int)"):
             conn.execute(f"CREATE TABLE pgbg_e2e.{table}")
             conn.execute(f"ALTER TABLE pgbg_e2e.{table.split()[0]} OWNER TO {ROLE}")
 

@@ -308,6 +308,51 @@ def test_a_wait_drives_a_batch_whose_runners_all_died(server: Server, effects: s
     assert (child["attempt"], _history(child)) in [(2, ["lost"])] + [(1, [])] * (server.launcher == "pg_cron")
 
 
+def test_a_wait_returns_when_a_child_job_that_outlived_its_runner_ends(server: Server, effects: str) -> None:
+    """Under pg_cron a child's own job runs on when its runner is terminated (under pg_background the
+    runner cancels its child's worker as it goes). Nothing is queued, so no runner has work; yet the
+    child must be settled once its job ends, and the wait return. The runner jobs settled such a child
+    once, found it running, and parked: the wait returned NULL at its timeout."""
+    if server.launcher != "pg_cron":
+        pytest.skip("a terminated pg_background runner takes its child's worker down with it")
+    with gate(server.admin_dsn) as g:
+        parent = _launch(server, [f"insert into {effects} select 1 from {g.sql}"], statement_timeout="5 min")
+        pid = poll_until(lambda: _runner_running(server, parent), 30, 0.02, "the child running")
+        g.wait_for(1)
+        with server.admin() as admin:
+            killed_at = admin.execute("SELECT clock_timestamp()").fetchone()[0]
+        server.kill(pid, "terminate")
+
+        def a_runner_job_has_looked_since() -> bool:
+            # A runner job's run that began after the kill lingers only once it has judged the orphan.
+            with server.admin() as admin:
+                return (
+                    admin.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND application_name = 'pgbg:cron' "
+                        "AND backend_start > %s AND wait_event = 'PgSleep'",
+                        (_schema(server), killed_at),
+                    ).fetchone()[0]
+                    > 0
+                )
+
+        poll_until(a_runner_job_has_looked_since, 30, 0.05, "a runner job to find the child running in its job")
+        # Held long enough for a runner job that would give up on the child to have done so: its run
+        # lingers settings.cron_linger, and the run pg_cron starts for a tick that came meanwhile ends
+        # at once. Later, the end of the child's job is the only thing left to notice.
+        with server.admin() as admin:
+            linger = admin.execute("SELECT extract(epoch FROM cron_linger) FROM pgbg.settings").fetchone()[0]
+        time.sleep(float(linger) + 2)
+        assert statuses(_children(server, parent)) == ["running"]
+    # The gate is open: the child's job ends, and nothing but the runner jobs can settle the child.
+    with server.user() as user:
+        assert user.execute("SELECT pgbg.pg_background_wait(%s, '60 s')", (parent,)).fetchone()[0] == "done", (
+            _diagnosis(server, parent)
+        )
+    assert _effects(server, effects) == [1]
+    (child,) = _children(server, parent)
+    assert (child["attempt"], child["errors"]) == (1, None)
+
+
 def _diagnosis(server: Server, parent: str) -> str:
     """What a batch that did not end looks like, and what could run it."""
     with server.admin() as admin:

@@ -52,6 +52,14 @@ $fn$;
 COMMENT ON FUNCTION @schema@._cron_child_start(text, uuid) IS
     'Schedules the job that runs one child at top level; its runner unschedules it once its run has ended.';
 
+CREATE FUNCTION @schema@._cron_spent_command()
+RETURNS text
+LANGUAGE sql IMMUTABLE
+RETURN 'SELECT ''pgbg: this child has run''';
+COMMENT ON FUNCTION @schema@._cron_spent_command() IS
+    'The command of a child''s job once its run has begun: pg_cron starts the job again every second until '
+    'its runner unschedules it, and those runs must do nothing (nor count as the child running).';
+
 CREATE FUNCTION @schema@._cron_exec_child(p_child uuid, p_settings jsonb, p_sql text)
 RETURNS void
 LANGUAGE plpgsql
@@ -230,7 +238,7 @@ BEGIN
             v_run := @schema@._cron_run(v_job);
             IF v_run.status IS NOT NULL AND NOT v_defused AND NOT v_cancelled THEN
                 -- Same name, same job (cron.alter_job is for administrators).
-                PERFORM cron.schedule('pgbg_child:' || p_child, '1 seconds', 'SELECT ''pgbg: this child has run''');
+                PERFORM cron.schedule('pgbg_child:' || p_child, '1 seconds', @schema@._cron_spent_command());
                 v_defused := true;
             END IF;
             EXIT WHEN v_run.status IN ('succeeded', 'failed');
@@ -382,7 +390,7 @@ AS $fn$
 DECLARE
     v_ran boolean;
     v_left boolean;
-    v_settled boolean := false;
+    v_next_settle timestamptz := '-infinity';
     v_idle_since timestamptz := clock_timestamp();
     v_linger interval := (SELECT s.cron_linger FROM @schema@.settings s);
     v_woken boolean;
@@ -397,16 +405,16 @@ BEGIN
         EXIT WHEN v_left;  -- cancelled from outside: this run ends (the job runs again next second)
         PERFORM set_config('application_name', 'pgbg:cron', false);
         IF v_ran THEN
-            v_settled := false;
+            v_next_settle := '-infinity';
             v_idle_since := clock_timestamp();
         END IF;
         -- A runner of this role killed mid-child (its job runs again a second later: this may be it) left
-        -- that child 'running': settle it here, once per idle turn (rows locked by another session stay
-        -- theirs). A wait would leave it to the runner jobs.
-        IF NOT v_settled AND EXISTS (SELECT 1 FROM @schema@._orphans(NULL) o WHERE o.role_name = current_user) THEN
+        -- that child 'running': settle it here (rows locked by another session stay theirs), at most once
+        -- a second. A wait leaves it to the runner jobs.
+        IF clock_timestamp() >= v_next_settle AND EXISTS (SELECT 1 FROM @schema@._orphans(NULL) o WHERE o.role_name = current_user) THEN
             PERFORM @schema@._housekeep(NULL::uuid[]);
             COMMIT;
-            v_settled := true;
+            v_next_settle := clock_timestamp() + interval '1 s';
             CONTINUE;
         END IF;
         IF NOT v_ran AND @schema@._role_has_queued() THEN
@@ -418,6 +426,12 @@ BEGIN
             END IF;
             RETURN;
         END IF;
+        IF EXISTS (SELECT 1 FROM @schema@._orphans(NULL) o WHERE o.role_name = current_user) THEN
+            -- A child whose own job outlived its runner: it is settled once that job has ended, and
+            -- nothing else would (this run stayed for it once, then parked, and the batch never ended).
+            CALL @schema@._linger(v_next_settle, v_woken);
+            CONTINUE;
+        END IF;
         CALL @schema@._cron_linger(v_idle_since + v_linger, v_woken);
         CONTINUE WHEN v_woken;
         -- Nothing left: leave for good, unless work was queued meanwhile.
@@ -427,8 +441,9 @@ BEGIN
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._cron_runner() IS
-    'Body of a pg_cron runner job: runs the batches of its role like a pg_background runner, then '
-    'parks its job (schedule @reboot) once the role has had no queued work for settings.cron_linger.';
+    'Body of a pg_cron runner job: runs the batches of its role like a pg_background runner and settles '
+    'its children whose runner died, then parks its job (schedule @reboot) once the role has had no queued '
+    'work for settings.cron_linger and no such child is left.';
 
 CREATE FUNCTION @schema@._cron_child_pid(p_child uuid)
 RETURNS int
@@ -441,7 +456,9 @@ BEGIN
         RETURN NULL;  -- and schema cron may not exist: this body is parsed only when it gets here
     END IF;
     SELECT d.job_pid INTO v_pid FROM cron.job j JOIN cron.job_run_details d USING (jobid)
-     WHERE j.jobname = 'pgbg_child:' || p_child AND d.status = 'running' LIMIT 1;
+     WHERE j.jobname = 'pgbg_child:' || p_child AND d.status = 'running'
+       AND d.command IS DISTINCT FROM @schema@._cron_spent_command()
+     LIMIT 1;
     RETURN v_pid;
 END
 $fn$;

@@ -42,8 +42,12 @@ BEGIN
     -- Under pg_cron, how the child's job ended is recorded: it is not lost with the runner.
     outcome := @schema@._cron_recorded(p_child.uuid_child);
     SELECT j.jobid INTO v_job FROM cron.job j WHERE j.jobname = 'pgbg_child:' || p_child.uuid_child;
+    -- A run of the spent command (see _cron_spent_command()) is not the child's: one found running kept
+    -- the child from being settled.
     SELECT d.job_pid INTO v_pid FROM cron.job_run_details d
-     WHERE d.jobid = v_job AND d.status IN ('starting', 'running') ORDER BY d.runid LIMIT 1;
+     WHERE d.jobid = v_job AND d.status IN ('starting', 'running')
+       AND d.command IS DISTINCT FROM @schema@._cron_spent_command()
+     ORDER BY d.runid LIMIT 1;
     running := outcome IS NULL AND FOUND;
     IF running AND p_child.stop_requested AND v_pid IS NOT NULL THEN
         PERFORM @schema@._cancel_run(v_pid);

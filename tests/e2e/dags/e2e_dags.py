@@ -24,24 +24,40 @@ def _batch_dag(dag_id: str, sql: list[str], conn: str = "pgbg_e2e", **kwargs) ->
 GATE = 4243
 
 
+# For a scenario that restarts the server while gated children run: a stop or restart ends the gate's
+# session, maybe before the runners, and a child let through then must not end in that moment. Past the
+# gate, it sleeps while the server still runs that started at the time a test wrote to pgbg_e2e.boot; its
+# rerun on the restarted server does not (nor any child while boot is empty). The gate comes from a
+# MATERIALIZED CTE, so the filter that sleeps runs after it.
+RESTART = (
+    "where pg_sleep(case when pg_postmaster_start_time() = (select started from pgbg_e2e.boot) then 600 else 0 end)"
+    " is not null"
+)
+
+
 def _dag(
     dag_id: str,
     children: int,
     seconds: float,
     conn: str = "pgbg_e2e",
     gate: bool | range = False,
+    restart: bool = False,
     **kwargs,
 ) -> DAG:
     """``gate``: True gates every child, a range the children of those numbers; the others sleep
-    ``seconds``."""
+    ``seconds``. ``restart``: gated children sleep past the gate until the server restarts (RESTART)."""
     gated = range(1, children + 1) if gate is True else gate or range(0)
 
-    def wait(i: int) -> str:
-        return f"pg_advisory_xact_lock_shared({GATE})" if i in gated else f"pg_sleep({seconds})"
-
     # The run id in each row lets a test count one run's effects.
-    sql = [f"insert into pgbg_e2e.marks select '{{{{ run_id }}}}', {i} from {wait(i)}" for i in range(1, children + 1)]
-    return _batch_dag(dag_id, sql, conn, **kwargs)
+    def child(i: int) -> str:
+        mark = f"insert into pgbg_e2e.marks select '{{{{ run_id }}}}', {i}"
+        if i not in gated:
+            return f"{mark} from pg_sleep({seconds})"
+        if restart:
+            return f"with g as materialized (select pg_advisory_xact_lock_shared({GATE})) {mark} from g {RESTART}"
+        return f"{mark} from pg_advisory_xact_lock_shared({GATE})"
+
+    return _batch_dag(dag_id, [child(i) for i in range(1, children + 1)], conn, **kwargs)
 
 
 def _callback(kind: str):
@@ -149,6 +165,7 @@ SCENARIOS = {
         "pgbg_e2e_fleet",
         {
             "gate": True,
+            "restart": True,
             "max_parallel": 2,
             "deferrable": True,
             "poll_interval": 1,
