@@ -281,6 +281,60 @@ def test_killed_after_its_own_worker_committed_before_the_outcome_was_recorded(
     assert _children(server, parent)[0]["attempt"] == 1
 
 
+def test_killed_before_it_made_its_childs_job_spent(server: Server, effects: str) -> None:
+    """Under pg_cron a child that must run at top level is the command of a job of its own, which pg_cron
+    starts again every second until its runner unschedules it; once the run has begun, the runner makes
+    that command a no-op. A runner terminated before it could left the statement to run again, a second
+    after each run ended (a stop cancelled one run after the other, and the child never settled)."""
+    if server.launcher != "pg_cron":
+        pytest.skip("a pg_background runner's nested worker runs once")
+    with gate(server.admin_dsn) as g:
+        with server.user() as user:
+            # Its work commits, then it waits at the gate: what it did is there to count.
+            user.execute(
+                f"CREATE PROCEDURE {effects}_one() LANGUAGE plpgsql AS "
+                f"$$ BEGIN insert into {effects} values (1); COMMIT; PERFORM {g.sql}; END $$"
+            )
+        job = "SELECT jobid FROM cron.job WHERE jobname = 'pgbg_child:' || %s AND command LIKE 'call %%'"
+        with server.admin() as admin:
+
+            def child_job() -> int | None:
+                uuid = admin.execute(
+                    "SELECT uuid_child FROM pgbg.log_background WHERE uuid_parent = %s", (launched[0],)
+                ).fetchone()[0]
+                row = admin.execute(job, (str(uuid),)).fetchone()
+                return row[0] if row else None
+
+            launched = [_launch(server, [f"call {effects}_one()"])]
+            jobid = poll_until(child_job, 30, 0.02, "the child's job")
+            # Its row in cron.job held: the runner waits there to make the command a no-op.
+            holder = server.admin()
+            holder.execute("BEGIN")
+            holder.execute("SELECT 1 FROM cron.job WHERE jobid = %s FOR UPDATE", (jobid,))
+            poll_until(lambda: _effects(server, effects) == [1], 30, 0.05, "the job's run to commit its work")
+            g.wait_for(1)
+            pid = poll_until(lambda: _runner_waiting(server, launched[0]), 30, 0.02, "the runner to wait for the job")
+            server.kill(pid, "terminate")
+            holder.close()
+            # Whoever settles the child now must first make the job's later runs no-ops.
+            poll_until(
+                lambda: (
+                    admin.execute("SELECT command FROM cron.job WHERE jobid = %s", (jobid,)).fetchone()
+                    in (None, ("SELECT 'pgbg: this child has run'",))
+                ),
+                30,
+                0.05,
+                "the job's command to be spent",
+            )
+    # The gate is open: the run ends; a run pg_cron starts after it does nothing.
+    (parent,) = launched
+    with server.user() as user:
+        assert user.execute("SELECT pgbg.pg_background_wait(%s, '60 s')", (parent,)).fetchone()[0] == "done"
+    assert _effects(server, effects) == [1]  # once
+    (child,) = _children(server, parent)
+    assert (child["attempt"], child["result"]["command"]) == (1, "CALL")
+
+
 def test_a_wait_drives_a_batch_whose_runners_all_died(server: Server, effects: str) -> None:
     """After a crash restart nobody runs the batch: a wait settles what the dead runners left and starts
     runners for what it queued again, which must see it (a wait queued it in its own long transaction,
