@@ -95,15 +95,29 @@ def test_2_a_killed_celery_worker_s_retry_takes_the_batch_s_outcome(celery: Depl
     with gate(d.admin_dsn, GATE) as g:
         run = d.trigger("deploy_worker_killed")
         parent = _batch(d, "deploy_worker_killed", run, "running", 2)
-        pids = wait_for(
-            lambda: _processes_with(
-                d,
-                "usename = 'pgbg_deploy' AND backend_type = 'client backend' AND query LIKE '%%pg_background_poll%%'",
+        # The worker that runs the try, by the task process's pid that Airflow records: a session left idle
+        # by the other worker's earlier task, its last query a poll too, once named the wrong one (which
+        # was killed, and the try never retried).
+        worker = wait_for(
+            lambda: (pid := d.ti("deploy_worker_killed", run).get("pid")) and _service_of(d, pid, WORKERS),
+            30,
+            "the worker running the try",
+        )
+        wait_for(
+            lambda: (
+                {
+                    _service_of(d, pid, WORKERS)
+                    for pid in _processes_with(
+                        d,
+                        "usename = 'pgbg_deploy' AND backend_type = 'client backend' AND state = 'active' "
+                        "AND query LIKE '%%pg_background_poll%%'",
+                    )
+                }
+                == {worker}
             ),
             30,
-            "the task's polling process",
+            f"the task polling the batch from {worker}",
         )
-        worker = next(filter(None, (_service_of(d, pid, WORKERS) for pid in pids)))
         other = next(w for w in WORKERS if w != worker)
         d.kill(worker, signal.SIGKILL)
         killed = time.monotonic()
