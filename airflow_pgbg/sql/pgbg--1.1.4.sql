@@ -2558,6 +2558,7 @@ AS $fn$
 DECLARE
     v_job bigint;
     v_spent boolean;
+    v_own boolean;
     v_run @schema@.cron_run;
     v_pid int;
 BEGIN
@@ -2579,12 +2580,13 @@ BEGIN
     END IF;
     -- Under pg_cron, how the child's job ended is recorded: it is not lost with the runner.
     outcome := @schema@._cron_recorded(p_child.uuid_child);
-    SELECT j.jobid, j.command = @schema@._cron_spent_command() INTO v_job, v_spent
-      FROM cron.job j WHERE j.jobname = 'pgbg_child:' || p_child.uuid_child AND j.username = current_user;
-    IF NOT v_spent THEN
+    SELECT j.jobid, j.command = @schema@._cron_spent_command(), j.username = current_user INTO v_job, v_spent, v_own
+      FROM cron.job j WHERE j.jobname = 'pgbg_child:' || p_child.uuid_child AND j.username = p_child.role_name;
+    IF v_own AND NOT v_spent THEN
         -- Its runner died before it made the job's later runs no-ops (see _run_in_cron_job()): each would
         -- run the statement again, a second after the last (a stop cancelled one after the other, and the
-        -- child was never settled). A run that has begun goes on, and is waited for.
+        -- child was never settled). A run that has begun goes on, and is waited for. (An administrator's
+        -- housekeeping would schedule a job of its own by that name: it leaves this to the role's.)
         PERFORM cron.schedule('pgbg_child:' || p_child.uuid_child, '1 seconds', @schema@._cron_spent_command());
     END IF;
     -- A run of the spent command (see _cron_spent_command()) is not the child's: one found running kept
