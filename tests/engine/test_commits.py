@@ -77,3 +77,34 @@ def test_a_runner_waits_for_a_wal_flush_only_where_a_child_wrote(
     # that holds more than 64 slows every snapshot on the server: a burst stops before (the first child
     # of a burst runs alone, then at most 47 join it; a burst of reads is bounded by time only).
     assert _largest_commit(user, writers) <= 48
+
+
+def test_a_child_on_its_own_is_recorded_with_the_claim_of_the_next_and_flushed_only_if_it_wrote(
+    admin: psycopg.Connection, user: psycopg.Connection, scratch: str
+) -> None:
+    # Children over a millisecond run one per transaction: the outcome of one and the claim of the next
+    # are one statement, and its commit holds the child's work.
+    user.execute(f"CREATE TABLE {scratch}.marks (n int)")
+    n = 40
+    reads, _ = _flushes_of_a_batch(admin, user, ["SELECT pg_sleep(0.002)"] * n)
+    writes, writers = _flushes_of_a_batch(
+        admin, user, [f"INSERT INTO {scratch}.marks SELECT {k} FROM pg_sleep(0.002)" for k in range(n)]
+    )
+    assert user.execute(f"SELECT count(*) FROM {scratch}.marks").fetchone()[0] == n
+    assert writes >= n, writes
+    assert reads <= 10, reads
+    assert _largest_commit(user, writers) == 1
+    rows = user.execute(
+        "SELECT status, attempt, result ->> 'command', error, end_time_exec,"
+        " lead(start_time_exec) OVER (ORDER BY start_time_exec) AS next_start"
+        " FROM pgbg.log_background WHERE uuid_parent = %s ORDER BY start_time_exec",
+        (writers,),
+    ).fetchall()
+    assert {r[:4] for r in rows} == {("done", 1, "INSERT 0 1", None)}
+    # One runner: each child ended before the next started.
+    assert all(r[4] <= r[5] for r in rows[:-1])
+    counts = user.execute(
+        "SELECT sum(queued), sum(running), sum(done), sum(failed) FROM pgbg.batch_progress WHERE uuid_parent = %s",
+        (writers,),
+    ).fetchone()
+    assert counts == (0, 0, n, 0)

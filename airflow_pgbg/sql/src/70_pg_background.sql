@@ -155,6 +155,7 @@ DECLARE
     v_left boolean := false;
     v_woken boolean;
     v_linger interval;
+    v_planned bigint := pg_relation_size('@schema@.log_background');
 BEGIN
     -- The postmaster starts workers one at a time, about 4 ms each here: a launch that started all of a
     -- batch's runners would keep its transaction open, and the batch waiting, for as many. It starts one,
@@ -184,6 +185,7 @@ BEGIN
             COMMIT;
             EXIT WHEN NOT v_woken;
         END IF;
+        v_planned := @schema@._replan(v_planned);
         CALL @schema@._work_role(v_ran, v_left);
         COMMIT;
     END LOOP;

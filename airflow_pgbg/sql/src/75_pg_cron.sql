@@ -395,12 +395,14 @@ DECLARE
     v_linger interval := (SELECT s.cron_linger FROM @schema@.settings s);
     v_woken boolean;
     v_parked boolean;
+    v_planned bigint := pg_relation_size('@schema@.log_background');
 BEGIN
     PERFORM set_config('application_name', 'pgbg:cron', false);
     -- The finished runs of this role's runner jobs (job_run_details would grow every second otherwise).
     DELETE FROM cron.job_run_details WHERE command = 'CALL @schema@._cron_runner()' AND status IN ('succeeded', 'failed');
     COMMIT;
     LOOP
+        v_planned := @schema@._replan(v_planned);
         CALL @schema@._work_role(v_ran, v_left);
         EXIT WHEN v_left;  -- cancelled from outside: this run ends (the job runs again next second)
         PERFORM set_config('application_name', 'pgbg:cron', false);

@@ -4,15 +4,26 @@
 -- how a child ended; _settle() records it.
 
 CREATE FUNCTION @schema@._claim(p_parent uuid, p_shard int, p_backend_start timestamptz,
-                               p_settled @schema@.child_status, p_claim boolean, p_after int)
-RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int, attempt int)
+                               p_settled @schema@.child_status, p_claim boolean, p_after int,
+                               p_done_id bigint, p_done_attempt int, p_done @schema@.child_outcome,
+                               p_done_at timestamptz)
+RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int, attempt int, settled boolean)
 LANGUAGE plpgsql
 AS $fn$
 #variable_conflict use_column
 BEGIN
     -- PL/pgSQL, not SQL: its plan is cached for the runner's session, and this runs once per child.
     RETURN QUERY
-    WITH c AS (
+    WITH s AS (
+        -- A child that ended with a result is done whatever else its row says (see _verdict()): it is
+        -- recorded here, as _settle_many() records a done child, without a statement of its own.
+        UPDATE @schema@.log_background d
+           SET status = 'done', result = (p_done).result, sqlstate = (p_done).sqlstate, error = (p_done).message,
+               error_detail = nullif((p_done).detail, ''), error_hint = nullif((p_done).hint, ''),
+               error_context = nullif((p_done).context, ''), end_time_exec = p_done_at, not_before = NULL
+         WHERE d.id = p_done_id AND d.status = 'running' AND d.attempt = p_done_attempt
+        RETURNING d.id),
+    c AS (
         UPDATE @schema@.log_background c
            SET status = 'running', pid = pg_backend_pid(), backend_start = p_backend_start,
                start_time_exec = clock_timestamp(), end_time_exec = NULL, attempt = c.attempt + 1,
@@ -27,48 +38,61 @@ BEGIN
                         LIMIT 1
                         FOR UPDATE SKIP LOCKED)
         RETURNING c.id, c.uuid_child, c.query, c.run_mode, c.seq, c.attempt),
-    n AS (SELECT count(*) AS claimed FROM c),
+    n AS (SELECT (SELECT count(*) FROM c) AS claimed, (SELECT count(*) FROM s) AS done),
     counted AS (
         INSERT INTO @schema@.batch_progress AS p (uuid_parent, shard, role_name, queued, running, done, failed,
                                                   stopped, lost, first_start, last_end)
         SELECT p_parent, p_shard, current_user,
                coalesce((p_settled = 'queued')::int, 0) - n.claimed,
-               n.claimed - (p_settled IS NOT NULL)::int,
-               coalesce((p_settled = 'done')::int, 0), coalesce((p_settled = 'failed')::int, 0),
+               n.claimed - (p_settled IS NOT NULL)::int - n.done,
+               coalesce((p_settled = 'done')::int, 0) + n.done, coalesce((p_settled = 'failed')::int, 0),
                coalesce((p_settled = 'stopped')::int, 0), coalesce((p_settled = 'lost')::int, 0),
                CASE WHEN n.claimed > 0 THEN clock_timestamp() END,
-               CASE WHEN p_settled IS NOT NULL THEN clock_timestamp() END
+               CASE WHEN p_settled IS NOT NULL OR n.done > 0 THEN clock_timestamp() END
           FROM n
-         WHERE n.claimed > 0 OR p_settled IS NOT NULL
+         WHERE n.claimed > 0 OR p_settled IS NOT NULL OR n.done > 0
         ON CONFLICT (uuid_parent, shard) DO UPDATE
            SET queued = p.queued + excluded.queued, running = p.running + excluded.running,
                done = p.done + excluded.done, failed = p.failed + excluded.failed,
                stopped = p.stopped + excluded.stopped, lost = p.lost + excluded.lost,
                first_start = least(p.first_start, excluded.first_start),
                last_end = greatest(p.last_end, excluded.last_end))
-    SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq, c.attempt FROM c;
+    SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq, c.attempt, n.done > 0 FROM n LEFT JOIN c ON true;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._claim(uuid, int, timestamptz, @schema@.child_status, boolean, int) IS
-    'One statement per child for a runner: counts the outcome of the child it just settled (p_settled) '
-    'and, with p_claim, claims the next queued child that is due, in seq order after p_after. Starting '
-    'after the runner''s previous claim skips the index entries of children already claimed, which stay '
-    'until no snapshot can see them (a long poll holds one back).';
+COMMENT ON FUNCTION @schema@._claim(uuid, int, timestamptz, @schema@.child_status, boolean, int, bigint, int,
+                                    @schema@.child_outcome, timestamptz) IS
+    'One statement per child for a runner: records the child it just ran as done at p_done_at (p_done_id, '
+    'claimed as attempt p_done_attempt, when p_done has a result) or counts one it settled otherwise (p_settled), and, '
+    'with p_claim, claims the next queued child that is due, in seq order after p_after. One row: the '
+    'child claimed (NULLs for none), and settled: whether p_done_id''s claim still held and it is done. '
+    'Starting after the runner''s previous claim skips the index entries of children already claimed, '
+    'which stay until no snapshot can see them (a long poll holds one back).';
 
 CREATE FUNCTION @schema@._claim_next(p_parent uuid, p_shard int, p_backend_start timestamptz,
-                                    p_settled @schema@.child_status, p_claim boolean, p_after int)
-RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int, attempt int)
+                                    p_settled @schema@.child_status, p_claim boolean, p_after int,
+                                    p_done_id bigint DEFAULT NULL, p_done_attempt int DEFAULT NULL,
+                                    p_done @schema@.child_outcome DEFAULT NULL, p_done_at timestamptz DEFAULT NULL,
+                                    OUT id bigint,
+                                    OUT uuid_child uuid, OUT query text, OUT run_mode text, OUT seq int,
+                                    OUT attempt int, OUT settled boolean)
 LANGUAGE plpgsql
 AS $fn$
+DECLARE
+    c record;
 BEGIN
-    RETURN QUERY SELECT * FROM @schema@._claim(p_parent, p_shard, p_backend_start, p_settled, p_claim, p_after);
-    IF NOT FOUND AND p_claim AND p_after > 0 THEN
+    SELECT * INTO c FROM @schema@._claim(p_parent, p_shard, p_backend_start, p_settled, p_claim, p_after,
+                                         p_done_id, p_done_attempt, p_done, p_done_at);
+    settled := c.settled;
+    IF c.id IS NULL AND p_claim AND p_after > 0 AND (p_done_id IS NULL OR c.settled) THEN
         -- Children queued again behind this runner (retries, a takeover) come after the rest.
-        RETURN QUERY SELECT * FROM @schema@._claim(p_parent, p_shard, p_backend_start, NULL, true, 0);
+        SELECT * INTO c FROM @schema@._claim(p_parent, p_shard, p_backend_start, NULL, true, 0, NULL, NULL, NULL, NULL);
     END IF;
+    SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq, c.attempt INTO id, uuid_child, query, run_mode, seq, attempt;
 END
 $fn$;
-COMMENT ON FUNCTION @schema@._claim_next(uuid, int, timestamptz, @schema@.child_status, boolean, int) IS
+COMMENT ON FUNCTION @schema@._claim_next(uuid, int, timestamptz, @schema@.child_status, boolean, int, bigint, int,
+                                         @schema@.child_outcome, timestamptz) IS
     '_claim() after the runner''s previous child, then from the start of the queue.';
 
 CREATE FUNCTION @schema@._verdict(p_outcome @schema@.child_outcome, p_gone boolean, p_child @schema@.log_background,
@@ -408,7 +432,8 @@ BEGIN
         v_slots := @schema@._take_slots(batch);
         global_slot := v_slots.global_slot;
         batch_slot := v_slots.batch_slot;
-        SELECT a.backend_start INTO backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
+        -- This backend's row alone: pg_stat_activity reads every backend's (3 ms of a runner's start).
+        SELECT a.backend_start INTO backend_start FROM pg_stat_get_activity(pg_backend_pid()) a;
     END IF;
 END
 $fn$;
@@ -481,25 +506,56 @@ RETURN EXISTS (SELECT 1 FROM @schema@.batch bt
 COMMENT ON FUNCTION @schema@._role_slots_free() IS
     'Whether a batch of the caller''s role with queued children has a batch slot no runner holds.';
 
+CREATE FUNCTION @schema@._replan(p_planned bigint)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $fn$
+DECLARE
+    v_size bigint := pg_relation_size('@schema@.log_background');
+BEGIN
+    -- A runner's cached plans were made for the children's table as it was then (p_planned: its size in
+    -- bytes): a seq scan chosen on a queue of 400 children would run once per child on one of 100,000 (a
+    -- lingering runner took W2 at 600 children/s instead of 20,000). Planned afresh once the table has
+    -- doubled, not at every batch: re-planning cost each of W1's eight lingering runners a few ms of CPU
+    -- at its start, two cores for all eight, and the last one started 20 ms after the first.
+    IF v_size > 2 * greatest(p_planned, 8192) THEN
+        DISCARD PLANS;
+        RETURN v_size;
+    END IF;
+    RETURN p_planned;
+END
+$fn$;
+COMMENT ON FUNCTION @schema@._replan(bigint) IS
+    'Discards this session''s cached plans if the children''s table has more than doubled since they were '
+    'made (p_planned: its size then, in bytes); returns the size they are made for from now on.';
+
 CREATE PROCEDURE @schema@._linger(p_until timestamptz, INOUT p_woken boolean)
 LANGUAGE plpgsql
 AS $fn$
+DECLARE
+    v_since timestamptz := clock_timestamp();
+    v_soon boolean;
 BEGIN
     -- The role's next batch often follows soon (a script's next launch, a DAG's next task): a runner still
     -- here takes it within 20 ms, where a new one waits for the server to start it and compiles the
     -- engine's routines first. It holds no slot meanwhile; the probe reads the small index of queued
     -- children, and the slots only then.
+    -- A batch launched right after the last one ended (a script's loop) is taken within 2 ms, and without
+    -- reading the slots: that takes 0.6 ms, and eight runners doing it at once on two cores started the
+    -- last of W1's runners 10 ms later. One that wakes for a batch whose slots are all taken finds none, and
+    -- leaves, as it does when it wakes a moment before another runner takes the last slot.
     p_woken := false;
     WHILE NOT p_woken AND clock_timestamp() < p_until LOOP
         COMMIT;
-        PERFORM pg_sleep(0.02);
-        p_woken := @schema@._role_has_queued() AND @schema@._role_slots_free();
+        v_soon := clock_timestamp() - v_since < interval '200 ms';
+        PERFORM pg_sleep(CASE WHEN v_soon THEN 0.002 ELSE 0.02 END);
+        p_woken := @schema@._role_has_queued() AND (v_soon OR @schema@._role_slots_free());
     END LOOP;
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._linger(timestamptz, boolean) IS
-    'A runner with nothing left stays until p_until for its role''s next batch; p_woken when one came with a '
-    'batch slot free.';
+    'A runner with nothing left stays until p_until for its role''s next batch (looking every 2 ms for the '
+    'first 200 ms, then every 20 ms); p_woken when one came (after the first 200 ms: with a batch slot free).';
 
 CREATE PROCEDURE @schema@._work_role(INOUT p_ran boolean DEFAULT false, INOUT p_left boolean DEFAULT false)
 LANGUAGE plpgsql
@@ -541,7 +597,9 @@ DECLARE
     v_fail_fast uuid;
     v_adopted record;
     v_t0 timestamptz;
+    v_ended timestamptz;
     v_quiet boolean := false;
+    v_next boolean := false;
 BEGIN
     p_ran := false;
     p_left := false;
@@ -549,23 +607,22 @@ BEGIN
         RETURN;  -- its starter rolled back, or the caps are reached
     END IF;
     p_ran := true;
-    -- Plans cached for an earlier batch were made for the tables as they were then: a seq scan chosen on
-    -- a queue of 400 children would run once per child on one of 100,000 (a lingering runner took W2
-    -- at 600 children/s instead of 20,000).
-    DISCARD PLANS;
     COMMIT;
     LOOP
         -- One transaction per child (or burst of inline children): the outcome of the one before (and an
         -- inline one's work), its count, and the claim of the next. Unless a child's work is in it, it need
         -- not wait for a WAL flush: lost in a crash, it leaves children that never ran (or did nothing)
         -- queued, to run again. The RESET ALL after each child undid any earlier SET LOCAL of it.
-        IF v_settled IS NULL OR v_quiet THEN
-            PERFORM set_config('synchronous_commit', 'off', true);
+        IF NOT v_next THEN
+            IF v_settled IS NULL OR v_quiet THEN
+                PERFORM set_config('synchronous_commit', 'off', true);
+            END IF;
+            v_quiet := false;
+            SELECT * INTO c FROM @schema@._claim_next(v_batch.uuid_parent, r.global_slot, r.backend_start, v_settled,
+                                                      v_fail_fast IS NULL AND NOT v_leave, v_after);
+            v_settled := NULL;
         END IF;
-        v_quiet := false;
-        SELECT * INTO c FROM @schema@._claim_next(v_batch.uuid_parent, r.global_slot, r.backend_start, v_settled,
-                                                  v_fail_fast IS NULL AND NOT v_leave, v_after);
-        v_settled := NULL;
+        v_next := false;
         IF v_fail_fast IS NOT NULL THEN
             COMMIT;  -- the failure is recorded: now take the rest of the batch down
             PERFORM @schema@._stop(v_batch.uuid_parent, format('stopped: fail_fast after child %s failed', v_fail_fast),
@@ -588,7 +645,7 @@ BEGIN
             v_adopted := @schema@._adopt(v_batch, r.batch_slot);
             COMMIT;
             EXIT WHEN v_adopted.next IS NULL;
-            DISCARD PLANS;
+            DISCARD PLANS;  -- see _replan(): rare enough not to bother
             v_batch := v_adopted.next;
             r.batch_slot := v_adopted.p_slot;
             v_after := 0;
@@ -597,6 +654,18 @@ BEGIN
             COMMIT;
             v_t0 := clock_timestamp();
             CALL @schema@._run(c.query, c.uuid_child, c.run_mode, v_batch, v_settings, v_outcome);
+            v_ended := clock_timestamp();
+            IF (v_outcome).result IS NOT NULL AND (c.run_mode <> 'inline' OR v_ended - v_t0 >= interval '1 ms') THEN
+                -- Done, and too long to start a burst: recorded with the claim of the next, in one statement.
+                SELECT * INTO c FROM @schema@._claim_next(v_batch.uuid_parent, r.global_slot, r.backend_start, NULL,
+                                                          true, v_after, c.id, c.attempt, v_outcome, v_ended);
+                IF NOT c.settled THEN
+                    ROLLBACK;  -- housekeeping took this runner for dead and queued the child again: its work goes
+                ELSE
+                    v_next := true;
+                END IF;
+                CONTINUE;
+            END IF;
             SELECT s.status, s.leave INTO v_settled, v_leave FROM @schema@._settle(c.id, c.attempt, v_outcome) s;
             IF v_settled IS NULL THEN
                 ROLLBACK;  -- housekeeping took this runner for dead and queued the child again: its work goes

@@ -203,14 +203,13 @@ COMMENT ON FUNCTION @schema@._start_runners(uuid[]) IS
     'Starts pg_background runners for the caller''s batches (every one when p_parents is NULL) where their '
     'caps and the global cap leave room.';
 
-CREATE FUNCTION @schema@._housekeep(p_parents uuid[])
+CREATE FUNCTION @schema@._get_runners(p_parents uuid[])
 RETURNS void
 LANGUAGE plpgsql
 AS $fn$
 BEGIN
     -- pg_stat_activity is otherwise frozen for the rest of the transaction.
     PERFORM pg_stat_clear_snapshot();
-    PERFORM @schema@._settle_orphans(p_parents);
     IF @schema@._launcher() = 'pg_cron' THEN
         PERFORM @schema@._cron_schedule_runners();
     ELSE
@@ -218,10 +217,23 @@ BEGIN
     END IF;
 END
 $fn$;
+COMMENT ON FUNCTION @schema@._get_runners(uuid[]) IS
+    'Starts runners for the caller''s batches where slots are free (pg_cron: schedules runner jobs); every '
+    'batch when p_parents is NULL. The runners begin once the calling transaction has ended.';
+
+CREATE FUNCTION @schema@._housekeep(p_parents uuid[])
+RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM pg_stat_clear_snapshot();
+    PERFORM @schema@._settle_orphans(p_parents);
+    PERFORM @schema@._get_runners(p_parents);
+END
+$fn$;
 COMMENT ON FUNCTION @schema@._housekeep(uuid[]) IS
     'Settles children of runners that died (see _settle_orphans()) and starts runners for the caller''s '
-    'batches where slots are free (pg_cron: schedules runner jobs); every batch when p_parents is NULL. The '
-    'runners begin once the calling transaction has ended.';
+    'batches where slots are free (see _get_runners()); every batch when p_parents is NULL.';
 
 CREATE FUNCTION @schema@._housekeep(p_parent uuid DEFAULT NULL)
 RETURNS void

@@ -107,7 +107,8 @@ BEGIN
            p_user_name, p_ip_client
       FROM unnest(p_querys) WITH ORDINALITY AS q(sql, seq);
     PERFORM @schema@._count(p_parent, current_user, 0, cardinality(p_querys), 0, 0, 0, 0, 0);
-    PERFORM @schema@._housekeep(ARRAY[p_parent]);
+    -- Runners only: a new batch has no child whose runner died (looking costs a few ms of the launch).
+    PERFORM @schema@._get_runners(ARRAY[p_parent]);
     RETURN cardinality(p_querys);
 END
 $fn$;
