@@ -1926,19 +1926,24 @@ RETURNS TABLE (id bigint, uuid_child uuid, query text, run_mode text, seq int, a
 LANGUAGE plpgsql
 AS $fn$
 #variable_conflict use_column
+DECLARE
+    v_done int := 0;
 BEGIN
-    -- PL/pgSQL, not SQL: its plan is cached for the runner's session, and this runs once per child.
-    RETURN QUERY
-    WITH s AS (
+    IF p_done_id IS NOT NULL THEN
         -- A child that ended with a result is done whatever else its row says (see _verdict()): it is
-        -- recorded here, as _settle_many() records a done child, without a statement of its own.
+        -- recorded here, as _settle_many() records a done child. Before the claim, in a statement of its
+        -- own: a stop holds the rows it marks (this child's among them) while it stops the queued ones, and
+        -- a runner that had locked the next queued child first would wait for it as it waits for the runner.
         UPDATE @schema@.log_background d
            SET status = 'done', result = (p_done).result, sqlstate = (p_done).sqlstate, error = (p_done).message,
                error_detail = nullif((p_done).detail, ''), error_hint = nullif((p_done).hint, ''),
                error_context = nullif((p_done).context, ''), end_time_exec = p_done_at, not_before = NULL
-         WHERE d.id = p_done_id AND d.status = 'running' AND d.attempt = p_done_attempt
-        RETURNING d.id),
-    c AS (
+         WHERE d.id = p_done_id AND d.status = 'running' AND d.attempt = p_done_attempt;
+        v_done := CASE WHEN FOUND THEN 1 ELSE 0 END;
+    END IF;
+    -- PL/pgSQL, not SQL: its plan is cached for the runner's session, and this runs once per child.
+    RETURN QUERY
+    WITH c AS (
         UPDATE @schema@.log_background c
            SET status = 'running', pid = pg_backend_pid(), backend_start = p_backend_start,
                start_time_exec = clock_timestamp(), end_time_exec = NULL, attempt = c.attempt + 1,
@@ -1953,32 +1958,32 @@ BEGIN
                         LIMIT 1
                         FOR UPDATE SKIP LOCKED)
         RETURNING c.id, c.uuid_child, c.query, c.run_mode, c.seq, c.attempt),
-    n AS (SELECT (SELECT count(*) FROM c) AS claimed, (SELECT count(*) FROM s) AS done),
+    n AS (SELECT count(*) AS claimed FROM c),
     counted AS (
         INSERT INTO @schema@.batch_progress AS p (uuid_parent, shard, role_name, queued, running, done, failed,
                                                   stopped, lost, first_start, last_end)
         SELECT p_parent, p_shard, current_user,
                coalesce((p_settled = 'queued')::int, 0) - n.claimed,
-               n.claimed - (p_settled IS NOT NULL)::int - n.done,
-               coalesce((p_settled = 'done')::int, 0) + n.done, coalesce((p_settled = 'failed')::int, 0),
+               n.claimed - (p_settled IS NOT NULL)::int - v_done,
+               coalesce((p_settled = 'done')::int, 0) + v_done, coalesce((p_settled = 'failed')::int, 0),
                coalesce((p_settled = 'stopped')::int, 0), coalesce((p_settled = 'lost')::int, 0),
                CASE WHEN n.claimed > 0 THEN clock_timestamp() END,
-               CASE WHEN p_settled IS NOT NULL OR n.done > 0 THEN clock_timestamp() END
+               CASE WHEN p_settled IS NOT NULL OR v_done > 0 THEN clock_timestamp() END
           FROM n
-         WHERE n.claimed > 0 OR p_settled IS NOT NULL OR n.done > 0
+         WHERE n.claimed > 0 OR p_settled IS NOT NULL OR v_done > 0
         ON CONFLICT (uuid_parent, shard) DO UPDATE
            SET queued = p.queued + excluded.queued, running = p.running + excluded.running,
                done = p.done + excluded.done, failed = p.failed + excluded.failed,
                stopped = p.stopped + excluded.stopped, lost = p.lost + excluded.lost,
                first_start = least(p.first_start, excluded.first_start),
                last_end = greatest(p.last_end, excluded.last_end))
-    SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq, c.attempt, n.done > 0 FROM n LEFT JOIN c ON true;
+    SELECT c.id, c.uuid_child, c.query, c.run_mode, c.seq, c.attempt, v_done > 0 FROM n LEFT JOIN c ON true;
 END
 $fn$;
 COMMENT ON FUNCTION @schema@._claim(uuid, int, timestamptz, @schema@.child_status, boolean, int, bigint, int,
                                     @schema@.child_outcome, timestamptz) IS
-    'One statement per child for a runner: records the child it just ran as done at p_done_at (p_done_id, '
-    'claimed as attempt p_done_attempt, when p_done has a result) or counts one it settled otherwise (p_settled), and, '
+    'Once per child for a runner: records the child it just ran as done at p_done_at (p_done_id, claimed as '
+    'attempt p_done_attempt, when p_done has a result) or counts one it settled otherwise (p_settled), and, '
     'with p_claim, claims the next queued child that is due, in seq order after p_after. One row: the '
     'child claimed (NULLs for none), and settled: whether p_done_id''s claim still held and it is done. '
     'Starting after the runner''s previous claim skips the index entries of children already claimed, '

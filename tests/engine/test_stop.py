@@ -255,3 +255,37 @@ def test_a_stop_for_an_earlier_holder_leaves_a_claimed_batch_alone(dsn: str, use
         assert statuses(monitor(user, parent)) == ["running"]
         assert user.execute("SELECT pgbg.pg_background_stop(%s, 'try 2')", (parent,)).fetchone()[0] == 1
         assert wait(user, parent, "20s") == "stopped"
+
+
+def test_a_stop_that_holds_a_finished_childs_row_does_not_deadlock_with_its_runner(
+    dsn: str, user: psycopg.Connection, admin: psycopg.Connection
+) -> None:
+    """A stop marks the running children's rows, then stops the queued ones. Its runner, recording the
+    child that has just ended, waits for that row; had it locked the next queued child first (as engine
+    1.1.5 did before its release, found by W3 of make bench), each would wait for the other."""
+    with gate(dsn) as g:
+        parent = launch(user, [f"select {g.sql}", "select 2", "select 3"], max_parallel=1)
+        g.wait_for(1)
+        first, second, _ = monitor(user, parent)
+        with psycopg.connect(dsn) as stopper:  # one transaction, as a stop's
+            stopper.execute(
+                "SELECT 1 FROM pgbg.log_background WHERE uuid_child = %s FOR UPDATE", (first["uuid_child"],)
+            )
+            g.open()  # the first child ends, and its runner waits to record it
+
+            def runner_waits() -> bool:
+                return (
+                    admin.execute(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE application_name = %s AND wait_event = 'transactionid'",
+                        (f"pgbg:{parent}",),
+                    ).fetchone()[0]
+                    == 1
+                )
+
+            poll_until(runner_waits, 30, what="the runner to wait for the first child's row")
+            stopper.execute("SET LOCAL lock_timeout = '20s'")  # bounds a wait that is no deadlock
+            assert stopper.execute("SELECT pgbg.pg_background_stop(%s)", (second["uuid_child"],)).fetchone()[0] == 1
+    assert wait(user, parent) == "stopped"
+    rows = monitor(user, parent)
+    assert [(r["status"], r["attempt"]) for r in rows] == [("done", 1), ("stopped", 0), ("done", 1)]
