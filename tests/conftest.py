@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from airflow_pgbg.hooks.install import install_engine_dsn
@@ -68,10 +69,11 @@ def make_role(dsn: str) -> Iterator[Callable[..., str]]:
         name = f"{prefix}_{secrets.token_hex(4)}"
         password = secrets.token_hex(12)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
+            role = sql.Identifier(name).as_string(conn)  # a prefix may make a name that needs quotes
+            conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
             for grant in grants or ("pgbg_user",):
-                conn.execute(f"GRANT {grant} TO {name}")
-            conn.execute(f"GRANT CREATE ON SCHEMA public TO {name}")
+                conn.execute(f"GRANT {grant} TO {role}")
+            conn.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
         created.append(name)
         params = conninfo_to_dict(dsn)
         params.update(user=name, password=password)

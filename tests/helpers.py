@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -148,5 +149,6 @@ def retire_role(conn: psycopg.Connection, name: str) -> None:
     with conn.transaction():
         if cron:
             conn.execute("DELETE FROM cron.job WHERE username = %s", (name,))
-        conn.execute(f"DROP OWNED BY {name}")
-        conn.execute(f"DROP ROLE {name}")
+        role = sql.Identifier(name).as_string(conn)
+        conn.execute(f"DROP OWNED BY {role}")
+        conn.execute(f"DROP ROLE {role}")

@@ -963,7 +963,7 @@ RETURN EXISTS (SELECT 1 FROM pg_stat_get_activity(p_pid) a
                 -- inherits the name): it still holds its slots.
                 WHERE (a.application_name LIKE 'pgbg:%' OR a.application_name LIKE 'pgbg-child:%')
                   AND pg_has_role(a.usesysid, 'pgbg_user', 'MEMBER')
-                  AND (p_role IS NULL OR a.usesysid = to_regrole(p_role) AND a.backend_type IN ('pg_background', 'pg_cron')));
+                  AND (p_role IS NULL OR pg_get_userbyid(a.usesysid) = p_role AND a.backend_type IN ('pg_background', 'pg_cron')));
 COMMENT ON FUNCTION @schema@._is_runner(int, name) IS
     'Whether a process is an engine runner: of p_role, as a background worker, when given; else of any role '
     'of pgbg_user.';

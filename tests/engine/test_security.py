@@ -271,3 +271,21 @@ def test_nobody_else_can_hold_a_roles_locks(user: psycopg.Connection, make_role:
             ).fetchone()[0]
             == "launched"
         )
+
+
+def test_a_role_whose_name_needs_quotes_has_its_runners_counted(dsn: str, make_role: Callable[..., str]) -> None:
+    """Runners and slot holders are told by their role's name as it is, never parsed as an identifier
+    (which folds it to lower case): otherwise a role's own runners would not count, and its batches
+    would run past their cap."""
+    with psycopg.connect(make_role(prefix="Pgbg_T Mixed"), autocommit=True) as user, gate(dsn) as g:
+        parent = launch(user, [f"select {g.sql}"] * 4, max_parallel=2)
+        g.wait_for(2)
+        assert statuses(monitor(user, parent)) == ["running", "running", "queued", "queued"]
+        holders = user.execute(
+            "SELECT pgbg._slot_holders(pgbg._batch_lock_key(%s), current_user)", (parent,)
+        ).fetchone()[0]
+        assert holders == 2
+        assert user.execute("SELECT pgbg._role_slots_free()").fetchone()[0] is False
+        g.open()
+        assert user.execute("CALL pgbg.pg_background_await(%s, '30 s', NULL)", (parent,)).fetchone()[0] == "done"
+        assert _concurrency(monitor(user, parent)) == 2
