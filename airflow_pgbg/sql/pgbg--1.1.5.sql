@@ -2454,28 +2454,24 @@ LANGUAGE plpgsql
 AS $fn$
 DECLARE
     v_since timestamptz := clock_timestamp();
-    v_soon boolean;
 BEGIN
     -- The role's next batch often follows soon (a script's next launch, a DAG's next task): a runner still
     -- here takes it within 20 ms, where a new one waits for the server to start it and compiles the
-    -- engine's routines first. It holds no slot meanwhile; the probe reads the small index of queued
-    -- children, and the slots only then.
-    -- A batch launched right after the last one ended (a script's loop) is taken within 2 ms, and without
-    -- reading the slots: that takes 0.6 ms, and eight runners doing it at once on two cores started the
-    -- last of W1's runners 10 ms later. One that wakes for a batch whose slots are all taken finds none, and
-    -- leaves, as it does when it wakes a moment before another runner takes the last slot.
+    -- engine's routines first; one launched right after the last batch ended (a script's loop) within
+    -- 2 ms. It holds no slot meanwhile; the probe reads the small index of queued children, and the
+    -- slots only then: a runner that woke for a batch whose slots are all taken would find none, and
+    -- leave without the order against a launch that _runner() keeps, which may have counted on it.
     p_woken := false;
     WHILE NOT p_woken AND clock_timestamp() < p_until LOOP
         COMMIT;
-        v_soon := clock_timestamp() - v_since < interval '200 ms';
-        PERFORM pg_sleep(CASE WHEN v_soon THEN 0.002 ELSE 0.02 END);
-        p_woken := @schema@._role_has_queued() AND (v_soon OR @schema@._role_slots_free());
+        PERFORM pg_sleep(CASE WHEN clock_timestamp() - v_since < interval '200 ms' THEN 0.002 ELSE 0.02 END);
+        p_woken := @schema@._role_has_queued() AND @schema@._role_slots_free();
     END LOOP;
 END
 $fn$;
 COMMENT ON PROCEDURE @schema@._linger(timestamptz, boolean) IS
     'A runner with nothing left stays until p_until for its role''s next batch (looking every 2 ms for the '
-    'first 200 ms, then every 20 ms); p_woken when one came (after the first 200 ms: with a batch slot free).';
+    'first 200 ms, then every 20 ms); p_woken when one came with a batch slot free.';
 
 CREATE PROCEDURE @schema@._work_role(INOUT p_ran boolean DEFAULT false, INOUT p_left boolean DEFAULT false)
 LANGUAGE plpgsql

@@ -208,6 +208,7 @@ def test_each_pool_mode_is_handled(
     seen: dict[str, Any] = {}
     with gate(pooled["admin"]) as g:
         parent = launch(user, [f"select {g.sql}"])
+        g.wait_for(1)  # running, not merely queued: the check below is that it still runs
 
         async def wait() -> Any:
             # Polls of its own come 600 s apart: an end noticed sooner came by listening, or by the
