@@ -2,5 +2,5 @@
 
 __version__ = "0.3.5"
 
-ENGINE_VERSION = "1.1.5"
+ENGINE_VERSION = "1.1.6"
 """The engine version (``airflow_pgbg/sql``) this package's Python code needs and installs."""

@@ -6,12 +6,14 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
+import psycopg.sql
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
-from tests.helpers import Gate, gate, launch, monitor, poll_until, statuses, wait
+from tests.helpers import Gate, gate, launch, monitor, poll_until, statuses, stop, wait
 
 
 class Sampler:
@@ -107,6 +109,72 @@ def test_queued_children_start_as_slots_free_without_polling(user: psycopg.Conne
         for (_, end), (start, _) in itertools.pairwise(runs):
             gap = (start - end).total_seconds()
             assert gap < 0.5, f"a runner started its next child {gap:.3f} s after the last one ended"
+
+
+def test_a_look_at_the_roles_free_slots_counts_holders_only_for_batches_with_queued_children(
+    dsn: str, admin: psycopg.Connection, user: psycopg.Connection
+) -> None:
+    """A lingering runner looks at its role's free slots at each wake, and as it decides to leave (under
+    the role's lock, which launches wait for). Each count of a batch's slot holders reads pg_locks; counted
+    for every batch the role had ever run, a look took 20 ms for a role with 26 batches, ever longer as
+    its history grew, and a new batch waited for it to start."""
+    for _ in range(5):
+        assert wait(user, launch(user, ["select 1"], max_parallel=1)) == "done"
+    with gate(dsn) as g:
+        parent = launch(user, [f"select {g.sql}"] * 3, max_parallel=1)
+        g.wait_for(1)
+        with admin.transaction():
+            admin.execute("SET LOCAL track_functions = 'all'")
+            # Whatever plan is chosen: here the one that reads the batch table first, as on a database whose
+            # statistics favour it (the bench's did; the tests' shared one did not).
+            admin.execute("SET LOCAL enable_indexscan = off")
+            admin.execute("SET LOCAL enable_indexonlyscan = off")
+            admin.execute("SET LOCAL enable_bitmapscan = off")
+            admin.execute(psycopg.sql.SQL("SET LOCAL ROLE {}").format(psycopg.sql.Identifier(user.info.user)))
+            free = admin.execute("SELECT pgbg._role_slots_free()").fetchone()[0]
+            counts = admin.execute(
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions"
+                " WHERE schemaname = 'pgbg' AND funcname = '_slot_holders'"
+            ).fetchone()[0]
+        g.open()
+        assert wait(user, parent) == "done"
+    assert free is False  # its one slot is held, by the runner at the gate
+    assert counts == 1, f"slot holders counted {counts} times for one batch with queued children"
+
+
+def test_a_look_for_the_roles_queued_work_reads_only_its_own_queue(
+    dsn: str, admin: psycopg.Connection, make_role: Callable[..., str]
+) -> None:
+    """Lingering runners look for their role's next batch every 2 ms. Through every role's queue, a look
+    read each queued child of the others: 400 ms for another role's 50,000, and eight runners kept both
+    cores busy for as long as they lingered, slowing that other batch too."""
+    looker_dsn = make_role()
+    # A role that row-level security does not narrow (as a superuser's runners, the bench's among them):
+    # the planner is free to read every queued child first, and did where the role had run many batches.
+    admin.execute(
+        psycopg.sql.SQL("ALTER ROLE {} SUPERUSER").format(psycopg.sql.Identifier(conninfo_to_dict(looker_dsn)["user"]))
+    )
+    with (
+        psycopg.connect(make_role(), autocommit=True) as other,
+        psycopg.connect(looker_dsn, autocommit=True) as looker,
+        gate(dsn) as g,
+    ):
+        parent = launch(other, [f"select {g.sql}"] * 2000, max_parallel=1)
+        g.wait_for(1)
+        with looker.transaction():
+            # Whatever plan is chosen: a seq scan of the batches is what a large batch table rules out.
+            looker.execute("SET LOCAL enable_seqscan = off")
+            queued = looker.execute("SELECT pgbg._role_has_queued()").fetchone()[0]
+            # Each statement plans the look afresh, and the first plans read the catalogs: the last of three.
+            explain = "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT pgbg._role_has_queued()"
+            plan = [looker.execute(explain).fetchone()[0] for _ in range(3)][-1]
+        stop(other, parent)
+    top = plan[0]["Plan"]
+    pages = top["Shared Hit Blocks"] + top["Shared Read Blocks"]
+    assert queued is False
+    # Through every queue, the look read a page or two per queued child of the other role (4,088 pages);
+    # its own queue (empty) is an index page or two, and planning reads a few catalog pages.
+    assert pages < 200, f"a look at an empty queue read {pages} pages"
 
 
 def test_batch_survives_the_launching_session(dsn: str, user_dsn: str, scratch: str) -> None:

@@ -496,18 +496,28 @@ COMMENT ON PROCEDURE @schema@._run(text, uuid, text, @schema@.batch, @schema@.se
 CREATE FUNCTION @schema@._role_has_queued()
 RETURNS boolean
 LANGUAGE sql STABLE
-RETURN EXISTS (SELECT 1 FROM @schema@.log_background x JOIN @schema@.batch bt USING (uuid_parent)
-                WHERE x.status = 'queued' AND bt.role_name = current_user AND bt.stop_requested_at IS NULL);
+-- Through the role's own queued children (their index by role), never every role's: a lingering runner
+-- asks every 2 ms, and read another role's queue of 50,000 for 400 ms each time, eight runners at once.
+-- The batch by its key, once per child looked at: most often the first is the answer.
+RETURN EXISTS (SELECT 1 FROM @schema@.log_background x
+                WHERE x.role_name = current_user AND x.status = 'queued'
+                  AND (SELECT bt.stop_requested_at IS NULL FROM @schema@.batch bt WHERE bt.uuid_parent = x.uuid_parent));
 COMMENT ON FUNCTION @schema@._role_has_queued() IS 'Whether a batch of the caller''s role, not stopped, has queued children.';
 
 CREATE FUNCTION @schema@._role_slots_free()
 RETURNS boolean
 LANGUAGE sql VOLATILE
-RETURN EXISTS (SELECT 1 FROM @schema@.batch bt
-                WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-                  AND EXISTS (SELECT 1 FROM @schema@.log_background x
-                               WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
-                  AND @schema@._slot_holders(@schema@._batch_lock_key(bt.uuid_parent), current_user) < bt.max_parallel);
+-- The batches with queued children first, behind a fence: a condition on the batch alone is checked as
+-- the batch table is read, so the slot holders were counted for every batch the role had ever run (a
+-- look at pg_locks each: 20 ms for a role with 26 batches, at each wake of each lingering runner).
+RETURN EXISTS (
+    WITH waiting AS MATERIALIZED (
+        SELECT bt.uuid_parent, bt.max_parallel FROM @schema@.batch bt
+         WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
+           AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                        WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued'))
+    SELECT 1 FROM waiting w
+     WHERE @schema@._slot_holders(@schema@._batch_lock_key(w.uuid_parent), current_user) < w.max_parallel);
 COMMENT ON FUNCTION @schema@._role_slots_free() IS
     'Whether a batch of the caller''s role with queued children has a batch slot no runner holds.';
 
