@@ -69,7 +69,9 @@ END
 $drop$;
 
 -- Migration of the tables of engine 1.1.5 to those of 1.1.6 (the routines are built from src/): the
--- queued children get an index by role, for the look of a lingering runner (_role_has_queued()).
+-- queued children get an index by role, for the look of a lingering runner (_role_has_queued()), in
+-- seq order within each batch, as a runner's claim reads them; the index of running children gets
+-- their id, by which a runner records its child done (see _claim()).
 -- Building it reads the children's table once and holds back their writes meanwhile: runners wait,
 -- and go on when the upgrade commits.
 --
@@ -79,7 +81,9 @@ $drop$;
 -- keep: _launch_top_level(text,uuid,interval)
 -- keep: _top_level_result(pg_background_handle)
 
-CREATE INDEX ON @schema@.log_background (role_name) WHERE status = 'queued';
+CREATE INDEX ON @schema@.log_background (role_name, uuid_parent, seq) WHERE status = 'queued';
+DROP INDEX @schema@.log_background_uuid_parent_idx;
+CREATE INDEX ON @schema@.log_background (uuid_parent, id) WHERE status = 'running';
 
 -- Row shapes returned by the engine's functions (not stored in tables).
 
@@ -1729,10 +1733,13 @@ BEGIN
            SET status = 'done', result = (p_done).result, sqlstate = (p_done).sqlstate, error = (p_done).message,
                error_detail = nullif((p_done).detail, ''), error_hint = nullif((p_done).hint, ''),
                error_context = nullif((p_done).context, ''), end_time_exec = p_done_at, not_before = NULL
-         WHERE d.id = p_done_id AND d.status = 'running' AND d.attempt = p_done_attempt;
+         WHERE d.uuid_parent = p_parent AND d.id = p_done_id AND d.status = 'running' AND d.attempt = p_done_attempt;
         v_done := CASE WHEN FOUND THEN 1 ELSE 0 END;
     END IF;
     -- PL/pgSQL, not SQL: its plan is cached for the runner's session, and this runs once per child.
+    -- Each row is named by the leading columns of every partial index its status matches: a partial
+    -- index is a cheap plan wherever statistics show few rows of that status (a queue analyzed empty),
+    -- and one scanned whole, filtered by id, read every queued child of the role for each claim.
     RETURN QUERY
     WITH c AS (
         UPDATE @schema@.log_background c
@@ -1740,8 +1747,8 @@ BEGIN
                start_time_exec = clock_timestamp(), end_time_exec = NULL, attempt = c.attempt + 1,
                not_before = NULL, stop_requested = false, requeue_on_stop = false, result = NULL,
                sqlstate = NULL
-         WHERE p_claim AND c.status = 'queued'
-           AND c.id = (SELECT x.id FROM @schema@.log_background x
+         WHERE p_claim AND c.status = 'queued' AND c.role_name = current_user AND c.uuid_parent = p_parent
+           AND c.seq = (SELECT x.seq FROM @schema@.log_background x
                         WHERE x.uuid_parent = p_parent AND x.status = 'queued' AND x.role_name = current_user
                           AND (x.not_before IS NULL OR x.not_before <= clock_timestamp())
                           AND x.seq > p_after

@@ -177,12 +177,15 @@ CREATE TABLE @schema@.log_background (
 -- indexes in seq order, so the planner never sorts every queued child once per claim.
 CREATE INDEX ON @schema@.log_background (uuid_parent, seq) WHERE status = 'queued';
 -- A lingering runner looks for its role's queued work every few ms: by the role, not through every
--- role's queue (the index above held 50,000 queued children of another role: 400 ms a look).
-CREATE INDEX ON @schema@.log_background (role_name) WHERE status = 'queued';
+-- role's queue (the index above held 50,000 queued children of another role: 400 ms a look). In seq
+-- order within each batch too: the claim names the role, and the planner chose an index of the role
+-- alone where statistics showed a queue nearly empty, then sorted the role's whole queue per claim.
+CREATE INDEX ON @schema@.log_background (role_name, uuid_parent, seq) WHERE status = 'queued';
 -- Failed, lost and stopped children in order, for summaries and the batch page.
 CREATE INDEX ON @schema@.log_background (uuid_parent, seq) WHERE status IN ('failed', 'lost', 'stopped');
--- Housekeeping finds running children through an index of their own.
-CREATE INDEX ON @schema@.log_background (uuid_parent) WHERE status = 'running';
+-- Housekeeping finds running children through an index of their own; a runner records its child done
+-- through it, by batch and id (see the partial indexes' note in _claim()).
+CREATE INDEX ON @schema@.log_background (uuid_parent, id) WHERE status = 'running';
 COMMENT ON TABLE @schema@.log_background IS
     'Audit of every child statement: the seed''s columns plus what the engine needs. One row per child.';
 COMMENT ON COLUMN @schema@.log_background.pid IS 'Runner process executing the child; with backend_start it names the process exactly.';
@@ -1941,10 +1944,13 @@ BEGIN
            SET status = 'done', result = (p_done).result, sqlstate = (p_done).sqlstate, error = (p_done).message,
                error_detail = nullif((p_done).detail, ''), error_hint = nullif((p_done).hint, ''),
                error_context = nullif((p_done).context, ''), end_time_exec = p_done_at, not_before = NULL
-         WHERE d.id = p_done_id AND d.status = 'running' AND d.attempt = p_done_attempt;
+         WHERE d.uuid_parent = p_parent AND d.id = p_done_id AND d.status = 'running' AND d.attempt = p_done_attempt;
         v_done := CASE WHEN FOUND THEN 1 ELSE 0 END;
     END IF;
     -- PL/pgSQL, not SQL: its plan is cached for the runner's session, and this runs once per child.
+    -- Each row is named by the leading columns of every partial index its status matches: a partial
+    -- index is a cheap plan wherever statistics show few rows of that status (a queue analyzed empty),
+    -- and one scanned whole, filtered by id, read every queued child of the role for each claim.
     RETURN QUERY
     WITH c AS (
         UPDATE @schema@.log_background c
@@ -1952,8 +1958,8 @@ BEGIN
                start_time_exec = clock_timestamp(), end_time_exec = NULL, attempt = c.attempt + 1,
                not_before = NULL, stop_requested = false, requeue_on_stop = false, result = NULL,
                sqlstate = NULL
-         WHERE p_claim AND c.status = 'queued'
-           AND c.id = (SELECT x.id FROM @schema@.log_background x
+         WHERE p_claim AND c.status = 'queued' AND c.role_name = current_user AND c.uuid_parent = p_parent
+           AND c.seq = (SELECT x.seq FROM @schema@.log_background x
                         WHERE x.uuid_parent = p_parent AND x.status = 'queued' AND x.role_name = current_user
                           AND (x.not_before IS NULL OR x.not_before <= clock_timestamp())
                           AND x.seq > p_after

@@ -148,12 +148,15 @@ CREATE TABLE @schema@.log_background (
 -- indexes in seq order, so the planner never sorts every queued child once per claim.
 CREATE INDEX ON @schema@.log_background (uuid_parent, seq) WHERE status = 'queued';
 -- A lingering runner looks for its role's queued work every few ms: by the role, not through every
--- role's queue (the index above held 50,000 queued children of another role: 400 ms a look).
-CREATE INDEX ON @schema@.log_background (role_name) WHERE status = 'queued';
+-- role's queue (the index above held 50,000 queued children of another role: 400 ms a look). In seq
+-- order within each batch too: the claim names the role, and the planner chose an index of the role
+-- alone where statistics showed a queue nearly empty, then sorted the role's whole queue per claim.
+CREATE INDEX ON @schema@.log_background (role_name, uuid_parent, seq) WHERE status = 'queued';
 -- Failed, lost and stopped children in order, for summaries and the batch page.
 CREATE INDEX ON @schema@.log_background (uuid_parent, seq) WHERE status IN ('failed', 'lost', 'stopped');
--- Housekeeping finds running children through an index of their own.
-CREATE INDEX ON @schema@.log_background (uuid_parent) WHERE status = 'running';
+-- Housekeeping finds running children through an index of their own; a runner records its child done
+-- through it, by batch and id (see the partial indexes' note in _claim()).
+CREATE INDEX ON @schema@.log_background (uuid_parent, id) WHERE status = 'running';
 COMMENT ON TABLE @schema@.log_background IS
     'Audit of every child statement: the seed''s columns plus what the engine needs. One row per child.';
 COMMENT ON COLUMN @schema@.log_background.pid IS 'Runner process executing the child; with backend_start it names the process exactly.';

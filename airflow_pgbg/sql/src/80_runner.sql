@@ -23,10 +23,13 @@ BEGIN
            SET status = 'done', result = (p_done).result, sqlstate = (p_done).sqlstate, error = (p_done).message,
                error_detail = nullif((p_done).detail, ''), error_hint = nullif((p_done).hint, ''),
                error_context = nullif((p_done).context, ''), end_time_exec = p_done_at, not_before = NULL
-         WHERE d.id = p_done_id AND d.status = 'running' AND d.attempt = p_done_attempt;
+         WHERE d.uuid_parent = p_parent AND d.id = p_done_id AND d.status = 'running' AND d.attempt = p_done_attempt;
         v_done := CASE WHEN FOUND THEN 1 ELSE 0 END;
     END IF;
     -- PL/pgSQL, not SQL: its plan is cached for the runner's session, and this runs once per child.
+    -- Each row is named by the leading columns of every partial index its status matches: a partial
+    -- index is a cheap plan wherever statistics show few rows of that status (a queue analyzed empty),
+    -- and one scanned whole, filtered by id, read every queued child of the role for each claim.
     RETURN QUERY
     WITH c AS (
         UPDATE @schema@.log_background c
@@ -34,8 +37,8 @@ BEGIN
                start_time_exec = clock_timestamp(), end_time_exec = NULL, attempt = c.attempt + 1,
                not_before = NULL, stop_requested = false, requeue_on_stop = false, result = NULL,
                sqlstate = NULL
-         WHERE p_claim AND c.status = 'queued'
-           AND c.id = (SELECT x.id FROM @schema@.log_background x
+         WHERE p_claim AND c.status = 'queued' AND c.role_name = current_user AND c.uuid_parent = p_parent
+           AND c.seq = (SELECT x.seq FROM @schema@.log_background x
                         WHERE x.uuid_parent = p_parent AND x.status = 'queued' AND x.role_name = current_user
                           AND (x.not_before IS NULL OR x.not_before <= clock_timestamp())
                           AND x.seq > p_after
