@@ -988,18 +988,6 @@ COMMENT ON FUNCTION @schema@._batch_counts(uuid, boolean) IS
     'Children of a batch per status: the sum of its counter rows, or a count of its children for a '
     'batch that was running when 1.0.0 was installed over 0.1.0.';
 
-CREATE FUNCTION @schema@._batch_has_queued(p_parent uuid, p_counted boolean)
-RETURNS boolean
-LANGUAGE sql STABLE
--- The counters first: the index of queued children keeps an entry for each child claimed since the
--- table's last vacuum, and a look through the batch a runner had just run visited the row of each (a
--- woken runner's look at its role's batches read 2,000 pages three batches after a vacuum, more with
--- each batch).
-RETURN (NOT p_counted OR (SELECT sum(p.queued) FROM @schema@.batch_progress p WHERE p.uuid_parent = p_parent) > 0)
-       AND EXISTS (SELECT 1 FROM @schema@.log_background x WHERE x.uuid_parent = p_parent AND x.status = 'queued');
-COMMENT ON FUNCTION @schema@._batch_has_queued(uuid, boolean) IS
-    'Whether a batch has queued children (p_counted: the batch''s counted, see _batch_counts()).';
-
 CREATE FUNCTION @schema@._status_of(p_children bigint, p_queued bigint, p_running bigint, p_failed bigint,
                                    p_stopped bigint, p_lost bigint)
 RETURNS @schema@.child_status
@@ -2338,7 +2326,7 @@ BEGIN
     FOR next IN
         SELECT b.* FROM @schema@.batch b
          WHERE b.role_name = current_user AND b.stop_requested_at IS NULL AND b.uuid_parent <> p_batch.uuid_parent
-           AND @schema@._batch_has_queued(b.uuid_parent, b.counted)
+           AND EXISTS (SELECT 1 FROM @schema@.log_background x WHERE x.uuid_parent = b.uuid_parent AND x.status = 'queued')
          ORDER BY b.created_at
          LIMIT 20
     LOOP
@@ -2450,7 +2438,8 @@ RETURN EXISTS (
     WITH waiting AS MATERIALIZED (
         SELECT bt.uuid_parent, bt.max_parallel FROM @schema@.batch bt
          WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-           AND @schema@._batch_has_queued(bt.uuid_parent, bt.counted))
+           AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                        WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued'))
     SELECT 1 FROM waiting w
      WHERE @schema@._slot_holders(@schema@._batch_lock_key(w.uuid_parent), current_user) < w.max_parallel);
 COMMENT ON FUNCTION @schema@._role_slots_free() IS
@@ -2513,7 +2502,8 @@ BEGIN
     p_left := false;
     FOR b IN SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
               WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-                AND @schema@._batch_has_queued(bt.uuid_parent, bt.counted)
+                AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                             WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
               ORDER BY bt.created_at LIMIT 20
     LOOP
         -- It adopts other batches of the role from there, until none needs a runner.

@@ -226,40 +226,6 @@ def test_a_claim_reads_a_few_pages_whatever_the_queue_and_its_statistics(
     assert pages[-1] < 150, f"a claim (and the record of the child before) read {pages} pages with 9,999 queued"
 
 
-def test_a_look_for_the_roles_batches_with_queued_children_skips_those_whose_children_were_all_claimed(
-    admin: psycopg.Connection, user: psycopg.Connection
-) -> None:
-    """A woken runner looks through its role's batches for those with queued children (so does one whose
-    batch has nothing left, and one deciding whether to linger). The index of queued children keeps an
-    entry for each child claimed since the table's last vacuum, and a look through a batch that had just
-    run visited the row of each: 2,000 pages three batches after a vacuum, and more with each batch."""
-    with admin.transaction():
-        admin.execute(psycopg.sql.SQL("SET LOCAL ROLE {}").format(psycopg.sql.Identifier(user.info.user)))
-        # Queued and claimed in this transaction, which is rolled back: no runner sees them, and no vacuum
-        # or later scan can have removed the index entries of their queued versions.
-        parent = launch(admin, ["select 1"] * 3000, max_parallel=1)
-        claimed = admin.execute(
-            "SELECT count(DISTINCT c.id) FROM generate_series(1, 3000) g"
-            " CROSS JOIN LATERAL pgbg._claim(%s, 99, now(), NULL, true, g - 1, NULL, NULL, NULL, NULL) c",
-            (parent,),
-        ).fetchone()[0]
-        # Index entries read, in this transaction (each one read in the index of queued children is a
-        # visit to its row, wherever that is).
-        read = (
-            "SELECT sum(pg_stat_get_xact_tuples_returned(indexrelid)) FROM pg_index"
-            " WHERE indrelid = 'pgbg.log_background'::regclass"
-        )
-        before = admin.execute(read).fetchone()[0]
-        free = admin.execute("SELECT pgbg._role_slots_free()").fetchone()[0]
-        entries = admin.execute(read).fetchone()[0] - before
-        raise psycopg.Rollback()
-    assert claimed == 3000
-    assert free is False
-    # Through the index of queued children, the look read the entry of each claimed child (3,000); through
-    # the batches' counters first, none.
-    assert entries < 100, f"a look at the role's batches read {entries} entries of children's indexes"
-
-
 def test_batch_survives_the_launching_session(dsn: str, user_dsn: str, scratch: str) -> None:
     with psycopg.connect(user_dsn, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE {scratch}.marks (n int)")

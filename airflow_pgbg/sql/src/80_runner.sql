@@ -405,7 +405,7 @@ BEGIN
     FOR next IN
         SELECT b.* FROM @schema@.batch b
          WHERE b.role_name = current_user AND b.stop_requested_at IS NULL AND b.uuid_parent <> p_batch.uuid_parent
-           AND @schema@._batch_has_queued(b.uuid_parent, b.counted)
+           AND EXISTS (SELECT 1 FROM @schema@.log_background x WHERE x.uuid_parent = b.uuid_parent AND x.status = 'queued')
          ORDER BY b.created_at
          LIMIT 20
     LOOP
@@ -517,7 +517,8 @@ RETURN EXISTS (
     WITH waiting AS MATERIALIZED (
         SELECT bt.uuid_parent, bt.max_parallel FROM @schema@.batch bt
          WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-           AND @schema@._batch_has_queued(bt.uuid_parent, bt.counted))
+           AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                        WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued'))
     SELECT 1 FROM waiting w
      WHERE @schema@._slot_holders(@schema@._batch_lock_key(w.uuid_parent), current_user) < w.max_parallel);
 COMMENT ON FUNCTION @schema@._role_slots_free() IS
@@ -580,7 +581,8 @@ BEGIN
     p_left := false;
     FOR b IN SELECT bt.uuid_parent, bt.enqueue_xid FROM @schema@.batch bt
               WHERE bt.role_name = current_user AND bt.stop_requested_at IS NULL
-                AND @schema@._batch_has_queued(bt.uuid_parent, bt.counted)
+                AND EXISTS (SELECT 1 FROM @schema@.log_background x
+                             WHERE x.uuid_parent = bt.uuid_parent AND x.status = 'queued')
               ORDER BY bt.created_at LIMIT 20
     LOOP
         -- It adopts other batches of the role from there, until none needs a runner.
