@@ -1,6 +1,6 @@
 """airflow_pgbg: run batches of SQL statements inside PostgreSQL as pg_background workers."""
 
-__version__ = "0.3.5"
+__version__ = "0.3.6"
 
 ENGINE_VERSION = "1.1.6"
 """The engine version (``airflow_pgbg/sql``) this package's Python code needs and installs."""
