@@ -142,6 +142,66 @@ def test_a_look_at_the_roles_free_slots_counts_holders_only_for_batches_with_que
     assert counts == 1, f"slot holders counted {counts} times for one batch with queued children"
 
 
+@pytest.mark.pg_background_only
+def test_a_lingering_runner_counts_slot_holders_only_for_work_that_was_queued_before_it_waited(
+    dsn: str, admin: psycopg.Connection, make_role: Callable[..., str]
+) -> None:
+    """A lingering runner woke for its role's next batch only once it had counted the holders of that
+    batch's slots (pg_locks, and each holder's process): a look that W1's eight runners made as they
+    woke together, on two cores, and the last began 3 ms later for it. A batch queued since the runner
+    began to wait has free slots, or its launch counted that runner out; only work the role had queued
+    already (whose slots it found taken) is worth the count."""
+    role_dsn = make_role()
+    role = conninfo_to_dict(role_dsn)["user"]
+    # The role's sessions count their calls of the engine's functions, its runners too; they report them
+    # as they end.
+    admin.execute(psycopg.sql.SQL("ALTER ROLE {} SET track_functions = 'all'").format(psycopg.sql.Identifier(role)))
+
+    def slot_looks() -> int:
+        admin.execute("SELECT pg_stat_clear_snapshot()")
+        return admin.execute(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions"
+            " WHERE schemaname = 'pgbg' AND funcname = '_role_slots_free'"
+        ).fetchone()[0]
+
+    def runners_gone() -> bool:
+        return (
+            admin.execute(
+                "SELECT count(*) = 0 FROM pg_stat_activity WHERE usename = %s AND backend_type = 'pg_background'",
+                (role,),
+            ).fetchone()[0]
+            is True
+        )
+
+    with psycopg.connect(role_dsn, autocommit=True) as user:
+        before = slot_looks()
+        first = launch(user, ["select 1"], max_parallel=1)
+        assert wait(user, first) == "done"
+        # Its runner lingers, with nothing of the role queued, and takes the next batch.
+        second = launch(user, ["select 1"], max_parallel=1)
+        assert wait(user, second) == "done"
+        ran = user.execute(
+            "SELECT count(DISTINCT (pid, backend_start)) FROM pgbg.log_background WHERE uuid_parent = ANY(%s::uuid[])",
+            ([first, second],),
+        ).fetchone()[0]
+        poll_until(runners_gone, 60, what="the role's runners to leave")
+        woken = slot_looks() - before
+
+        # A runner that begins to wait while a batch of its role waits for a slot counts its holders.
+        with gate(dsn) as g:
+            blocked = launch(user, [f"select {g.sql}"] * 3, max_parallel=1)
+            g.wait_for(1)
+            before = slot_looks()
+            assert wait(user, launch(user, ["select 1"], max_parallel=1)) == "done"
+            g.open()
+            assert wait(user, blocked) == "done"
+        poll_until(runners_gone, 60, what="the role's runners to leave")
+        full = slot_looks() - before
+    assert ran == 1, f"{ran} runners ran the two batches: the second was not the lingering runner's"
+    assert woken == 0, f"the lingering runner counted slot holders {woken} times for a batch queued as it waited"
+    assert full > 0, "a runner that began to wait while its role's work waited for a slot never counted holders"
+
+
 def test_a_look_for_the_roles_queued_work_reads_only_its_own_queue(
     dsn: str, admin: psycopg.Connection, make_role: Callable[..., str]
 ) -> None:

@@ -178,13 +178,18 @@ BEGIN
         EXIT WHEN NOT v_ran OR v_left OR v_linger <= interval '0';
         PERFORM set_config('application_name', 'pgbg:lingering', false);
         CALL @schema@._linger(clock_timestamp() + v_linger, v_woken);
-        IF NOT v_woken THEN
-            PERFORM @schema@._lock_role(0, true);
-            PERFORM set_config('application_name', 'pgbg:exiting', false);
-            v_woken := @schema@._role_has_queued() AND @schema@._role_slots_free();
+        IF v_woken THEN
+            v_planned := @schema@._replan(v_planned);
+            CALL @schema@._work_role(v_ran, v_left);
             COMMIT;
-            EXIT WHEN NOT v_woken;
+            -- Woken for a batch whose slots others took first: it leaves as one that was not woken.
+            CONTINUE WHEN v_ran OR v_left;
         END IF;
+        PERFORM @schema@._lock_role(0, true);
+        PERFORM set_config('application_name', 'pgbg:exiting', false);
+        v_woken := @schema@._role_has_queued() AND @schema@._role_slots_free();
+        COMMIT;
+        EXIT WHEN NOT v_woken;
         v_planned := @schema@._replan(v_planned);
         CALL @schema@._work_role(v_ran, v_left);
         COMMIT;

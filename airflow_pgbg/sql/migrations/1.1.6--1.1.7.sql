@@ -1,0 +1,8 @@
+-- Migration of the tables of engine 1.1.6 to those of 1.1.7 (the routines are built from src/): none
+-- changes.
+--
+-- An upgrade from an older engine passes through here in the same transaction: the routines that its
+-- runners and pg_cron jobs still call (see 1.0.1--1.1.0.sql) stay for them here too.
+-- keep: _cron_exec(uuid,text,text)
+-- keep: _launch_top_level(text,uuid,interval)
+-- keep: _top_level_result(pg_background_handle)
