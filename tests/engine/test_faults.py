@@ -30,6 +30,15 @@ from tests.helpers import gate, monitor, poll_until, retire_role, statuses
 from tests.servers import FLEET, MANAGED, Instance, local_servers_or_skip
 
 
+def _running(pid: int) -> bool:
+    """Whether a process is there and has not ended (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 @dataclass
 class Server:
     """A restartable server running the engine on one launcher, with a role of pgbg_user."""
@@ -51,9 +60,18 @@ class Server:
             with self.admin() as admin:
                 assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
             return
-        witness = self.admin()
-        os.kill(pid, signal.SIGKILL)
-        poll_until(lambda: not self._alive(witness), 30, 0.05, "the server to restart after the crash")
+        # A process that has just ended on its own, not yet reaped by the postmaster, takes the signal and
+        # no crash follows: for the caller, as one that had ended before it (ProcessLookupError).
+        if not _running(pid):
+            raise ProcessLookupError(pid)
+        with self.admin() as witness:
+            os.kill(pid, signal.SIGKILL)
+            try:
+                poll_until(lambda: not self._alive(witness), 30, 0.05, "the server to restart after the crash")
+            except AssertionError:
+                if not _running(pid):
+                    raise ProcessLookupError(pid) from None
+                raise
         poll_until(self._accepting, 60, 0.2, "the server to come back from its crash restart")
 
     @staticmethod
