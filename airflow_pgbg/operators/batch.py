@@ -74,7 +74,11 @@ class PgBackgroundBatchOperator(BaseOperator):
     :param max_parallel: statements running at once (default: the engine's global cap).
     :param deferrable: wait in the triggerer (default ``[operators] default_deferrable``).
     :param start_from_trigger: with ``deferrable``, start in the triggerer without a worker (default:
-        where Airflow supports it, 3.3+; mapped tasks start on a worker).
+        where Airflow supports it, 3.3+, unless ``defer_after`` is set; mapped tasks start on a worker).
+    :param defer_after: with ``deferrable``, where the batch is launched from a worker, wait there up to
+        this long (timedelta or seconds) before deferring: a batch that ends sooner ends the task on the
+        worker, without the hand-off to the triggerer and back (one to three seconds of Airflow's loops).
+        Default 0: defer at once.
     :param poll_interval: seconds between status polls (an end is noticed at once when deferred).
     :param fail_fast: the first (final) failure stops the rest of the batch.
     :param statement_timeout: time limit of each statement (timedelta or seconds).
@@ -111,6 +115,7 @@ class PgBackgroundBatchOperator(BaseOperator):
         max_parallel: int | None = None,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         start_from_trigger: bool | None = None,
+        defer_after: timedelta | float = 0.0,
         poll_interval: float = 5.0,
         fail_fast: bool = False,
         statement_timeout: timedelta | float | None = None,
@@ -153,6 +158,7 @@ class PgBackgroundBatchOperator(BaseOperator):
         self.max_parallel = max_parallel
         self.deferrable = deferrable
         self.poll_interval = poll
+        self.defer_after = _positive_seconds(tid, "defer_after", defer_after, allow_zero=True) or 0.0
         self.fail_fast = fail_fast
         self.statement_timeout = _positive_seconds(tid, "statement_timeout", statement_timeout)
         self.statement_retries = statement_retries
@@ -178,8 +184,13 @@ class PgBackgroundBatchOperator(BaseOperator):
         if (
             deferrable
             and CAN_START_FROM_TRIGGER
-            and (start_from_trigger or (start_from_trigger is None and not self._reported_lineage))
+            and (
+                start_from_trigger
+                or (start_from_trigger is None and not self._reported_lineage and not self.defer_after)
+            )
         ):
+            if self.defer_after:
+                raise ValueError(f"{tid}: defer_after waits on a worker: it needs start_from_trigger=False")
             self.start_from_trigger = True
             self.start_trigger_args = StartTriggerArgs(
                 trigger_cls=TRIGGER_CLASS,
@@ -323,6 +334,12 @@ class PgBackgroundBatchOperator(BaseOperator):
 
         deadline = time.time() + self.execution_timeout.total_seconds() if self.execution_timeout else None
         if self.deferrable:
+            if self.defer_after:
+                # A short batch ends before the triggerer would even have picked its trigger up.
+                outcome = self._poll_until_done(within=self.defer_after)
+                if outcome is not None:
+                    return outcome
+                self.log.info("Batch %s still running after %s s: deferring", self.uuid_parent, self.defer_after)
             # Asked again now that the DAG is complete: selective_enable marks tasks after they are built.
             self._reported_lineage = lineage_reported_for(self)
             self.defer(
@@ -342,17 +359,23 @@ class PgBackgroundBatchOperator(BaseOperator):
                 method_name="execute_complete",
                 kwargs={"uuid_parent": self.uuid_parent, "claim": self.claim},
             )
-        return self._poll_until_done()
+        outcome = self._poll_until_done()
+        assert outcome is not None  # no time limit
+        return outcome
 
-    def _poll_until_done(self) -> dict[str, Any]:
+    def _poll_until_done(self, within: float | None = None) -> dict[str, Any] | None:
+        """Waits on the worker for the batch's end and returns its outcome; with ``within`` (seconds),
+        None if it has not ended by then."""
         assert self.uuid_parent is not None
         assert self.claim is not None
         uuid_parent, claim = self.uuid_parent, self.claim
+        ends = None if within is None else time.monotonic() + within
 
         def poll() -> Any:
             # The watch lock (or, behind a pooler, the heartbeat) tells a newer try that this one is alive.
             self.hook.watch(uuid_parent, claim, every=self.poll_interval)
-            return self.hook.poll(uuid_parent, wait=self.poll_interval)
+            wait = self.poll_interval if ends is None else min(self.poll_interval, ends - time.monotonic())
+            return self.hook.poll(uuid_parent, wait=max(wait, 0.0))
 
         try:
             while True:
@@ -361,6 +384,8 @@ class PgBackgroundBatchOperator(BaseOperator):
                     raise AirflowException(f"batch {uuid_parent} not found")
                 if state.is_final:
                     return self._finish()
+                if ends is not None and time.monotonic() >= ends:
+                    return None
         except BaseException:
             # execution_timeout, SIGTERM from a kill, a crash of this loop: take the batch down too.
             # (After a batch has ended this stops nothing.)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -54,6 +55,65 @@ def test_success_deferrable_and_blocking(
     assert summary["uuid_parent"] == parent
     assert summary["status"] == "done"
     assert summary["counts"]["done"] == summary["children"]
+
+
+@pytest.fixture
+def inline_triggers(caplog: pytest.LogCaptureFixture) -> Callable[[], int]:
+    """How many triggers dag.test() has run in line (it logs each, from the module of DAG.test)."""
+    from airflow.sdk import DAG
+
+    caplog.set_level(logging.INFO, logger=DAG.test.__module__)
+    return lambda: sum(r.getMessage() == "[DAG TEST] running trigger in line" for r in caplog.records)
+
+
+def test_a_batch_that_ends_within_defer_after_ends_its_task_on_the_worker(
+    run_dag: Callable[..., Any],
+    marks: Callable[[], list[int]],
+    user: psycopg.Connection,
+    inline_triggers: Callable[[], int],
+) -> None:
+    dr = run_dag("waits_on_worker")
+    ti = _ti(dr)
+    assert (dr.state, ti.state) == ("success", "success")
+    assert inline_triggers() == 0  # never deferred
+    assert marks() == [1, 2]
+    parent = _batch_of(user, "pgbg_waits_on_worker")
+    assert statuses(monitor(user, parent)) == ["done"] * 3
+    assert ti.xcom_pull(task_ids="batch")["status"] == "done"
+    # Deferrable all the same: its claim is the one a trigger would wait under.
+    assert ti.xcom_pull(task_ids="batch", key=XCOM_BATCH_KEY)["claim"] == "try 1 deferred"
+
+
+def test_a_batch_still_running_after_defer_after_defers(
+    run_dag: Callable[..., Any],
+    marks: Callable[[], list[int]],
+    dsn: str,
+    user: psycopg.Connection,
+    inline_triggers: Callable[[], int],
+) -> None:
+    # Its gated child runs until the valve opens the gate, 5 s on: long after the 1-s wait on the worker.
+    with gate(dsn) as g:
+        valve = threading.Timer(5, g.open)
+        valve.start()
+        try:
+            dr = run_dag("defers_after_waiting", {"gate": g.key})
+        finally:
+            valve.cancel()
+    ti = _ti(dr)
+    assert (dr.state, ti.state) == ("success", "success")
+    assert inline_triggers() == 1
+    assert marks() == [1]
+    assert statuses(monitor(user, _batch_of(user, "pgbg_defers_after_waiting"))) == ["done", "done"]
+
+
+def test_defer_after_needs_a_worker_launch() -> None:
+    with pytest.raises(ValueError, match="defer_after waits on a worker"):
+        PgBackgroundBatchOperator(task_id="t", sql="select 1", deferrable=True, start_from_trigger=True, defer_after=1)
+    with pytest.raises(ValueError, match="defer_after must be 0 or more"):
+        PgBackgroundBatchOperator(task_id="t", sql="select 1", deferrable=True, defer_after=-1)
+    op = PgBackgroundBatchOperator(task_id="t", sql="select 1", deferrable=True, defer_after=timedelta(seconds=3))
+    assert op.defer_after == 3.0
+    assert not getattr(op, "start_from_trigger", False)
 
 
 def test_a_failing_child_fails_the_task_with_its_sqlstate(
@@ -113,13 +173,18 @@ def test_a_retry_reruns_only_what_failed(
     assert [(r["status"], r["attempt"]) for r in rows] == [("done", 1), ("done", 2), ("done", 1)]
 
 
-def test_execution_timeout_stops_the_batch(run_dag: Callable[..., Any], dsn: str, user: psycopg.Connection) -> None:
+@pytest.mark.parametrize("dag_id", ["timed_out", "timed_out_waiting"])
+def test_execution_timeout_stops_the_batch(
+    run_dag: Callable[..., Any], dsn: str, user: psycopg.Connection, inline_triggers: Callable[[], int], dag_id: str
+) -> None:
     # The children wait at a gate that never opens: they outlast the 2-s execution_timeout however slow the
-    # machine, and only the timeout's stop ends them (30-s children had to).
+    # machine, and only the timeout's stop ends them (30-s children had to). timed_out_waiting's worker
+    # is still waiting for the batch (defer_after) when the timeout comes.
     with gate(dsn) as never:
-        dr = run_dag("timed_out", {"gate": never.key})
+        dr = run_dag(dag_id, {"gate": never.key})
         assert _ti(dr).state == "failed"
-        parent = _batch_of(user, "pgbg_timed_out")
+        assert inline_triggers() == (0 if dag_id == "timed_out_waiting" else 1)
+        parent = _batch_of(user, f"pgbg_{dag_id}")
         poll_until(lambda: set(statuses(monitor(user, parent))) == {"stopped"}, 20)
 
 

@@ -36,6 +36,22 @@ ok_blocking = _dag(
     max_parallel=2,
     deferrable=False,
 )
+# Launched from a worker, which waits up to defer_after for the batch before deferring: the short one ends
+# there; the gated one (the test opens its gate only once the trigger watches it) defers after 1 s.
+waits_on_worker = _dag(
+    "pgbg_waits_on_worker",
+    sql=f"insert into {S}.marks values (1); insert into {S}.marks values (2); select pg_sleep(0.3)",
+    max_parallel=2,
+    deferrable=True,
+    defer_after=timedelta(minutes=2),
+)
+defers_after_waiting = _dag(
+    "pgbg_defers_after_waiting",
+    sql=[f"insert into {S}.marks values (1)", GATED],
+    max_parallel=2,
+    deferrable=True,
+    defer_after=1,
+)
 failing = _dag(
     "pgbg_failing",
     sql=["select 1", "select 1/0", f"select * from {S}.no_such_table"],
@@ -61,6 +77,15 @@ timed_out = _dag(
     sql=[GATED] * 3,
     max_parallel=3,
     deferrable=True,
+    execution_timeout=timedelta(seconds=2),
+)
+# The same timeout while the worker still waits for the batch, before it would defer.
+timed_out_waiting = _dag(
+    "pgbg_timed_out_waiting",
+    sql=[GATED] * 3,
+    max_parallel=3,
+    deferrable=True,
+    defer_after=timedelta(minutes=2),
     execution_timeout=timedelta(seconds=2),
 )
 reconnecting = _dag(
