@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from tests.e2e.deployment import Deployment, running_deployment, wait_for  # noqa: E402
 
 SLEEP, CAP = 0.05, 8
+DEFER_AFTER = 30  # the bench DAG's defer_after: far beyond its batch
 RUNS = 3
 IDLE_S = 20.0
 
@@ -75,8 +76,12 @@ with DAG("bench_w8_batch_200_poll5", schedule=None, start_date=datetime(2025, 1,
 with DAG("bench_w8_batch_200_worker", schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as worker:
     PgBackgroundBatchOperator(task_id="batch", postgres_conn_id="pgbg_bench", sql=statements(200),
                               max_parallel={CAP}, deferrable=True, poll_interval=1, start_from_trigger=False)
+# ... and waiting there for the batch to end before it would defer.
+with DAG("bench_w8_batch_200_worker_wait", schedule=None, start_date=datetime(2025, 1, 1), catchup=False) as wait:
+    PgBackgroundBatchOperator(task_id="batch", postgres_conn_id="pgbg_bench", sql=statements(200),
+                              max_parallel={CAP}, deferrable=True, poll_interval=1, defer_after={DEFER_AFTER})
 """
-EXPECTED_DAGS = 7
+EXPECTED_DAGS = 8
 
 # Airflow's own names of the settings the tuning section varies; the deployment's other settings stay.
 TUNED: dict[str, dict[str, str]] = {
@@ -197,7 +202,7 @@ def deployment(bench_dsn: str, settings: dict[str, str] | None = None) -> Iterat
         home = Path(tmp)
         dags = home / "dags"
         dags.mkdir()
-        (dags / "bench_w8.py").write_text(textwrap.dedent(DAGS.format(SLEEP=SLEEP, CAP=CAP)))
+        (dags / "bench_w8.py").write_text(textwrap.dedent(DAGS.format(SLEEP=SLEEP, CAP=CAP, DEFER_AFTER=DEFER_AFTER)))
         with running_deployment(
             admin,
             home,
@@ -226,6 +231,9 @@ def w8(bench_dsn: str) -> dict[str, Any]:
         r.update(median_runs(d, "bench_w8_batch_200_poll5", bench_dsn, "w8_poll5_200", postmaster))
         r.update(median_runs(d, "bench_w8_batch_200_worker", bench_dsn, "w8_on_worker_200", postmaster))
         r["w8_on_worker_200_worker_runs"] = d.worker_runs("bench_w8_batch_200_worker")
+        r.update(median_runs(d, "bench_w8_batch_200_worker_wait", bench_dsn, "w8_worker_wait_200", postmaster))
+        r["w8_worker_wait_200_worker_runs"] = d.worker_runs("bench_w8_batch_200_worker_wait")
+        r["w8_worker_wait_defer_after"] = DEFER_AFTER
         r.update(median_runs(d, "bench_w8_batch_1000", bench_dsn, "w8_batch_1000"))
         r.update(median_runs(d, "bench_w8_mapped_200", bench_dsn, "w8_mapped_200"))
         if slow:
