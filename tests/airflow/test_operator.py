@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -92,14 +93,20 @@ def test_a_batch_still_running_after_defer_after_defers(
     user: psycopg.Connection,
     inline_triggers: Callable[[], int],
 ) -> None:
-    # Its gated child runs until the valve opens the gate, 5 s on: long after the 1-s wait on the worker.
+    # Its gated child runs until the trigger runs, however slow the machine: only then does the valve open
+    # the gate (after 2 min regardless, so that a task that never defers fails the test, not hangs it).
     with gate(dsn) as g:
-        valve = threading.Timer(5, g.open)
-        valve.start()
-        try:
-            dr = run_dag("defers_after_waiting", {"gate": g.key})
-        finally:
-            valve.cancel()
+
+        def valve() -> None:
+            until = time.monotonic() + 120
+            while not inline_triggers() and time.monotonic() < until:
+                time.sleep(0.05)
+            g.open()
+
+        opener = threading.Thread(target=valve, daemon=True)
+        opener.start()
+        dr = run_dag("defers_after_waiting", {"gate": g.key})
+        opener.join()
     ti = _ti(dr)
     assert (dr.state, ti.state) == ("success", "success")
     assert inline_triggers() == 1
