@@ -2,5 +2,5 @@
 
 __version__ = "0.3.7"
 
-ENGINE_VERSION = "1.1.7"
+ENGINE_VERSION = "1.1.8"
 """The engine version (``airflow_pgbg/sql``) this package's Python code needs and installs."""

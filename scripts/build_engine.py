@@ -5,9 +5,9 @@
 
 Sources (airflow_pgbg/sql/):
 - ``src/NN_*.sql``, in file-name order, one concern each: together they install the engine;
-- ``src/05_tables.sql`` among them holds the tables (the engine's state); everything after it
-  (routines, views, row types, grants) holds none, so an upgrade drops what the installed engine has
-  of those and creates them anew: they are never copied by hand;
+- ``src/05_tables.sql`` among them holds the tables (the engine's state, their triggers and trigger
+  functions too); everything after it (routines, views, row types, grants) holds none, so an upgrade
+  drops what the installed engine has of those and creates them anew: they are never copied by hand;
 - ``migrations/R--V.sql``: the hand-written step that changes the tables of engine R into those of
   V; an upgrade runs it where a fresh install runs the tables file.
 
@@ -111,6 +111,8 @@ BEGIN
           FROM pg_proc p
          WHERE p.pronamespace = '@schema@'::regnamespace
            AND NOT p.oid::regprocedure::text = ANY (ARRAY[{kept}]::text[])
+           -- A trigger function belongs to its table's state (the tables file and migrations/).
+           AND p.prorettype <> 'pg_catalog.trigger'::regtype
         UNION ALL
         SELECT CASE c.relkind WHEN 'v' THEN 'VIEW ' ELSE 'TYPE ' END || c.oid::regclass::text
           FROM pg_class c

@@ -21,7 +21,8 @@ QUERIES = {
           FROM pg_constraint WHERE connamespace = %(s)s::regnamespace""",
     "indexes": """SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %(s)s""",
     "policies": """
-        SELECT tablename, policyname, cmd, roles::text, qual, with_check FROM pg_policies WHERE schemaname = %(s)s""",
+        SELECT tablename, policyname, permissive, cmd, roles::text, qual, with_check
+          FROM pg_policies WHERE schemaname = %(s)s""",
     "routines": """
         SELECT p.oid::regprocedure::text, p.prokind, l.lanname, p.provolatile, p.prosecdef,
                pg_get_function_result(p.oid), p.proconfig::text, p.prosrc, obj_description(p.oid, 'pg_proc'),
@@ -33,6 +34,10 @@ QUERIES = {
           FROM pg_type t WHERE t.typnamespace = %(s)s::regnamespace AND t.typtype IN ('c', 'e')
            AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.typrelid AND c.relkind <> 'c')""",
     "views": """SELECT viewname, definition FROM pg_views WHERE schemaname = %(s)s""",
+    "triggers": """
+        SELECT t.tgrelid::regclass::text, t.tgname, pg_get_triggerdef(t.oid)
+          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = %(s)s::regnamespace AND NOT t.tgisinternal""",
 }
 
 

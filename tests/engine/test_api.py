@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import psycopg
 import pytest
 
@@ -36,6 +38,39 @@ def test_asynchronous_launch_returns_before_the_batch_ends(dsn: str, user: psyco
         assert statuses(monitor(user, parent))[0] in ("queued", "running")
         g.open()
     assert wait(user, parent) == "done"
+
+
+def test_purge_deletes_old_finished_batches_with_their_children(
+    dsn: str, user: psycopg.Connection, admin: psycopg.Connection
+) -> None:
+    finished = launch(user, ["select 1", "select 2"])
+    assert wait(user, finished) == "done"
+    with gate(dsn) as g:
+        unfinished = launch(user, [f"select {g.sql}", "select 3"], max_parallel=1)
+        admin.execute(
+            "UPDATE pgbg.batch SET created_at = created_at - interval '31 days' WHERE uuid_parent = ANY (%s::uuid[])",
+            ([finished, unfinished],),
+        )
+        assert user.execute("SELECT pgbg.pg_background_purge()").fetchone()[0] == 1
+        children = "SELECT count(*) FROM pgbg.log_background WHERE uuid_parent = %s"
+        assert admin.execute(children, (finished,)).fetchone()[0] == 0
+        assert admin.execute(children, (unfinished,)).fetchone()[0] == 2
+        g.open()
+    assert wait(user, unfinished) == "done"
+    # A batch deleted by hand takes its children too, as the foreign key's cascade did up to engine 1.1.7.
+    assert user.execute("DELETE FROM pgbg.batch WHERE uuid_parent = %s", (unfinished,)).rowcount == 1
+    assert admin.execute(children, (unfinished,)).fetchone()[0] == 0
+
+
+def test_children_ids_are_time_ordered_on_postgresql_18(user: psycopg.Connection) -> None:
+    parent = launch(user, ["select 1"] * 3)
+    assert wait(user, parent) == "done"
+    ids = [uuid.UUID(str(r["uuid_child"])) for r in monitor(user, parent)]
+    if user.info.server_version >= 180000:
+        assert [i.version for i in ids] == [7, 7, 7]
+        assert ids == sorted(ids)  # in seq order, as they were queued
+    else:
+        assert [i.version for i in ids] == [4, 4, 4]
 
 
 def test_text_form_splits_only_outside_quotes_and_comments(user: psycopg.Connection) -> None:

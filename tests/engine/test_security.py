@@ -54,6 +54,15 @@ def test_two_roles_cannot_see_or_stop_each_other(dsn: str, make_role: Callable[.
                 "VALUES (%s, 99, 'select 1', 'inline', %s)",
                 (parent, alice.info.user),
             )
+        # Nor under his own name: a child joins only a batch of its role, and only one that exists.
+        for batch in (parent, bob.execute("SELECT gen_random_uuid()::text").fetchone()[0]):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                bob.execute(
+                    "INSERT INTO pgbg.log_background (uuid_parent, seq, query, run_mode) "
+                    "VALUES (%s, 99, 'select 1', 'inline')",
+                    (batch,),
+                )
+        assert len(monitor(alice, parent)) == 2  # bob's DELETE above left alice's children alone
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             alice.execute("UPDATE pgbg.log_background SET query = 'select 2'")
 
