@@ -191,6 +191,26 @@ CREATE INDEX ON @schema@.log_background (uuid_parent, seq) WHERE status IN ('fai
 CREATE INDEX ON @schema@.log_background (uuid_parent, id) WHERE status = 'running';
 COMMENT ON TABLE @schema@.log_background IS
     'Audit of every child statement: the seed''s columns plus what the engine needs. One row per child.';
+COMMENT ON COLUMN @schema@.log_background.pid IS 'Runner process executing the child; with backend_start it names the process exactly.';
+COMMENT ON COLUMN @schema@.log_background.result IS
+    'command (tag with row count), rows, and for row-returning statements a JSON preview '
+    '(settings.preview_rows / preview_bytes) with truncated = true when cut.';
+COMMENT ON COLUMN @schema@.log_background.run_mode IS
+    'inline: executed by the runner, outcome recorded atomically with the work; worker: needs a top-level '
+    'statement (VACUUM, CONCURRENTLY, CALL, DO, SET...), executed in a nested worker.';
+COMMENT ON COLUMN @schema@.log_background.attempt IS 'How many times a runner claimed this child.';
+COMMENT ON COLUMN @schema@.log_background.not_before IS 'A queued retry starts no earlier than this.';
+COMMENT ON COLUMN @schema@.log_background.failures IS
+    'Automatic retries used since the child was last queued by a person or a new try.';
+COMMENT ON COLUMN @schema@.log_background.errors IS
+    'Every failed, lost or interrupted attempt, oldest first: [{attempt, status, sqlstate, error, at}].';
+COMMENT ON COLUMN @schema@.log_background.requeue_on_stop IS
+    'Set with stop_requested by a takeover: the stopped attempt goes back to the queue.';
+COMMENT ON COLUMN @schema@.log_background.stopped_by IS 'Who stopped the child.';
+COMMENT ON COLUMN @schema@.log_background.interruptions IS
+    'Times its runner was cancelled, terminated or died while running it inline: it rolled back each time '
+    'and was queued again, without using a retry; at 3 it ends lost.';
+
 -- Time-ordered on PostgreSQL 18 and later: a launch's children go to the end of the index of
 -- uuid_child, not to a random page each (with the foreign key gone, half of a launch's registration).
 DO $v7$
@@ -218,25 +238,6 @@ COMMENT ON FUNCTION @schema@._delete_children() IS
     'Trigger of batch: deletes the children of the batches a statement deleted.';
 CREATE TRIGGER delete_children AFTER DELETE ON @schema@.batch
     REFERENCING OLD TABLE AS deleted_batch FOR EACH STATEMENT EXECUTE FUNCTION @schema@._delete_children();
-COMMENT ON COLUMN @schema@.log_background.pid IS 'Runner process executing the child; with backend_start it names the process exactly.';
-COMMENT ON COLUMN @schema@.log_background.result IS
-    'command (tag with row count), rows, and for row-returning statements a JSON preview '
-    '(settings.preview_rows / preview_bytes) with truncated = true when cut.';
-COMMENT ON COLUMN @schema@.log_background.run_mode IS
-    'inline: executed by the runner, outcome recorded atomically with the work; worker: needs a top-level '
-    'statement (VACUUM, CONCURRENTLY, CALL, DO, SET...), executed in a nested worker.';
-COMMENT ON COLUMN @schema@.log_background.attempt IS 'How many times a runner claimed this child.';
-COMMENT ON COLUMN @schema@.log_background.not_before IS 'A queued retry starts no earlier than this.';
-COMMENT ON COLUMN @schema@.log_background.failures IS
-    'Automatic retries used since the child was last queued by a person or a new try.';
-COMMENT ON COLUMN @schema@.log_background.errors IS
-    'Every failed, lost or interrupted attempt, oldest first: [{attempt, status, sqlstate, error, at}].';
-COMMENT ON COLUMN @schema@.log_background.requeue_on_stop IS
-    'Set with stop_requested by a takeover: the stopped attempt goes back to the queue.';
-COMMENT ON COLUMN @schema@.log_background.stopped_by IS 'Who stopped the child.';
-COMMENT ON COLUMN @schema@.log_background.interruptions IS
-    'Times its runner was cancelled, terminated or died while running it inline: it rolled back each time '
-    'and was queued again, without using a retry; at 3 it ends lost.';
 
 -- A role sees and changes only its own rows; pgbg_admin sees and stops everything.
 ALTER TABLE @schema@.batch ENABLE ROW LEVEL SECURITY;
