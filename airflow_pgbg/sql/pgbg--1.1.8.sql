@@ -2591,9 +2591,10 @@ BEGIN
     COMMIT;
     LOOP
         -- One transaction per child (or burst of inline children): the outcome of the one before (and an
-        -- inline one's work), its count, and the claim of the next. Unless a child's work is in it, it need
-        -- not wait for a WAL flush: lost in a crash, it leaves children that never ran (or did nothing)
-        -- queued, to run again. The RESET ALL after each child undid any earlier SET LOCAL of it.
+        -- inline one's work), its count, and the claim of the next. Unless a child's work is in it (or it
+        -- may end the batch, below), it need not wait for a WAL flush: lost in a crash, it leaves children
+        -- that never ran (or did nothing) queued, to run again. The RESET ALL after each child undid any
+        -- earlier SET LOCAL of it.
         IF NOT v_next THEN
             IF v_settled IS NULL OR v_quiet THEN
                 PERFORM set_config('synchronous_commit', 'off', true);
@@ -2605,6 +2606,7 @@ BEGIN
         END IF;
         v_next := false;
         IF v_fail_fast IS NOT NULL THEN
+            RESET synchronous_commit;  -- the failure may be the batch's last child: its end (see below)
             COMMIT;  -- the failure is recorded: now take the rest of the batch down
             PERFORM @schema@._stop(v_batch.uuid_parent, format('stopped: fail_fast after child %s failed', v_fail_fast),
                                    false, NULL);
@@ -2620,6 +2622,11 @@ BEGIN
             PERFORM pg_sleep(least(greatest(extract(epoch FROM @schema@._retry_due(v_batch.uuid_parent) - clock_timestamp()),
                                             0.001), 0.2));
         ELSIF c.id IS NULL THEN
+            -- This commit may end the batch, and a waiter that sees the end ends its task: it waits for
+            -- its WAL flush (and so for every commit before it) even where no child wrote, or a crash
+            -- could put children of a batch that Airflow took for ended back in the queue. Once a
+            -- runner per batch: W2's two runners and W1's eight add a flush each.
+            RESET synchronous_commit;
             COMMIT;  -- whoever commits the last outcome of a batch sees every other one: it tells the waiters
             PERFORM @schema@._notify_if_ended(ARRAY[v_batch.uuid_parent]);
             COMMIT;

@@ -456,6 +456,36 @@ def _diagnosis(server: Server, parent: str) -> str:
     return f"batch {parent}: {children}\ncounts: {counts}\nrows: {rows}\nsessions: {sessions}\njobs: {jobs}"
 
 
+def test_a_batch_seen_ended_is_still_ended_after_a_crash(server: Server) -> None:
+    """Children that wrote nothing are recorded by commits that need not wait for a WAL flush; a crash
+    may lose those and put the children back in the queue. Not the batch's end: a waiter that saw it has
+    told Airflow the task succeeded. A crash right after the watcher's poll saw the end (the WAL writer
+    made slow, so only a commit that waited for its flush is sure to survive) leaves it ended."""
+    # Children over a millisecond (recorded one per commit) and short ones (in bursts), on two runners.
+    statements = ["SELECT pg_sleep(0.002)"] * 10 + ["SELECT 1"] * 200
+    with server.admin() as admin:
+        admin.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+        admin.execute("SELECT pg_reload_conf()")
+    try:
+        parent = _launch(server, statements, max_parallel=2)
+        with server.user() as watcher:
+            # The trigger's watcher's poll: housekeeping, then the batch's row.
+
+            def ended() -> bool:
+                row = watcher.execute("SELECT status FROM pgbg.pg_background_poll_many(%s::uuid[])", ([parent],))
+                return row.fetchone()[0] == "done"
+
+            poll_until(ended, 60, 0.005, "the batch to end")
+            server.kill(watcher.info.backend_pid, "sigkill")
+    finally:
+        with server.admin() as admin:
+            admin.execute("ALTER SYSTEM RESET wal_writer_delay")
+            admin.execute("SELECT pg_reload_conf()")
+    with server.user() as user:
+        row = user.execute("SELECT status, done FROM pgbg.pg_background_poll(%s)", (parent,)).fetchone()
+    assert row == ("done", len(statements)), _diagnosis(server, parent)
+
+
 def test_a_terminated_runner_goes_and_a_shutdown_does_not_wait_for_batches(server: Server, effects: str) -> None:
     """pg_background turns a terminate into a cancel: a runner that ran on after one (rerunning the
     child it cut short) kept the server's fast shutdown waiting for its whole batch."""
