@@ -5,8 +5,9 @@ Workloads (issue 6): W1 400 x pg_sleep(0.02) at cap 8; W2 5,000 x SELECT 1 at ca
 (fleet, polls at 100,000, deadlock retries, worker-free DAG runs); W9 the console's queries at 100,000;
 W1 and W2 again on the pg_cron launcher; W10 the OpenLineage lineage of a 10,000-statement batch.
 Baselines: ``thread_pool`` (a psycopg connection per slot, statements run directly), ``seed_style``
-(one pg_background worker per statement, queued ones started only when a 1 s poll happens), and
-``ideal`` (work / cap). Figures go to bench/results.json and a table on stdout.
+(one pg_background worker per statement, queued ones started only when a 1 s poll happens),
+``bare_runner`` (the least an in-server runner with a commit per child does, for W1), and ``ideal``
+(work / cap). Figures go to bench/results.json and a table on stdout.
 
 Runs in a database of its own (pgbg_bench) with a fresh engine, so other work on the server does not
 share its global cap.
@@ -101,6 +102,61 @@ def thread_pool_run(dsn: str, statements: list[str], cap: int) -> float:
         started = time.perf_counter()
         with ThreadPoolExecutor(cap) as pool:
             list(pool.map(work, range(cap)))
+        return time.perf_counter() - started
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+BARE_RUNNER = """
+CREATE TABLE bench_bare_queue (id int PRIMARY KEY, sql text NOT NULL, claimed boolean NOT NULL DEFAULT false,
+                               started timestamptz, ended timestamptz);
+CREATE INDEX ON bench_bare_queue (id) WHERE NOT claimed;
+CREATE PROCEDURE bench_bare_runner()
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    c record;
+    v_prev int;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', false);
+    LOOP
+        UPDATE bench_bare_queue SET ended = clock_timestamp() WHERE id = v_prev;
+        UPDATE bench_bare_queue SET claimed = true, started = clock_timestamp()
+         WHERE id = (SELECT q.id FROM bench_bare_queue q WHERE NOT q.claimed ORDER BY q.id LIMIT 1
+                     FOR UPDATE SKIP LOCKED)
+        RETURNING id, sql INTO c;
+        COMMIT;
+        EXIT WHEN c.id IS NULL;
+        BEGIN
+            EXECUTE c.sql;
+        EXCEPTION WHEN OTHERS THEN
+            NULL;
+        END;
+        v_prev := c.id;
+    END LOOP;
+END
+$$;
+"""
+
+
+def bare_runner_run(dsn: str, statements: list[str], cap: int) -> float:
+    """W1 through the least an in-server runner does: ``cap`` sessions, already connected, each claiming
+    the next statement, running it in a subtransaction and recording its end with the next claim, one
+    commit per child (not waiting for a WAL flush), and nothing else: no counts, outcome, settings,
+    crash recovery or launch. What one commit per child costs on this machine, under the engine's."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('bench_bare_queue')").fetchone()[0] is None:
+            conn.execute(BARE_RUNNER)
+        conn.execute("TRUNCATE bench_bare_queue")
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO bench_bare_queue (id, sql) VALUES (%s, %s)", list(enumerate(statements)))
+        conn.execute("VACUUM ANALYZE bench_bare_queue")
+    conns = [psycopg.connect(dsn, autocommit=True) for _ in range(cap)]
+    try:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(cap) as pool:
+            list(pool.map(lambda c: c.execute("CALL bench_bare_runner()"), conns))
         return time.perf_counter() - started
     finally:
         for conn in conns:
@@ -463,6 +519,8 @@ def main() -> None:
     r["w1_makespan"] = statistics.median(runs[1:])
     r["w1_thread_pool_runs"] = [thread_pool_run(dsn, w1, 8) for _ in range(RUNS)]
     r["w1_thread_pool"] = statistics.median(r["w1_thread_pool_runs"])
+    r["w1_bare_runner_runs"] = [bare_runner_run(dsn, w1, 8) for _ in range(RUNS)]
+    r["w1_bare_runner"] = statistics.median(r["w1_bare_runner_runs"])
     subset = 80  # the seed style would need ~50 s for all 400; its rate is stable on a fifth
     r["w1_seed_style"] = seed_style_run(dsn, w1[:subset], 8) * len(w1) / subset
     print(f"  W1 seed_style measured on {subset} of {len(w1)} statements and scaled")
